@@ -1,0 +1,1 @@
+"""flatlab.curvature (being built)."""

@@ -1,0 +1,1 @@
+"""flatlab.data (being built)."""

@@ -1,0 +1,1 @@
+"""flatlab.experiments (being built)."""

@@ -1,0 +1,1 @@
+"""flatlab.models (being built)."""

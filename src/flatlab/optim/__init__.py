@@ -1,0 +1,1 @@
+"""flatlab.optim (being built)."""

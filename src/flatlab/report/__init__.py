@@ -1,0 +1,1 @@
+"""flatlab.report (being built)."""

@@ -1,0 +1,1 @@
+"""flatlab.sde (being built)."""

@@ -1,0 +1,1 @@
+"""flatlab.sparsity (being built)."""

@@ -1,0 +1,1 @@
+"""flatlab.sweep (being built)."""

@@ -1,0 +1,1 @@
+"""flatlab.train (being built)."""
