@@ -1,1 +1,44 @@
-"""flatlab.optim (being built)."""
+"""flatlab.optim: optimizers that train toward flat minima, all behind one contract.
+
+``loss = opt.step(closure)`` with a closure that zeroes grads, runs forward and backward and
+returns the loss; ``opt.param_groups`` is the base optimizer's. See docs/optim.md.
+
+=====================  =====================================================================
+name                   what
+=====================  =====================================================================
+``SAM``                SAM / ASAM (``adaptive=True``) / USAM (``normalize=False``)
+``GAM``, ``SAMGAM``    Gradient norm Aware Minimization (exact HVP or finite differences)
+``SignSGD``            SignSGD and signum (momentum), decoupled weight decay
+``RMSpropW``           RMSprop with decoupled weight decay
+``SharpnessAware``     the shell every sharpness-aware optimizer subclasses
+schedules              ``Constant``, ``LinearWarmup``, ``CosineWarmup``, ``ProportionalToLR``
+=====================  =====================================================================
+"""
+
+from flatlab.optim.base import NonFiniteStep, SharpnessAware, frozen_norm_statistics
+from flatlab.optim.gam import GAM, SAMGAM
+from flatlab.optim.sam import SAM
+from flatlab.optim.schedules import (
+    Constant,
+    CosineWarmup,
+    LinearWarmup,
+    ProportionalToLR,
+    Schedule,
+)
+from flatlab.optim.sign import RMSpropW, SignSGD
+
+__all__ = [
+    "GAM",
+    "SAM",
+    "SAMGAM",
+    "Constant",
+    "CosineWarmup",
+    "LinearWarmup",
+    "NonFiniteStep",
+    "ProportionalToLR",
+    "RMSpropW",
+    "Schedule",
+    "SharpnessAware",
+    "SignSGD",
+    "frozen_norm_statistics",
+]

@@ -1,0 +1,174 @@
+"""The ``flatlab`` command line (typer).
+
+Commands::
+
+    flatlab run NAME [--quick] [--set a.b=c ...] [--config FILE.yaml|toml] [--out DIR]
+                     [--tensorboard]
+    flatlab run --resume RUN_DIR
+    flatlab run NAME --help        # the experiment's settings: key, type, default, meaning
+    flatlab list                   # registered experiments
+    flatlab report RUN_DIR         # (re)write report.html / report.md
+    flatlab compare RUN_DIR...     # overlayed curves + final-metrics table
+    flatlab demo [--quick]         # the README's main command
+
+A configuration problem (unknown experiment or key, wrong type, out-of-range value, missing
+file or data directory) prints ONE line ``error: ...`` on stderr and exits with code 2; no
+traceback. Progress bars go to stderr, results to stdout.
+
+Adding a command: decorate a function with ``@app.command()`` in this module (keep it a thin
+shell around library code; raise :class:`flatlab.train.ConfigError` for user errors).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typer.exceptions import TyperException
+
+from flatlab.train.rundir import ConfigError
+
+app = typer.Typer(
+    name="flatlab",
+    help="Train toward flat minima and measure why it works: run experiments, write reports.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_RUN_OPTIONS = """Options:
+  --quick               short version of the run (sets quick=true)
+  --set KEY=VALUE       override a setting (repeatable), e.g. --set model.width=64
+  --config FILE         YAML or TOML file of settings (--set wins over it)
+  --out DIR             parent folder of the run folder  [default: runs]
+  --resume RUN_DIR      continue an interrupted run from its checkpoints
+  --tensorboard         also write TensorBoard event files (needs tensorboard)
+  --help                show this message and exit"""
+
+
+def _experiment_help(name: str) -> str:
+    from flatlab.experiments import describe_fields, get
+
+    exp = get(name)
+    rows = describe_fields(exp.config_cls)
+    widths = [max(len(r[i]) for r in rows + [("setting", "type", "default", "")]) for i in range(3)]
+    lines = [f"Usage: flatlab run {name} [OPTIONS]", "", f"  {exp.help}", "", _RUN_OPTIONS, "",
+             "Settings (--set KEY=VALUE or --config FILE):",
+             "  " + "  ".join(h.ljust(w) for h, w in zip(("setting", "type", "default"), widths))
+             + "  description"]
+    for key, typ, default, desc in rows:
+        lines.append("  " + "  ".join(v.ljust(w) for v, w in zip((key, typ, default), widths))
+                     + f"  {desc}")
+    return "\n".join(lines)
+
+
+def _finish(run_path: Path) -> None:
+    typer.echo(f"run folder: {run_path}")
+    if (run_path / "report.html").exists():
+        typer.echo(f"report: {run_path / 'report.html'}")
+
+
+@app.command(add_help_option=False)
+def run(
+    name: Optional[str] = typer.Argument(None, help="experiment name (see: flatlab list)"),
+    quick: bool = typer.Option(False, "--quick", help="short version of the run"),
+    set_: list[str] = typer.Option([], "--set", help="KEY=VALUE override (repeatable)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML/TOML settings file"),
+    out: Path = typer.Option(Path("runs"), "--out", help="parent folder of the run folder"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="run folder to continue"),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="write TensorBoard events"),
+    show_help: bool = typer.Option(False, "--help", "-h", help="show help and exit"),
+) -> None:
+    """Run experiment NAME into runs/NAME-<timestamp>/ (or continue one with --resume)."""
+    if show_help:
+        if name is None:
+            from flatlab.experiments import names
+
+            typer.echo("Usage: flatlab run NAME [OPTIONS]\n\n" + _RUN_OPTIONS
+                       + "\n\nExperiments: " + ", ".join(names()))
+        else:
+            typer.echo(_experiment_help(name))
+        raise typer.Exit(0)
+    from flatlab.experiments import launch
+
+    result = launch(name, config_file=config, overrides=set_, quick=quick, out=out,
+                    resume=resume, tensorboard=tensorboard)
+    _finish(result.path)
+
+
+@app.command("list")
+def list_() -> None:
+    """List the registered experiments."""
+    from flatlab.experiments import broken, get, names
+
+    for name in names():
+        typer.echo(f"{name:<14} {get(name).help}")
+    for name, why in broken().items():
+        typer.echo(f"{name:<14} (failed to import: {why})")
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="a run folder")) -> None:
+    """(Re)write report.html and report.md of RUN_DIR."""
+    from flatlab.report import write_report
+
+    html_path, md_path = write_report(run_dir)
+    typer.echo(f"report: {html_path}\nmarkdown: {md_path}")
+
+
+@app.command()
+def compare(
+    run_dirs: list[Path] = typer.Argument(..., help="run folders"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output folder"),
+) -> None:
+    """Overlay the curves of several runs and print a table of their final metrics."""
+    from flatlab.report import compare_runs, format_table
+
+    rows, out_dir = compare_runs(run_dirs, out)
+    typer.echo(format_table(rows))
+    typer.echo(f"comparison: {out_dir / 'compare.html'}")
+
+
+@app.command()
+def demo(
+    quick: bool = typer.Option(False, "--quick", help="under a minute (for tests)"),
+    set_: list[str] = typer.Option([], "--set", help="KEY=VALUE override (repeatable)"),
+    out: Path = typer.Option(Path("runs"), "--out", help="parent folder of the run folder"),
+) -> None:
+    """Train an MLP on MNIST-1D with SGD, SAM and GAM, track the top eigenvalue, write a report."""
+    from flatlab.experiments import launch
+
+    _finish(launch("demo", quick=quick, overrides=set_, out=out).path)
+
+
+def _error(message: str) -> int:
+    first = (message.strip().splitlines() or ["unknown error"])[0]
+    sys.stderr.write(f"error: {first}\n")
+    return 2
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Console entry point: run the app, turning user errors into one line and exit code 2."""
+    try:
+        result = app(args=argv, prog_name="flatlab", standalone_mode=False)
+    except TyperException as exc:  # click's usage errors, vendored by typer
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `flatlab` alone prints the help
+            typer.echo(exc.format_message())
+            return 0
+        return _error(exc.format_message())
+    except typer.Abort:
+        sys.stderr.write("aborted\n")
+        return 1
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except ConfigError as exc:
+        return _error(str(exc))
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        return _error(str(exc))
+    return int(result) if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""Extreme eigenvalues of a symmetric operator: thick-restart Lanczos and power iteration.
+
+Lanczos (Lanczos 1950; thick restart: Wu & Simon 2000, SIAM J. Matrix Anal. Appl. 22(2)).
+From a unit start vector ``q_1`` it builds an orthonormal basis ``Q_j = [q_1 .. q_j]``
+(shape ``(n, j)``) of the Krylov space ``span{q_1, A q_1, ..., A^{j-1} q_1}`` with
+
+    w = A q_j,   h = Q_j^T w,   w <- w - Q_j h   (twice: full reorthogonalization),
+    beta_j = ||w||,   q_{j+1} = w / beta_j,
+
+so ``A Q_j = Q_j T_j + beta_j q_{j+1} e_j^T`` with ``T_j = Q_j^T A Q_j`` (``j x j``). The Ritz
+pairs ``(theta_i, Q_j s_i)`` of ``T_j = S diag(theta) S^T`` have residual norms
+``||A y_i - theta_i y_i|| = beta_j |S_{j,i}|``, known without another product; a pair is
+converged when that is ``<= tol * max_i |theta_i|`` (tol relative to the spectral norm
+estimate). For a symmetric matrix the eigenvalue error is at most the residual, and about
+``residual^2 / gap``. When the basis reaches ``krylov_dim`` vectors the method restarts
+*thick*: it keeps the wanted Ritz vectors (plus as many next-best ones) and
+``q_{j+1}``, with ``T = [[diag(theta), beta s], [beta s^T, .]]``, so no work is thrown away.
+Convergence is checked after every product, so a warm start (``init`` = the previous
+eigenvector, as a training-time monitor does) stops after a handful of products.
+
+Power iteration ``v <- A v / ||A v||`` converges to the largest-magnitude eigenvalue as
+``|lambda_2 / lambda_1|^t``; further eigenpairs by orthogonalizing against the ones found
+(deflation, as PyHessian does). It is here for comparison; Lanczos needs far fewer products.
+
+Shapes: ``values (k,)``, ``vectors (n, k)`` (columns), ``residuals (k,)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from flatlab._checks import check_choice, check_positive, check_positive_int
+from flatlab.curvature.operator import as_operator
+
+_WHICH = ("largest", "smallest", "magnitude")
+
+
+@dataclass(frozen=True)
+class EigenResult:
+    """Eigenpairs of a symmetric operator.
+
+    Attributes:
+        values: eigenvalues, shape ``(k,)``: descending for ``"largest"``, ascending for
+            ``"smallest"``, by descending magnitude for ``"magnitude"``.
+        vectors: unit eigenvectors as columns, shape ``(n, k)``.
+        residuals: ``||A v_i - lambda_i v_i||``, shape ``(k,)``.
+        n_matvecs: operator products used.
+        converged: every residual met the tolerance.
+        which, method: what was asked for and how it was computed.
+    """
+
+    values: torch.Tensor
+    vectors: torch.Tensor
+    residuals: torch.Tensor
+    n_matvecs: int
+    converged: bool
+    which: str
+    method: str
+
+    @property
+    def value(self) -> float:
+        """The first eigenvalue, as a float (``lambda_max`` for ``which="largest"``)."""
+        return float(self.values[0])
+
+
+def _default_tol(dtype: torch.dtype) -> float:
+    return 1e-6 if dtype == torch.float64 else 1e-4
+
+
+def _start(n, k, init, dtype, device, seed) -> torch.Tensor:
+    if isinstance(init, EigenResult):
+        init = init.vectors
+    if init is not None:
+        if not isinstance(init, torch.Tensor) or init.shape[0] != n or init.dim() not in (1, 2):
+            got = tuple(init.shape) if isinstance(init, torch.Tensor) else type(init).__name__
+            raise ValueError(f"init must have shape (n,) or (n, m) with n={n}, got {got}")
+        v = init.detach().to(device=device, dtype=dtype)
+        if v.dim() == 2:  # a combination of all given directions
+            v = (v / v.norm(dim=0).clamp_min(torch.finfo(dtype).tiny)).sum(dim=1)
+        if torch.isfinite(v).all() and v.norm() > 0:
+            return v / v.norm()
+    g = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    v = torch.randn(n, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    return v / v.norm()
+
+
+def _select(theta: torch.Tensor, which: str) -> torch.Tensor:
+    """Indices of Ritz values in the order they are wanted."""
+    if which == "largest":
+        return torch.argsort(theta, descending=True)
+    if which == "smallest":
+        return torch.argsort(theta)
+    return torch.argsort(theta.abs(), descending=True)
+
+
+def _orthogonalize(w: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classical Gram-Schmidt twice against the columns of Q; returns (w, coefficients)."""
+    h = Q.T @ w
+    w = w - Q @ h
+    h2 = Q.T @ w
+    return w - Q @ h2, h + h2
+
+
+def lanczos(
+    op: Any,
+    k: int = 1,
+    which: str = "largest",
+    *,
+    tol: float | None = None,
+    max_matvecs: int | None = None,
+    krylov_dim: int | None = None,
+    init: Any = None,
+    seed: int | None = None,
+) -> EigenResult:
+    """Thick-restart Lanczos with full reorthogonalization (see module docstring).
+
+    Args:
+        op: a :class:`~flatlab.curvature.operator.LinearOperator` or a square tensor.
+        k: number of eigenpairs, ``1 <= k <= n``.
+        which: ``"largest"``, ``"smallest"`` (algebraic) or ``"magnitude"``.
+        tol: relative residual tolerance (default 1e-6 in float64, 1e-4 otherwise).
+        max_matvecs: product budget (default ``max(300, 40 k)``).
+        krylov_dim: basis size before a restart (default ``max(2k + 10, 20)``, at most n).
+        init: start vector ``(n,)``, several ``(n, m)`` (their sum is used), or an
+            :class:`EigenResult` (its vectors): warm start.
+        seed: seed of the random start when ``init`` is not given.
+    """
+    op = as_operator(op)
+    n = op.shape[0]
+    k = check_positive_int("k", k)
+    if k > n:
+        raise ValueError(f"k must be <= the operator dimension n={n}, got {k}")
+    which = check_choice("which", which, _WHICH)
+    tol = _default_tol(op.dtype) if tol is None else check_positive("tol", tol)
+    max_matvecs = max(300, 40 * k) if max_matvecs is None else check_positive_int(
+        "max_matvecs", max_matvecs)
+    m = min(n, max(2 * k + 10, 20) if krylov_dim is None else check_positive_int(
+        "krylov_dim", krylov_dim))
+    if m <= k and m < n:
+        raise ValueError(f"krylov_dim must be > k={k}, got {m}")
+    dtype, device = op.dtype, op.device
+    eps = torch.finfo(dtype).eps
+
+    Q = torch.empty(n, m + 1, dtype=dtype, device=device)
+    Q[:, 0] = _start(n, k, init, dtype, device, seed)
+    S = torch.zeros(m, m, dtype=torch.float64)  # projected matrix T = Q^T A Q
+    j, used = 0, 0
+    gen = torch.Generator().manual_seed(12345 if seed is None else int(seed) + 1)
+    while True:
+        w = op.matvec(Q[:, j])
+        used += 1
+        w, h = _orthogonalize(w, Q[:, : j + 1])
+        hh = h.to(torch.float64).cpu()
+        S[: j + 1, j] = hh
+        S[j, : j + 1] = hh
+        beta = float(w.norm())
+        theta, svec = torch.linalg.eigh(S[: j + 1, : j + 1])
+        order = _select(theta, which)
+        scale = max(float(theta.abs().max()), torch.finfo(dtype).tiny)
+        resid = beta * svec[j].abs()
+        want = order[:k]
+        done = j + 1 >= k and bool((resid[want] <= tol * scale).all())
+        exhausted = j + 1 == n
+        if done or exhausted or used >= max_matvecs:
+            break
+        if beta <= 10 * eps * scale:  # invariant subspace: continue from a fresh direction
+            r = torch.randn(n, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+            w, _ = _orthogonalize(r, Q[:, : j + 1])
+            w = w / w.norm()
+            beta = 0.0
+        else:
+            w = w / beta
+        if j + 1 < m:
+            Q[:, j + 1] = w
+            S[j + 1, j] = S[j, j + 1] = beta
+            j += 1
+            continue
+        # thick restart: keep the wanted Ritz vectors and as many next-best ones
+        keep = order[: min(m - 1, max(k, (m + k) // 2))]
+        s = svec[:, keep]
+        Q[:, : len(keep)] = Q[:, : j + 1] @ s.to(dtype=dtype, device=device)
+        Q[:, len(keep)] = w
+        S.zero_()
+        p = len(keep)
+        S[:p, :p] = torch.diag(theta[keep])
+        S[p, :p] = S[:p, p] = beta * s[j]
+        j = p
+    s = svec[:, want].to(dtype=dtype, device=device)
+    vectors = Q[:, : j + 1] @ s
+    values = theta[want].to(dtype=dtype, device=device)
+    residuals = resid[want].to(dtype=dtype, device=device)
+    converged = done or exhausted
+    return EigenResult(values, vectors, residuals, used, converged, which, "lanczos")
+
+
+def power_iteration(
+    op: Any,
+    k: int = 1,
+    which: str = "magnitude",
+    *,
+    tol: float | None = None,
+    max_matvecs: int | None = None,
+    init: Any = None,
+    seed: int | None = None,
+) -> EigenResult:
+    """Deflated power iteration; stops when ``||A v - theta v|| <= tol * |theta|``.
+
+    ``which="magnitude"`` is the plain method. ``"largest"``/``"smallest"`` first estimate
+    the largest-magnitude eigenvalue ``mu`` and, if it is at the wrong end of the spectrum,
+    iterate on ``A - mu I`` instead. ``max_matvecs`` (default 1000) is per eigenpair.
+    """
+    op = as_operator(op)
+    n = op.shape[0]
+    k = check_positive_int("k", k)
+    if k > n:
+        raise ValueError(f"k must be <= the operator dimension n={n}, got {k}")
+    which = check_choice("which", which, _WHICH)
+    tol = _default_tol(op.dtype) if tol is None else check_positive("tol", tol)
+    budget = 1000 if max_matvecs is None else check_positive_int("max_matvecs", max_matvecs)
+    shift, used = 0.0, 0
+    if which != "magnitude":
+        first = power_iteration(op, 1, "magnitude", tol=max(tol, 1e-3), max_matvecs=budget,
+                                init=init, seed=seed)
+        used += first.n_matvecs
+        mu = first.value
+        if (which == "largest" and mu < 0) or (which == "smallest" and mu > 0):
+            shift = mu
+    found: list[torch.Tensor] = []
+    values, residuals, converged = [], [], True
+    for i in range(k):
+        v = _start(n, 1, init if i == 0 else None, op.dtype, op.device,
+                   (0 if seed is None else seed) + i)
+        theta, res = 0.0, float("inf")
+        for _ in range(budget):
+            if found:
+                v, _ = _orthogonalize(v, torch.stack(found, dim=1))
+                v = v / v.norm()
+            w = op.matvec(v) - shift * v
+            used += 1
+            if found:
+                w, _ = _orthogonalize(w, torch.stack(found, dim=1))
+            theta = float(v @ w)
+            res = float((w - theta * v).norm())
+            if res <= tol * max(abs(theta), torch.finfo(op.dtype).tiny):
+                break
+            v = w / w.norm()
+        else:
+            converged = False
+        found.append(v)
+        values.append(theta + shift)
+        residuals.append(res)
+    vals = torch.tensor(values, dtype=op.dtype, device=op.device)
+    order = _select(vals, which)
+    vectors = torch.stack(found, dim=1)[:, order]
+    res_t = torch.tensor(residuals, dtype=op.dtype, device=op.device)[order]
+    return EigenResult(vals[order], vectors, res_t, used, converged, which, "power")
+
+
+def top_eigenvalues(
+    op_or_model: Any,
+    k: int = 1,
+    which: str = "largest",
+    *,
+    tol: float | None = None,
+    method: str = "lanczos",
+    max_matvecs: int | None = None,
+    krylov_dim: int | None = None,
+    init: Any = None,
+    seed: int | None = None,
+    loss_fn: Any = None,
+    data: Any = None,
+    params: Any = None,
+    eval_mode: bool = True,
+) -> EigenResult:
+    """The ``k`` extreme eigenvalues of a Hessian (or any symmetric operator).
+
+    Args:
+        op_or_model: an operator, a square tensor, or an ``nn.Module`` (then ``loss_fn`` and
+            ``data`` are required and the operator is ``hessian_operator(model, loss_fn,
+            data, params, eval_mode=eval_mode)``).
+        k: number of eigenpairs.
+        which: ``"largest"`` (algebraic, the default), ``"smallest"`` or ``"magnitude"``.
+        tol: relative residual tolerance ``||H v - lambda v|| <= tol * ||H||``.
+        method: ``"lanczos"`` (default) or ``"power"``.
+        max_matvecs, krylov_dim, seed: see :func:`lanczos` / :func:`power_iteration`.
+        init: warm start: a vector ``(n,)``, vectors ``(n, m)`` or a previous
+            :class:`EigenResult`.
+
+    Raises:
+        ValueError: ``k`` larger than the dimension, a bad ``which``/``method``, or the
+            errors of :func:`~flatlab.curvature.hessian_operator`.
+
+    Example:
+        >>> A = torch.diag(torch.tensor([3.0, 1.0, -2.0], dtype=torch.float64))
+        >>> top_eigenvalues(A, k=2).values.tolist()
+        [3.0, 1.0]
+    """
+    method = check_choice("method", method, ("lanczos", "power"))
+    op = as_operator(op_or_model, loss_fn=loss_fn, data=data, params=params, eval_mode=eval_mode)
+    if method == "power":
+        return power_iteration(op, k, which, tol=tol, max_matvecs=max_matvecs, init=init,
+                               seed=seed)
+    return lanczos(op, k, which, tol=tol, max_matvecs=max_matvecs, krylov_dim=krylov_dim,
+                   init=init, seed=seed)

@@ -1,0 +1,262 @@
+"""Hessian- and Gauss-Newton-vector products of a model's full-data loss.
+
+For data split into batches ``b`` of sizes ``n_b`` (``N = sum_b n_b``) and a mean-reduced
+per-batch loss ``L_b(w) = loss_fn(model(x_b; w), y_b)``, the full-data loss is
+
+    L(w) = sum_b (n_b / N) L_b(w),
+
+so its Hessian-vector product is the size-weighted sum of per-batch products
+
+    H v = sum_b (n_b / N) grad^2 L_b(w) v.
+
+Weighting by ``n_b`` (not ``1 / #batches``) makes the operator over unequal batches equal to
+the operator on their concatenation. Each per-batch product is computed with
+:mod:`torch.func` forward-over-reverse, ``jvp(grad(L_b), (w,), (v,))`` (Pearlmutter 1994;
+the ``R{}`` operator), with double backward
+(``autograd.grad(autograd.grad(L_b, w, create_graph=True), w, v)``) as a fallback for modules
+without forward-mode support. No autograd graph lives beyond one batch of one product.
+
+The generalized Gauss-Newton matrix (Schraudolph 2002) replaces the Hessian of the network
+by its linearization:  ``G v = sum_b (n_b / N) J_b^T H_{ell,b} J_b v``, with ``J_b`` the
+Jacobian of the outputs w.r.t. ``w`` and ``H_{ell,b}`` the Hessian of ``loss_fn`` w.r.t.
+the outputs; it is PSD for convex losses (cross-entropy, squared error).
+
+Shapes: vectors are flat, of length ``n`` = number of selected parameter entries, in the
+dtype and on the device of the parameters (see :mod:`flatlab.curvature._model`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import grad, jvp, vjp, vmap
+
+from flatlab._batches import batches
+from flatlab._checks import check_choice
+from flatlab.curvature._model import (
+    FunctionalLoss,
+    LossFn,
+    flatten,
+    measurement_mode,
+    model_device_dtype,
+    resolve_params,
+    unflatten,
+)
+from flatlab.curvature.operator import LinearOperator
+
+_METHODS = ("auto", "func", "double_backward")
+
+
+class _ModelOperator(LinearOperator):
+    """Shared data loop: ``A v = sum_b (n_b / N) A_b v`` over the batches of ``data``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Any,
+        params: nn.Module | Iterable[torch.Tensor | str] | None,
+        eval_mode: bool,
+    ):
+        names, tensors = resolve_params(model, params)
+        device, dtype = model_device_dtype(tensors)
+        super().__init__(sum(t.numel() for t in tensors), dtype, device)
+        if data is None:
+            raise ValueError("data must be a tensor pair, a list of pairs or a DataLoader, got None")
+        next(iter(batches(data)))  # fail now on empty or malformed data
+        self.model, self.data, self.names = model, data, names
+        self.params = tensors
+        self.eval_mode = bool(eval_mode)
+        self.floss = FunctionalLoss(model, loss_fn, names)
+
+    def unflatten(self, vector: torch.Tensor) -> list[torch.Tensor]:
+        """Split a flat vector into tensors shaped like the selected parameters."""
+        return unflatten(vector, self.params)
+
+    def flatten(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Concatenate per-parameter tensors into a flat vector."""
+        return flatten(tensors)
+
+    def _batch_products(self, primals, tangents, inputs, targets):  # pragma: no cover
+        raise NotImplementedError
+
+    def _accumulate(self, V: torch.Tensor, batched: bool) -> torch.Tensor:
+        primals = tuple(p.detach() for p in self.params)
+        if batched:
+            tangents = tuple(t.movedim(-1, 0) for t in unflatten_cols(V, self.params))
+        else:
+            tangents = tuple(self.unflatten(V))
+        total, count = None, 0
+        with measurement_mode(self.model, self.eval_mode), torch.no_grad():
+            for inputs, targets, n in batches(self.data, device=self.device):
+                out = self._batch_products(primals, tangents, inputs, targets, batched)
+                flat = _flat_out(out, batched)
+                total = flat * n if total is None else total.add_(flat, alpha=n)
+                count += n
+        return total / count
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self._accumulate(v, batched=False)
+
+    def _matmat(self, V: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+        cols = []
+        for start in range(0, V.shape[1], chunk):
+            block = V[:, start : start + chunk]
+            try:
+                cols.append(self._accumulate(block, batched=True))
+            except (RuntimeError, NotImplementedError):  # no vmap rule: one column at a time
+                cols.append(torch.stack([self._matvec(c) for c in block.T], dim=1))
+        return torch.cat(cols, dim=1)
+
+
+def unflatten_cols(V: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Split ``V`` of shape ``(n, m)`` into tensors of shapes ``(*s_i, m)``."""
+    out, start = [], 0
+    for t in like:
+        out.append(V[start : start + t.numel()].reshape(*t.shape, V.shape[1]))
+        start += t.numel()
+    return out
+
+
+def _flat_out(parts, batched: bool) -> torch.Tensor:
+    if batched:  # each part has shape (m, *s_i) -> (n, m)
+        return torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=1).T.contiguous()
+    return flatten(parts)
+
+
+class HessianOperator(_ModelOperator):
+    """The Hessian of the full-data mean loss as a linear operator (see module docstring).
+
+    Attributes:
+        n_matvecs: Hessian-vector products computed so far.
+        method: ``"func"`` or ``"double_backward"`` once resolved (``"auto"`` tries
+            ``torch.func`` first and falls back for good on the first failure).
+    """
+
+    def __init__(self, model, loss_fn, data, params=None, eval_mode=True, method="auto"):
+        super().__init__(model, loss_fn, data, params, eval_mode)
+        self.method = check_choice("method", method, _METHODS)
+
+    def _func(self, primals, tangents, inputs, targets, batched):
+        argnums = tuple(range(len(primals)))
+
+        def gradient(*w):
+            return grad(lambda *u: self.floss(u, inputs, targets), argnums=argnums)(*w)
+
+        def hvp(*t):
+            return jvp(gradient, primals, t)[1]
+
+        with warnings.catch_warnings():  # torch's first forward-AD call scripts decompositions
+            warnings.filterwarnings("ignore", ".*torch.jit.script.*", DeprecationWarning)
+            return vmap(hvp)(*tangents) if batched else hvp(*tangents)
+
+    def _double_backward(self, primals, tangents, inputs, targets, batched):
+        if batched:
+            raise NotImplementedError("double backward has no batched product")
+        leaves = [p.detach().requires_grad_() for p in primals]
+        with torch.enable_grad():
+            loss = self.floss(leaves, inputs, targets)
+            g = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+            used = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
+            hv = [torch.zeros_like(p) for p in primals]
+            if used:
+                out = torch.autograd.grad(
+                    [g[i] for i in used], [leaves[i] for i in used],
+                    grad_outputs=[tangents[i] for i in used], allow_unused=True,
+                )
+                for i, o in zip(used, out):
+                    if o is not None:
+                        hv[i] = o.detach()
+        return hv
+
+    def _batch_products(self, primals, tangents, inputs, targets, batched=False):
+        if self.method == "double_backward":
+            return self._double_backward(primals, tangents, inputs, targets, batched)
+        try:
+            return self._func(primals, tangents, inputs, targets, batched)
+        except (RuntimeError, NotImplementedError):
+            if self.method == "func" or batched:
+                raise
+            self.method = "double_backward"
+            return self._double_backward(primals, tangents, inputs, targets, batched)
+
+
+class GGNOperator(_ModelOperator):
+    """Generalized Gauss-Newton matrix ``G = sum_b (n_b/N) J_b^T H_ell J_b`` as an operator."""
+
+    def _batch_products(self, primals, tangents, inputs, targets, batched=False):
+        def net(*w):
+            return self.floss.outputs(w, inputs)
+
+        def loss_grad(o):
+            return grad(lambda z: self.floss.loss_of_outputs(z, targets))(o)
+
+        out, pullback = vjp(net, *primals)
+
+        def ggn(*t):
+            jv = jvp(net, primals, t)[1]
+            hjv = jvp(loss_grad, (out,), (jv,))[1]
+            return pullback(hjv)
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*torch.jit.script.*", DeprecationWarning)
+            return vmap(ggn)(*tangents) if batched else ggn(*tangents)
+
+
+def hessian_operator(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    params: nn.Module | Iterable[torch.Tensor | str] | None = None,
+    *,
+    eval_mode: bool = True,
+    method: str = "auto",
+) -> HessianOperator:
+    """Return the Hessian of the full-data mean loss of ``model`` as an operator.
+
+    ``H v = sum_b (n_b / N) grad^2 L_b(w) v`` (products by ``torch.func`` forward-over-reverse).
+
+    Args:
+        model: the network; it is never modified.
+        loss_fn: called as ``loss_fn(model(inputs), targets)``; must return a mean-reduced
+            scalar.
+        data: a tensor pair, a list of pairs (unequal sizes are weighted by size) or a
+            DataLoader (re-iterated on every product; it must be deterministic).
+        params: ``None`` (all trainable parameters), a submodule, or a list of parameter
+            tensors / names: the operator is then the matching principal block of ``H``.
+        eval_mode: measure with the model in eval mode (default), restoring every module's
+            flag afterwards. With ``False``, dropout makes every product random.
+        method: ``"auto"``, ``"func"`` or ``"double_backward"``.
+
+    Raises:
+        ValueError: for empty data, parameters not in the model, or a non-scalar loss
+            (at the first product).
+
+    Example:
+        >>> net = torch.nn.Linear(3, 1)
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> H = hessian_operator(net, torch.nn.functional.mse_loss, (x, y))
+        >>> H.shape
+        (4, 4)
+    """
+    return HessianOperator(model, loss_fn, data, params, eval_mode, method)
+
+
+def ggn_operator(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    params: nn.Module | Iterable[torch.Tensor | str] | None = None,
+    *,
+    eval_mode: bool = True,
+) -> GGNOperator:
+    """Return the generalized Gauss-Newton matrix of the full-data loss as an operator.
+
+    ``G v = sum_b (n_b / N) J_b^T H_ell J_b v``; same arguments as :func:`hessian_operator`.
+    The model's outputs must be a single tensor.
+    """
+    return GGNOperator(model, loss_fn, data, params, eval_mode)

@@ -1,0 +1,96 @@
+"""Launching an experiment: config -> run folder -> ``run(cfg, run)`` -> ``done`` -> report.
+
+:func:`launch` is what ``flatlab run`` calls and what tests call in-process. Resuming reads the
+experiment name and config back from ``config.json``, so a resumed run is configured exactly as
+the original one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from flatlab.experiments._registry import get, resolve_config
+from flatlab.train.checkpoint import seed_everything
+from flatlab.train.rundir import ConfigError, Run
+
+
+def _tensorboard_writer(path: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError(
+            "--tensorboard needs the 'tensorboard' package, which is not installed "
+            "(pip install tensorboard), or run without --tensorboard"
+        ) from None
+    return SummaryWriter(log_dir=str(path / "tensorboard"))
+
+
+def launch(
+    name: str | None = None,
+    *,
+    config_file: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    quick: bool = False,
+    out: str | Path = "runs",
+    resume: str | Path | None = None,
+    tensorboard: bool = False,
+    report: bool = True,
+) -> Run:
+    """Run experiment ``name`` (or resume the run folder ``resume``) and write its report.
+
+    Args:
+        name: registered experiment name (not needed with ``resume``).
+        config_file: YAML/TOML file of config values.
+        overrides: ``"a.b=value"`` strings (``--set``).
+        quick: set ``quick=True`` in the config (``--quick``).
+        out: parent folder of new run folders.
+        resume: an existing run folder to continue from its checkpoints.
+        tensorboard: also write TensorBoard event files (needs ``tensorboard``).
+        report: write ``report.html`` / ``report.md`` at the end.
+
+    Returns:
+        The finished :class:`~flatlab.train.Run`.
+
+    Raises:
+        ConfigError: unknown experiment or config key, bad value, missing files.
+    """
+    if resume is not None:
+        if config_file is not None or overrides or quick:
+            raise ConfigError("--resume continues a run with its saved config; "
+                              "drop --config/--set/--quick")
+        saved = json.loads((Path(resume) / "config.json").read_text()) if (
+            Path(resume) / "config.json").is_file() else None
+        if saved is None:
+            raise ConfigError(f"not a run folder (no config.json): {resume}")
+        if name is not None and name != saved["experiment"]:
+            raise ConfigError(f"--resume folder holds experiment {saved['experiment']!r}, "
+                              f"not {name!r}")
+        name = saved["experiment"]
+        exp = get(name)
+        try:
+            cfg = exp.config_cls.model_validate(saved["config"])
+        except Exception as exc:  # noqa: BLE001 - reported as one line
+            raise ConfigError(f"saved config of {resume} no longer validates: {exc}") from None
+        run = Run.open(resume, resume=True)
+    else:
+        if name is None:
+            raise ConfigError("an experiment name is needed (see: flatlab list)")
+        exp = get(name)
+        cfg = resolve_config(name, config_file=config_file, overrides=overrides, quick=quick)
+        run = Run.create(out, name, cfg.model_dump(mode="json"))
+    if tensorboard:
+        run.tensorboard = _tensorboard_writer(run.path)
+    seed_everything(int(getattr(cfg, "seed", 0)), bool(getattr(cfg, "deterministic", True)))
+    try:
+        results = exp.run(cfg, run)
+        run.mark_done(results if isinstance(results, dict) else {})
+    finally:
+        run.close()
+    if report:
+        from flatlab.report import write_report
+
+        write_report(run.path)
+    return run

@@ -1,0 +1,272 @@
+"""The experiment registry: discovery, registration and config resolution.
+
+An experiment is a module ``flatlab/experiments/<name>.py`` that defines a pydantic ``Config``
+and a ``run(cfg, run)`` function decorated with :func:`register`. Modules are found with
+:mod:`pkgutil` (no central list); one that fails to import is remembered with its error, so
+``flatlab list`` still works and ``flatlab run <that name>`` reports the import error.
+
+Config resolution (:func:`resolve_config`) layers, lowest to highest priority: the Config
+defaults, a YAML/TOML file, ``quick=True`` from ``--quick``, then ``--set a.b=c`` overrides.
+Unknown keys and badly typed values raise :class:`ConfigError` with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from flatlab.train.rundir import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - python 3.10
+    import tomli as tomllib
+
+
+def _existing_dir(path: Path) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"directory does not exist: {path}")
+    return path
+
+
+#: A config field type for data directories: validated to exist when the config is built.
+ExistingDir = Annotated[Path, AfterValidator(_existing_dir)]
+
+
+class ExperimentConfig(BaseModel):
+    """Base class of every experiment ``Config``: strict keys, a seed, and the ``quick`` switch.
+
+    Subclasses add fields, each with a default and a ``description`` (shown by
+    ``flatlab run NAME --help``). Nested settings are nested ``BaseModel`` fields, reached on the
+    command line as ``--set model.width=64``.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    quick: bool = Field(False, description="short version of the run (for tests and previews)")
+    seed: int = Field(0, description="seed for torch, numpy and python's random")
+    deterministic: bool = Field(True, description="torch.use_deterministic_algorithms(True)")
+
+
+RunFn = Callable[[Any, Any], Any]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A registered experiment: its name, Config class, run function and one-line help."""
+
+    name: str
+    config_cls: type[BaseModel]
+    run: RunFn
+    help: str
+    module: str
+
+
+_REGISTRY: dict[str, Experiment] = {}
+_BROKEN: dict[str, str] = {}
+_DISCOVERED = False
+
+
+def register(name: str, config_cls: type[BaseModel], help: str = "") -> Callable[[RunFn], RunFn]:
+    """Decorator registering ``run(cfg, run)`` as experiment ``name`` with config ``config_cls``.
+
+    Raises:
+        TypeError: if ``config_cls`` is not a pydantic model with a ``quick`` field.
+        ValueError: if ``name`` is already taken by another module.
+    """
+    if not (isinstance(config_cls, type) and issubclass(config_cls, BaseModel)):
+        raise TypeError(f"config_cls must be a pydantic BaseModel subclass, got {config_cls!r}")
+    if "quick" not in config_cls.model_fields:
+        raise TypeError(f"config_cls must have a 'quick: bool' field, got {config_cls.__name__}")
+
+    def decorator(fn: RunFn) -> RunFn:
+        old = _REGISTRY.get(name)
+        if old is not None and old.module != fn.__module__:
+            raise ValueError(f"experiment name must be unique, got {name!r} again in {fn.__module__}")
+        doc = help or (fn.__doc__ or "").strip().split("\n")[0]
+        _REGISTRY[name] = Experiment(name, config_cls, fn, doc, fn.__module__)
+        return fn
+
+    return decorator
+
+
+def discover() -> None:
+    """Import every public module of :mod:`flatlab.experiments` once (idempotent)."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    package = importlib.import_module("flatlab.experiments")
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name.startswith("_"):
+            continue
+        try:
+            importlib.import_module(f"flatlab.experiments.{info.name}")
+        except Exception as exc:  # noqa: BLE001 - a broken module must not hide the others
+            _BROKEN[info.name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    _DISCOVERED = True
+
+
+def names() -> list[str]:
+    """Sorted names of the registered experiments."""
+    discover()
+    return sorted(_REGISTRY)
+
+
+def broken() -> dict[str, str]:
+    """Experiment modules that failed to import, with a one-line reason each."""
+    discover()
+    return dict(_BROKEN)
+
+
+def get(name: str) -> Experiment:
+    """Return the experiment registered as ``name``, or raise :class:`ConfigError`."""
+    discover()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name in _BROKEN:
+        raise ConfigError(f"experiment {name!r} failed to import: {_BROKEN[name]}")
+    known = ", ".join(sorted(_REGISTRY)) or "none"
+    raise ConfigError(f"unknown experiment {name!r} (known: {known})")
+
+
+# ---------------------------------------------------------------------------------- configs
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a ``.yaml``/``.yml``/``.toml``/``.json`` config file into a nested dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file does not exist: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            data = tomllib.loads(path.read_text())
+        elif suffix in (".yaml", ".yml", ".json"):
+            data = yaml.safe_load(path.read_text())
+        else:
+            raise ConfigError(f"config file must end in .yaml, .yml, .toml or .json, got {path}")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid: {str(exc).splitlines()[0]}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def _parse_value(text: str) -> Any:
+    """``--set`` values stay strings (pydantic coerces them) except null and YAML collections."""
+    stripped = text.strip()
+    if stripped.lower() in ("null", "none", "~"):
+        return None
+    if stripped[:1] in ("[", "{"):
+        try:
+            return yaml.safe_load(stripped)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set value {text!r} is not valid YAML") from exc
+    return text
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """Turn ``["a.b=1", "c=x"]`` into the nested dict ``{"a": {"b": "1"}, "c": "x"}``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set must look like key=value, got {item!r}")
+        parts = key.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set key {key!r} conflicts with an earlier --set")
+        node[parts[-1]] = _parse_value(value)
+    return out
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def _check_keys(model: type[BaseModel], data: Mapping[str, Any], prefix: str, exp: str) -> None:
+    for key, value in data.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            known = ", ".join(model.model_fields)
+            raise ConfigError(
+                f"unknown config key {prefix + key!r} for experiment {exp!r} (known: {known})"
+            )
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel) and isinstance(value, Mapping):
+            _check_keys(sub, value, f"{prefix}{key}.", exp)
+
+
+def _one_line(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "config"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    return f"config {loc}: {msg}, got {err.get('input')!r}"
+
+
+def resolve_config(
+    name: str,
+    *,
+    config_file: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    quick: bool = False,
+) -> BaseModel:
+    """Build the validated Config of experiment ``name`` from a file, ``--quick`` and ``--set``.
+
+    Raises:
+        ConfigError: unknown experiment, unknown key, wrong type or value out of range.
+    """
+    exp = get(name)
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        data = load_config_file(config_file)
+    if quick:
+        data["quick"] = True
+    data = _merge(data, parse_overrides(overrides))
+    _check_keys(exp.config_cls, data, "", name)
+    try:
+        return exp.config_cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc)) from None
+
+
+def describe_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """``(key, type, default, description)`` for every field, nested models flattened."""
+    rows: list[tuple[str, str, str, str]] = []
+    for key, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(describe_fields(ann, f"{prefix}{key}."))
+            continue
+        type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        if field.metadata:  # constraints such as gt=0 are part of the type a user must meet
+            type_name += " (" + ", ".join(_constraint(m) for m in field.metadata) + ")"
+        default = field.get_default(call_default_factory=True)
+        rows.append((prefix + key, type_name, repr(default), field.description or ""))
+    return rows
+
+
+def _constraint(meta: Any) -> str:
+    for attr, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+        if getattr(meta, attr, None) is not None:
+            return f"{sym} {getattr(meta, attr)}"
+    return type(meta).__name__

@@ -1,0 +1,278 @@
+"""``flatlab run dg``: domain generalization, DomainBed's protocol, ERM / SAM / GAM / SAGM / DGSAM.
+
+Protocol (Gulrajani & Lopez-Paz, "In Search of Lost Domain Generalization", arXiv 2007.01434):
+
+* **leave-one-domain-out**: each domain of the dataset in turn is the test domain; the other
+  S domains are the training domains;
+* **80/20 in/out splits** of every domain (seeded by the seed): models train on the training
+  domains' "in" parts, one minibatch per domain per step (ERM / SAM / GAM get the pooled
+  batch; DGSAM / SAGM get one closure per domain);
+* **checkpoints** every ``checkpoint_freq`` steps record the validation accuracy (mean over the
+  training domains' "out" parts) and the test domain's in/out accuracies;
+* **model selection**: training-domain validation (largest validation accuracy; report the
+  test domain's "in" accuracy there) and the oracle (test domain's "out" accuracy at the last
+  checkpoint), see :mod:`flatlab.sweep.collect`;
+* **seeds**: every (method, test domain) is trained for each seed (same init and data order
+  for every method of a seed); results are mean +- standard error over seeds per test domain,
+  their average, the worst domain and the spread across domains;
+* **sharpness** of the selected checkpoint on every training domain and on their pooled loss
+  (:func:`flatlab.curvature.domain_sharpness`), and **cost**: wall-clock and gradient passes
+  per step from the training loop, plus an interleaved timing benchmark (median over steps).
+
+Every trained model appends one record to ``dg_records.jsonl`` in the run folder, so
+``flatlab collect RUNS_DIR`` rebuilds the tables from run folders alone, and a sweep
+(``flatlab sweep dg``) can split the work into one run per method / test domain / seed.
+Datasets: rotated digits (6 domains, RotatedMNIST's angles on scikit-learn's digits), colored
+digits (3), MNIST-1D domains (4), rotated / colored MNIST from IDX files and the DomainBed
+image folders (PACS, VLCS, OfficeHome, TerraIncognita, DomainNet) given ``data_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from flatlab.experiments import ExperimentConfig, Run, register
+from flatlab.train.callbacks import Callback, FitState, evaluate
+from flatlab.train.optimizers import base_class, build_optimizer
+
+METHODS = ("erm", "sam", "gam", "sagm", "dgsam")
+DATASETS = ("rotated_digits", "colored_digits", "mnist1d", "rotated_mnist", "colored_mnist",
+            "image_folder")
+
+
+class Config(ExperimentConfig):
+    dataset: Literal[DATASETS] = Field("rotated_digits", description="domain dataset")
+    data_dir: str | None = Field(None, description="folder of MNIST IDX files / image folders")
+    image_dataset: str = Field("PACS", description="image_folder dataset (PACS, VLCS, ...)")
+    image_size: int = Field(16, ge=8, description="side of the (resized) images")
+    angles: list[float] = Field([0, 15, 30, 45, 60, 75], description="rotated_*: domain angles")
+    mnist1d_n: int = Field(1000, ge=10, description="mnist1d: examples per domain")
+    methods: list[Literal[METHODS]] = Field(["erm", "sam", "dgsam"], description="methods")
+    test_domains: list[int] | None = Field(None, description="test domain indices (None: all)")
+    seeds: list[int] = Field([0, 1, 2], description="seeds (init, data order, in/out split)")
+    steps: int = Field(300, ge=1, description="optimizer steps per trained model")
+    checkpoint_freq: int = Field(50, ge=1, description="evaluate every this many steps")
+    batch_size: int = Field(32, ge=1, description="minibatch size per training domain")
+    base: Literal["sgd", "adamw"] = Field("adamw", description="base optimizer (all methods)")
+    lr: float = Field(1e-3, gt=0, description="learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="weight decay of the base optimizer")
+    rho: float = Field(0.05, ge=0, description="radius of SAM / GAM / SAGM / DGSAM")
+    alpha: float = Field(1e-3, ge=0, description="SAGM's gradient-matching coefficient")
+    dgsam_combine: Literal["reuse_all", "perturbed_mean"] = Field(
+        "reuse_all", description="DGSAM's gradient combination (authors' rule by default)")
+    model: Literal["auto", "cnn", "mlp"] = Field("auto", description="cnn for images, else mlp")
+    channels: list[int] = Field([16, 32, 32, 32], description="cnn: four conv widths")
+    width: int = Field(128, ge=1, description="mlp: hidden width")
+    depth: int = Field(2, ge=1, description="mlp: hidden layers")
+    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="'out' fraction per domain")
+    sharpness_rho: float = Field(0.05, gt=0, description="radius of the sharpness measure")
+    sharpness_examples: int = Field(256, ge=1, description="examples per domain for sharpness")
+    timing_steps: int = Field(40, ge=0, description="timed steps per method (0: no benchmark)")
+
+
+def load_domains(cfg: Config) -> Any:
+    """The :class:`flatlab.data.Domains` of ``cfg.dataset``."""
+    from flatlab import data
+
+    if cfg.dataset in ("rotated_digits", "colored_digits"):
+        base = data.digits(size=8 if cfg.image_size < 16 else 16)
+    elif cfg.dataset in ("rotated_mnist", "colored_mnist", "image_folder"):
+        if cfg.data_dir is None:
+            raise ValueError(f"dataset {cfg.dataset!r} needs data_dir, got None")
+        if cfg.dataset == "image_folder":
+            return data.image_folder(cfg.data_dir, cfg.image_dataset, size=cfg.image_size)
+        base = data.mnist(cfg.data_dir)
+    else:
+        return data.mnist1d_domains(n=cfg.mnist1d_n)
+    if cfg.dataset.startswith("rotated"):
+        return data.rotated(base, angles=cfg.angles, name=cfg.dataset)
+    return data.colored(base, name=cfg.dataset)
+
+
+def make_model(cfg: Config, domains: Any) -> torch.nn.Module:
+    """MNIST-CNN (GroupNorm) for images, an MLP for vectors (or as ``cfg.model`` says)."""
+    from flatlab.models import MLP, MNISTCNN
+
+    shape = tuple(domains.input_shape)
+    if cfg.model == "cnn" or (cfg.model == "auto" and len(shape) == 3):
+        return MNISTCNN(shape, domains.num_classes, channels=cfg.channels,
+                        groups=min(8, min(cfg.channels)))
+    return MLP(int(torch.tensor(shape).prod()), domains.num_classes, cfg.width, cfg.depth)
+
+
+def make_optimizer(method: str, params: Any, cfg: Config, num_domains: int) -> Any:
+    """The method's optimizer: same base, learning rate and weight decay for every method."""
+    kw = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    if method == "erm":
+        return build_optimizer(cfg.base, params, **kw)
+    if method in ("sam", "gam"):
+        return build_optimizer(method, params, base=cfg.base, rho=cfg.rho, **kw)
+    if method == "sagm":
+        from flatlab.optim.sagm import SAGM
+
+        return SAGM(params, base_class(cfg.base), rho=cfg.rho, alpha=cfg.alpha, **kw)
+    from flatlab.optim.dgsam import DGSAM
+
+    return DGSAM(params, base_class(cfg.base), rho=cfg.rho, combine=cfg.dgsam_combine,
+                 num_domains=num_domains, **kw)
+
+
+class DomainCheckpoints(Callback):
+    """Checkpoint evaluation: validation = mean accuracy on the training domains' out splits,
+    plus the test domain's in/out accuracy; keeps the weights of the best validation step."""
+
+    def __init__(self, every: int, val: list[Any], test_in: Any, test_out: Any) -> None:
+        super().__init__(every)
+        self.val, self.test_in, self.test_out = val, test_in, test_out
+        self.history: list[dict[str, float]] = []
+        self.best: dict[str, torch.Tensor] | None = None
+
+    def on_step(self, state: FitState) -> dict[str, float]:
+        model, loss_fn = state.model, state.loss_fn
+        val = sum(evaluate(model, loss_fn, d)["acc"] for d in self.val) / len(self.val)
+        rec = {"step": state.step, "val": val, "test_in": evaluate(model, loss_fn,
+               self.test_in)["acc"], "test_out": evaluate(model, loss_fn, self.test_out)["acc"]}
+        if not self.history or val > max(h["val"] for h in self.history):
+            self.best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.history.append(rec)
+        return {"val_acc": val, "test_in_acc": rec["test_in"], "test_out_acc": rec["test_out"]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history), "best": self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = list(state.get("history", []))
+        self.best = state.get("best")
+
+
+def measure_sharpness(model: torch.nn.Module, train: Any, cfg: Config) -> dict[str, Any]:
+    """Per-training-domain, max and pooled worst-case sharpness of ``model`` (first examples)."""
+    from flatlab.curvature import domain_sharpness
+
+    n = cfg.sharpness_examples
+    doms = {name: (x[:n], y[:n]) for name, (x, y) in train.items()}
+    res = domain_sharpness(model, F.cross_entropy, doms, cfg.sharpness_rho)
+    per = {k: float(v) for k, v in res.per_domain.items()}
+    return {"per_domain": per, "max": float(res.max), "mean": float(res.mean),
+            "pooled": float(res.pooled)}
+
+
+def train_one(cfg: Config, run: Run, domains: Any, method: str, test: int, seed: int,
+              steps: int) -> dict[str, Any]:
+    """Train one model (method, test domain, seed); return its ``dg_records.jsonl`` record."""
+    from flatlab.train import fit
+
+    ins, outs = domains.in_out_split(cfg.holdout_fraction, seed=seed)
+    train_in, test_in = ins.leave_out(test)
+    train_out, test_out = outs.leave_out(test)
+    torch.manual_seed(seed)
+    model = make_model(cfg, domains)
+    opt = make_optimizer(method, model.parameters(), cfg, len(train_in))
+    ckpts = DomainCheckpoints(min(cfg.checkpoint_freq, steps), list(train_out), test_in[0],
+                              test_out[0])
+    result = fit(model, opt, list(train_in), steps=steps, batch_size=cfg.batch_size,
+                 callbacks=[ckpts], run=run, tag=f"{method}-{domains.names[test]}-s{seed}",
+                 seed=seed, log_every=max(1, cfg.checkpoint_freq), progress=False)
+    best = max(ckpts.history, key=lambda h: h["val"])  # first maximum, as the callback kept
+    if ckpts.best is not None:
+        model.load_state_dict(ckpts.best)
+    pooled = 1 if getattr(opt, "per_domain", False) else len(train_in)
+    return {
+        "dataset": domains.name, "method": method, "seed": seed,
+        "hparams": {"lr": cfg.lr, "rho": cfg.rho, "batch_size": cfg.batch_size,
+                    "alpha": cfg.alpha, "dgsam_combine": cfg.dgsam_combine, "steps": steps},
+        "test_domain": domains.names[test], "domains": list(domains.names),
+        "checkpoints": ckpts.history,
+        "selected": {**best, "sharpness": measure_sharpness(model, train_in, cfg)},
+        "sec_per_step": result.time_per_step, "passes_per_step": result.passes_per_step,
+        "domain_passes_per_step": result.passes_per_step * pooled,
+    }
+
+
+def time_methods(cfg: Config, domains: Any, methods: list[str], steps: int) -> dict[str, float]:
+    """Median seconds per optimizer step of each method, rounds interleaved across methods
+    (so machine load hits every method alike), after 5 warm-up rounds; test domain 0."""
+    train, _ = domains.leave_out(0)
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for m in methods:
+        torch.manual_seed(0)
+        model = make_model(cfg, domains)
+        state[m] = (model, make_optimizer(m, model.parameters(), cfg, len(train)), [])
+    for r in range(steps + 5):
+        picks = [torch.randint(0, x.shape[0], (cfg.batch_size,), generator=g) for x, _ in train]
+        batches = [(x[i], y[i]) for (x, y), i in zip(train, picks)]
+        for m in methods:
+            model, opt, times = state[m]
+
+            def closure(x: torch.Tensor, y: torch.Tensor, model=model, opt=opt) -> Any:
+                def c() -> torch.Tensor:
+                    opt.zero_grad()
+                    loss = F.cross_entropy(model(x), y)
+                    loss.backward()
+                    return loss.detach()
+                return c
+
+            t0 = time.perf_counter()
+            if getattr(opt, "per_domain", False):
+                opt.step([closure(x, y) for x, y in batches])
+            else:
+                opt.step(closure(torch.cat([b[0] for b in batches]),
+                                 torch.cat([b[1] for b in batches])))
+            if r >= 5:
+                times.append(time.perf_counter() - t0)
+    return {m: float(torch.tensor(state[m][2]).median()) for m in methods}
+
+
+def _done_keys(path: Path) -> set[tuple[str, str, int]]:
+    if not path.exists():
+        return set()
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(r["method"], r["test_domain"], r["seed"]) for r in recs}
+
+
+@register("dg", Config, help="domain generalization (DomainBed protocol): ERM/SAM/GAM/SAGM/DGSAM")
+def run(cfg: Config, run: Run) -> dict[str, Any]:
+    """Leave-one-domain-out training of every method and seed; tables, figures, records."""
+    from flatlab.sweep.dg_report import report
+
+    if cfg.quick:
+        cfg = cfg.model_copy(update={"angles": cfg.angles[:3], "steps": min(cfg.steps, 12),
+                                     "checkpoint_freq": min(cfg.checkpoint_freq, 6),
+                                     "seeds": cfg.seeds[:1], "image_size": 8,
+                                     "channels": [8, 8, 8, 8], "timing_steps": 3,
+                                     "sharpness_examples": 32, "mnist1d_n": 200})
+    domains = load_domains(cfg)
+    if len(domains) < 2:
+        raise ValueError(f"dataset must have at least 2 domains, got {len(domains)}")
+    empty = [n for n, size in domains.sizes().items() if size < 5]
+    if empty:
+        raise ValueError(f"every domain must hold at least 5 examples, got too few in {empty}")
+    tests = cfg.test_domains if cfg.test_domains is not None else list(range(len(domains)))
+    if cfg.quick and cfg.test_domains is None:
+        tests = tests[:1]
+    for t in tests:
+        domains.index(t)  # raises with the valid range
+    path = run.path / "dg_records.jsonl"
+    done = _done_keys(path)
+    records = []
+    for seed in cfg.seeds:
+        for t in tests:
+            for method in cfg.methods:
+                if (method, domains.names[t], seed) in done:
+                    continue
+                rec = train_one(cfg, run, domains, method, t, seed, cfg.steps)
+                with open(path, "a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+                records.append(rec)
+    timing = time_methods(cfg, domains, list(cfg.methods), cfg.timing_steps) if (
+        cfg.timing_steps > 0) else {}
+    all_records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return report(run, all_records, timing, num_train_domains=len(domains) - 1)

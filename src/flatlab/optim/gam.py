@@ -1,0 +1,248 @@
+"""GAM: Gradient norm Aware Minimization, and SAM+GAM.
+
+Zhang, Xu, Yu, Zou, Cui, "Gradient Norm Aware Minimization Seeks First-Order Flatness and
+Improves Generalization", CVPR 2023, arXiv 2303.03108. GAM minimizes
+
+    L(theta) + alpha * R1(theta),    R1(theta) = rho * max_{||theta' - theta|| <= rho} ||grad L(theta')||
+
+(first-order flatness). theta is a list of tensors of any shapes, flattened into one vector
+for norms and inner products; H is the Hessian of the minibatch loss; u^ = u / (||u|| + xi).
+
+``hvp="exact"`` (paper Algorithm 1, Hessian-vector products by double backprop)::
+
+    g     = grad L(theta)
+    f     = H(theta) g^                            one HVP: gradient of ||grad L|| at theta
+    t_adv = theta + rho f^                         the point of largest gradient norm
+    h     = H(t_adv) g(t_adv)^                     second gradient + HVP
+    d     = g_0 + alpha rho h                      g_0 = g; for SAM+GAM, g_0 = grad L(theta + rho_sam g^)
+
+``hvp="finite_difference"`` (the "accelerated" Algorithm 2 of the appendix, the one the public
+code ships; H v ~ (grad L(theta + rho' v) - grad L(theta)) / rho', 4 passes)::
+
+    g0 = grad L(theta);  g1 = grad L(theta + rho' g0^);  h0 = g1 - g0
+    t2 = theta + rho h0^;  g2 = grad L(t2);  g3 = grad L(t2 + rho' g2^)
+    h+ = alpha g1 + (1 - alpha) g3,   h- = beta g0 + (1 - beta) g2
+    d  = h+ - gamma h-_perp,   h-_perp = h- - (<h-, h+> / ||h+||^2) h+
+
+Then ``theta <- base_step(theta, d)`` and theta is restored from a snapshot before the step.
+
+Departures from the public code (``xxgege/GAM``), following the paper instead (research note
+``gam_sam_libs.md`` A4): h- applies beta to g0 (the code forgets it); all radii are floats
+(the code's argparse types are ints). Parameter-sized buffers: 3 for the finite-difference
+variant (snapshot, h- accumulator, alpha*g1) and 2 for the exact one (snapshot, g_0), against
+6 in the public code; the HVP outputs of the exact variant are transient.
+
+Closure calls per step (``closure_calls``): finite difference 4; exact 2 (plus 2 HVPs, no
+closure calls), 3 for SAM+GAM. Zero radii (rho = rho' = 0, gamma = 0, alpha = 1 for the finite
+difference variant; rho = 0 and rho_sam = 0 for the exact one) give the base optimizer bit for
+bit.
+
+How the exact variant gets the graph: the closure contract is unchanged (zero grads, forward,
+``backward()``, return the loss). During the passes that need Hessian-vector products the
+shell runs the closure with ``backward`` scoped to ``create_graph=True``
+(:func:`flatlab.optim.base._backward_with_graph`), so ``p.grad`` carries its graph; the HVP is
+``torch.autograd.grad(grads, params, v)`` and the graph is dropped right after. This does not
+work under DistributedDataParallel (use ``hvp="finite_difference"`` there).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from flatlab._checks import check_choice, check_in_range, check_nonnegative
+from flatlab.optim import _tree
+from flatlab.optim.base import SharpnessAware, frozen_norm_statistics
+from flatlab.optim.schedules import Schedule
+
+__all__ = ["GAM", "SAMGAM", "hessian_vector_product"]
+
+
+def hessian_vector_product(
+    grads: list[torch.Tensor], params: list[torch.Tensor], vector: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """``H v`` by double backprop: ``grads`` must carry their graph (``create_graph=True``).
+
+    Shapes: three aligned lists, one tensor per parameter. Unused parameters give zeros.
+    """
+    keep = [i for i, g in enumerate(grads) if g.requires_grad]  # constant grads: H row is 0
+    out: list[torch.Tensor | None] = [None] * len(params)
+    if keep:
+        found = torch.autograd.grad(
+            [grads[i] for i in keep], params, grad_outputs=[vector[i] for i in keep],
+            allow_unused=True,
+        )
+        out = list(found)
+    return [torch.zeros_like(p) if o is None else o.detach() for o, p in zip(out, params)]
+
+
+def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    if not a:
+        return torch.zeros(())
+    prods = torch._foreach_mul(a, b)
+    return torch.stack([t.sum().to(torch.promote_types(t.dtype, torch.float32)) for t in prods]).sum()
+
+
+class GAM(SharpnessAware):
+    """Gradient norm Aware Minimization (update rules in the module docstring).
+
+    Args:
+        params: parameters or parameter groups.
+        base: base optimizer class (built with ``**kwargs``' base keywords) or instance.
+        rho (float or Schedule): radius of the gradient-norm ascent, >= 0 (default: 0.2).
+        alpha (float): exact: weight of the first-order flatness R1; finite difference: the
+            weight of g1 in h+ (default: 0.6).
+        hvp (str): ``"finite_difference"`` (Algorithm 2, 4 passes) or ``"exact"``
+            (Algorithm 1) (default: "finite_difference").
+        fd_rho (float or Schedule): rho', the finite-difference radius (default: 0.02).
+        beta (float): weight of g0 in h-, in [0, 1] (default: 0.5).
+        gamma (float): weight of the orthogonal correction, >= 0 (default: 0.03).
+        sam_rho (float, Schedule or None): exact variant only: None is GAM, a radius makes it
+            SAM+GAM (descent gradient taken at theta + sam_rho g^) (default: None).
+        xi (float): added to every norm so zero vectors stay finite (default: 1e-12).
+        **kwargs: shell options (see :class:`SharpnessAware`) and the base's keywords.
+
+    Raises:
+        TypeError, ValueError: bad values, named in the message.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        base: type[Optimizer] | Optimizer,
+        rho: float | Schedule = 0.2,
+        alpha: float = 0.6,
+        hvp: str = "finite_difference",
+        fd_rho: float | Schedule = 0.02,
+        beta: float = 0.5,
+        gamma: float = 0.03,
+        sam_rho: float | Schedule | None = None,
+        xi: float = 1e-12,
+        **kwargs: Any,
+    ) -> None:
+        self.hvp = check_choice("hvp", hvp, ("exact", "finite_difference"))
+        self.alpha = check_nonnegative("alpha", alpha)
+        self.beta = check_in_range("beta", beta, 0.0, 1.0, closed="[]")
+        self.gamma = check_nonnegative("gamma", gamma)
+        self.xi = check_nonnegative("xi", xi)
+        radii: dict[str, Any] = {"rho": rho}
+        if self.hvp == "finite_difference":
+            radii["fd_rho"] = fd_rho
+            if sam_rho is not None:
+                raise ValueError(
+                    "sam_rho must be None for hvp='finite_difference' (Algorithm 2 already "
+                    f"ascends like SAM), got {sam_rho!r}"
+                )
+        elif sam_rho is not None:
+            radii["sam_rho"] = sam_rho
+        self.closure_calls = 4 if self.hvp == "finite_difference" else 2 + (sam_rho is not None)
+        super().__init__(params, base, radii=radii, **kwargs)
+
+    def _descent(self, closure: Any) -> torch.Tensor:
+        if self.hvp == "exact":
+            return self._exact(closure)
+        return self._finite_difference(closure)
+
+    def _unit_scale(self, norm: float, radius: float) -> float:
+        return radius / (norm + self.xi)
+
+    def _exact(self, closure: Any) -> torch.Tensor:
+        loss = self._pass(closure, first=True, create_graph=True)
+        params, graph_grads = self._params_and_grads()
+        g0 = [g.detach() for g in graph_grads]
+        (n0,) = self._check_finite(loss, _tree.global_norm(g0))
+        unit = torch._foreach_div(g0, n0 + self.xi)
+        f = hessian_vector_product(graph_grads, params, unit)  # H g^ = grad ||grad L||
+        del graph_grads, unit
+        for p, g in zip(params, g0):
+            p.grad = g  # drop the graph
+        (nf,) = self._check_finite(None, _tree.global_norm(f))
+        self._save_point(params)
+        if "sam_rho" in self._radii:
+            with torch.no_grad():
+                torch._foreach_add_(params, g0, alpha=self._unit_scale(n0, self.radius("sam_rho")))
+            self._pass(closure)
+            base_grad = [g.clone() for g in self._params_and_grads()[1]]
+            _tree.restore_(params, self._saved)
+        else:
+            base_grad = _tree.snapshot(g0)
+        with torch.no_grad():
+            torch._foreach_add_(params, f, alpha=self._unit_scale(nf, self.radius("rho")))
+        del f
+        # the graph saves BatchNorm's running statistics, so they are put back only after the
+        # HVP: the enclosing block freezes them and the pass itself must not restore them
+        with frozen_norm_statistics():
+            self._pass(closure, first=True, create_graph=True)
+            _, graph_grads = self._params_and_grads()
+            g_adv = [g.detach() for g in graph_grads]
+            (n_adv,) = self._check_finite(None, _tree.global_norm(g_adv))
+            unit = torch._foreach_div(g_adv, n_adv + self.xi)
+            h = hessian_vector_product(graph_grads, params, unit)
+            for p, g in zip(params, g_adv):
+                p.grad = g
+            del graph_grads, unit, g_adv
+        self._restore_point(params)
+        torch._foreach_add_(base_grad, h, alpha=self.alpha * self.radius("rho"))
+        for p, d in zip(params, base_grad):
+            p.grad = d
+        return loss
+
+    def _finite_difference(self, closure: Any) -> torch.Tensor:
+        rho, fd_rho = self.radius("rho"), self.radius("fd_rho")
+        loss = self._pass(closure, first=True)
+        params, grads = self._params_and_grads()
+        (n0,) = self._check_finite(loss, _tree.global_norm(grads))
+        h_minus = _tree.snapshot(grads)  # g0 now, beta g0 + (1 - beta) g2 later
+        self._save_point(params)
+        with torch.no_grad():
+            torch._foreach_add_(params, grads, alpha=self._unit_scale(n0, fd_rho))
+        self._pass(closure)  # g1 at theta + rho' g0^
+        params, grads = self._params_and_grads()
+        h_plus = torch._foreach_mul(grads, self.alpha)  # alpha g1
+        torch._foreach_sub_(grads, h_minus)  # h0 = g1 - g0, in p.grad
+        (nh,) = self._check_finite(None, _tree.global_norm(grads))
+        torch._foreach_mul_(h_minus, self.beta)
+        _tree.restore_(params, self._saved)
+        with torch.no_grad():
+            torch._foreach_add_(params, grads, alpha=self._unit_scale(nh, rho))
+        self._pass(closure)  # g2 at t2 = theta + rho h0^
+        params, grads = self._params_and_grads()
+        torch._foreach_add_(h_minus, grads, alpha=1.0 - self.beta)
+        (n2,) = self._check_finite(None, _tree.global_norm(grads))
+        with torch.no_grad():
+            torch._foreach_add_(params, grads, alpha=self._unit_scale(n2, fd_rho))
+        self._pass(closure)  # g3 at t2 + rho' g2^
+        params, grads = self._params_and_grads()
+        torch._foreach_mul_(grads, 1.0 - self.alpha)
+        torch._foreach_add_(grads, h_plus)  # h+ in p.grad
+        del h_plus
+        dot, sq = self._check_finite(None, _dot(h_minus, grads), _dot(grads, grads))
+        c = dot / (sq + self.xi)
+        torch._foreach_mul_(grads, 1.0 + self.gamma * c)
+        torch._foreach_add_(grads, h_minus, alpha=-self.gamma)  # d = (1 + gamma c) h+ - gamma h-
+        self._restore_point(params)
+        return loss
+
+
+class SAMGAM(GAM):
+    """SAM+GAM: GAM's exact variant with the descent gradient taken at SAM's perturbed point,
+    ``d = grad L(theta + sam_rho g^) + alpha rho H(t_adv) g(t_adv)^`` (3 closure calls).
+
+    Same arguments as :class:`GAM`; ``hvp`` is "exact" and ``sam_rho`` defaults to 0.05.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        base: type[Optimizer] | Optimizer,
+        rho: float | Schedule = 0.2,
+        alpha: float = 0.6,
+        sam_rho: float | Schedule = 0.05,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs.get("hvp", "exact") != "exact":
+            raise ValueError(f"hvp must be 'exact' for SAMGAM, got {kwargs['hvp']!r}")
+        kwargs["hvp"] = "exact"
+        super().__init__(params, base, rho=rho, alpha=alpha, sam_rho=sam_rho, **kwargs)

@@ -1,0 +1,129 @@
+"""SAM, ASAM and unnormalized SAM: one class, two flags.
+
+With the minibatch loss L, parameters theta (a list of tensors of any shapes, flattened into
+one vector for the norms) and g = grad L(theta), one step is::
+
+    e = rho * T^2 g / (||T g|| + eps)      normalize=True            (SAM / ASAM)
+    e = rho * T^2 g                        normalize=False           (USAM / unnormalized ASAM)
+    d = grad L(theta + e)                  gradient at the perturbed point
+    theta <- base_step(theta, d)           the base optimizer (SGD, AdamW, ...) uses d
+
+with T = I for SAM and T = diag(|theta| + eta) for ASAM (``adaptive=True``). The norm is the
+global 2-norm over all parameters that have a gradient. The perturbation is undone by copying
+theta back from a snapshot (one parameter-sized buffer, reused across steps), never by
+subtracting e, so ``rho=0`` gives the base optimizer bit for bit.
+
+Papers: SAM, Foret et al., ICLR 2021, arXiv 2010.01412. ASAM, Kwon et al., ICML 2021,
+arXiv 2102.11600 (``eta`` as in the authors' code, default 0.01). Unnormalized SAM (USAM),
+Andriushchenko & Flammarion, ICML 2022, arXiv 2206.06232, and the analysis of Agarwala &
+Dauphin, "SAM operates far from home", ICML 2023.
+
+Cost per step: 2 closure calls (``closure_calls = 2``), one base step, one parameter-sized
+buffer. All options of the shell (schedules, GradScaler, clipping, sync, state_dict) are in
+:mod:`flatlab.optim.base`.
+
+Example:
+    >>> import torch
+    >>> model = torch.nn.Linear(3, 1)
+    >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+    >>> opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    >>> def closure():
+    ...     opt.zero_grad()
+    ...     loss = torch.nn.functional.mse_loss(model(x), y)
+    ...     loss.backward()
+    ...     return loss
+    >>> loss = opt.step(closure)     # loss at the unperturbed point
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from flatlab._checks import check_nonnegative
+from flatlab.optim import _tree
+from flatlab.optim.base import SharpnessAware
+from flatlab.optim.schedules import Schedule
+
+__all__ = ["SAM", "sam_direction"]
+
+
+def sam_direction(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    *,
+    adaptive: bool,
+    eta: float,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Return ``(T^2 g, ||T g||)``: the ascent direction before scaling and the norm that
+    normalizes it (a 0-d tensor). ``T = I`` (the grads themselves are returned, not copied)
+    unless ``adaptive``, where ``T = diag(|theta| + eta)``."""
+    if not adaptive:
+        return list(grads), _tree.global_norm(grads)
+    t = torch._foreach_abs(params)
+    torch._foreach_add_(t, eta)
+    tg = torch._foreach_mul(t, grads)
+    norm = _tree.global_norm(tg)
+    torch._foreach_mul_(tg, t)
+    return tg, norm
+
+
+class SAM(SharpnessAware):
+    """Sharpness-Aware Minimization; ``adaptive=True`` is ASAM, ``normalize=False`` is USAM.
+
+    Args:
+        params: parameters or parameter groups.
+        base: base optimizer class (built with ``**base_kwargs``) or instance.
+        rho (float or Schedule): perturbation radius, >= 0 (default: 0.05).
+        adaptive (bool): ASAM's scale-invariant perturbation (default: False).
+        normalize (bool): divide by the gradient norm (default: True).
+        eta (float): ASAM's offset in ``T = |theta| + eta`` (default: 0.01).
+        perturb_eps (float): added to the norm so a zero gradient gives ``e = 0`` (default 1e-12).
+        **kwargs: shell options (``sync``, ``model``, ``on_nonfinite``, ``grad_scaler``,
+            ``clip_grad_norm``, ``descent_hook``; see :class:`SharpnessAware`) and the base's
+            keyword arguments (``lr``, ``momentum``, ...).
+
+    Raises:
+        TypeError: rho/eta not a number, base not an optimizer.
+        ValueError: rho, eta or perturb_eps negative.
+    """
+
+    closure_calls = 2
+
+    def __init__(
+        self,
+        params: Any,
+        base: type[Optimizer] | Optimizer,
+        rho: float | Schedule = 0.05,
+        adaptive: bool = False,
+        normalize: bool = True,
+        eta: float = 0.01,
+        perturb_eps: float = 1e-12,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(adaptive, bool):
+            raise TypeError(f"adaptive must be a bool, got {adaptive!r}")
+        if not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be a bool, got {normalize!r}")
+        self.adaptive = adaptive
+        self.normalize = normalize
+        self.eta = check_nonnegative("eta", eta)
+        self.perturb_eps = check_nonnegative("perturb_eps", perturb_eps)
+        super().__init__(params, base, radii={"rho": rho}, **kwargs)
+
+    def _descent(self, closure: Any) -> torch.Tensor:
+        loss = self._pass(closure, first=True)
+        params, grads = self._params_and_grads()
+        direction, norm = sam_direction(params, grads, adaptive=self.adaptive, eta=self.eta)
+        (norm_value,) = self._check_finite(loss, norm)
+        rho = self.radius("rho")
+        scale = rho / (norm_value + self.perturb_eps) if self.normalize else rho
+        self._save_point(params)
+        with torch.no_grad():
+            torch._foreach_add_(params, direction, alpha=scale)
+        del direction
+        self._pass(closure)
+        self._restore_point(params)
+        return loss

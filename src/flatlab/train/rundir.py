@@ -1,0 +1,248 @@
+"""The run folder: everything one ``flatlab run`` writes, in one directory.
+
+Layout (``runs/<name>-<timestamp>/``)::
+
+    config.json       the fully resolved config, plus the experiment name and flatlab version
+    metrics.jsonl     append-only, one JSON record per logged step ({"tag", "step", ...})
+    sections.json     report sections added by the experiment (title -> text/table/figures)
+    plots/*.png       figures (report.html inlines them as base64)
+    checkpoints/<tag>/latest.pt   the newest checkpoint of each training phase (``fit`` tag)
+    done              written last: the experiment finished; holds its results as JSON
+    report.html, report.md
+
+Resuming (:meth:`Run.open` with ``resume=True``) truncates ``metrics.jsonl`` to the length it
+had when the newest checkpoint was written, so records logged after that checkpoint (and lost
+with the process) are replayed exactly once by the resumed training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the CLI prints its message and exits with 2."""
+
+
+def _jsonable(value: Any) -> Any:
+    """Numbers, strings, lists and dicts as JSON accepts them; tensors become floats/lists."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible as strings
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return value.item()
+    return value
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class Run:
+    """A run folder with an append-only metric log, plots, checkpoints and report sections.
+
+    Create one with :meth:`Run.create` (a fresh folder) or :meth:`Run.open` (an existing one);
+    experiments receive it as their second argument.
+
+    Attributes:
+        path: the folder.
+        config: the resolved config (a dict, as saved in ``config.json``).
+        tensorboard: a ``SummaryWriter`` when TensorBoard logging was asked for, else None.
+    """
+
+    def __init__(self, path: Path, config: dict[str, Any], *, resumed: bool = False) -> None:
+        self.path = Path(path)
+        self.config = config
+        self.resumed = resumed
+        self.tensorboard: Any = None
+        self.plots_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ creation
+    @classmethod
+    def create(cls, root: str | Path, name: str, config: Mapping[str, Any]) -> Run:
+        """Make ``root/<name>-<YYYYmmdd-HHMMSS>[-k]/`` and write ``config.json`` into it."""
+        root = Path(root)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = root / f"{name}-{stamp}"
+        k = 1
+        while True:
+            try:
+                path.mkdir(parents=True, exist_ok=False)
+                break
+            except FileExistsError:
+                k += 1
+                path = root / f"{name}-{stamp}-{k}"
+        from flatlab import __version__
+
+        meta = {"experiment": name, "flatlab_version": __version__, "created": stamp}
+        full = {**meta, "config": _jsonable(dict(config))}
+        atomic_write_text(path / "config.json", json.dumps(full, indent=2) + "\n")
+        (path / "metrics.jsonl").touch()
+        return cls(path, dict(config))
+
+    @classmethod
+    def open(cls, path: str | Path, *, resume: bool = False) -> Run:
+        """Open an existing run folder; ``resume=True`` prepares it to continue training."""
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"not a run folder (no config.json): {path}")
+        run = cls(path, json.loads((path / "config.json").read_text())["config"], resumed=resume)
+        if resume:
+            run._truncate_to_newest_checkpoint()
+            (path / "done").unlink(missing_ok=True)
+        return run
+
+    @property
+    def experiment(self) -> str:
+        return json.loads((self.path / "config.json").read_text()).get("experiment", "")
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.path / "plots"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    # ------------------------------------------------------------------ metrics
+    def log(self, record: Mapping[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+        """Append one record (``record`` merged with ``fields``) to ``metrics.jsonl``.
+
+        The line is flushed at once, so a killed process loses at most the line being written.
+        """
+        rec = _jsonable({**(record or {}), **fields})
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+        if self.tensorboard is not None and "step" in rec:
+            tag = rec.get("tag", "train")
+            for key, value in rec.items():
+                if isinstance(value, (int, float)) and key != "step" and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(f"{tag}/{key}", value, rec["step"])
+        return rec
+
+    def metrics(self, tag: str | None = None) -> list[dict[str, Any]]:
+        """All complete records of ``metrics.jsonl`` (only those of ``tag`` when given)."""
+        return [r for r in iter_records(self.metrics_path) if tag is None or r.get("tag") == tag]
+
+    def metrics_offset(self) -> int:
+        """Current byte length of ``metrics.jsonl`` (stored in checkpoints, used by resume)."""
+        return self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
+
+    def _truncate_to_newest_checkpoint(self) -> None:
+        newest: tuple[int, int] | None = None  # (saved_ns, metrics_offset)
+        for ckpt in self.checkpoints_dir.glob("*/latest.pt"):
+            try:
+                meta = torch.load(ckpt, map_location="cpu", weights_only=False)["meta"]
+            except Exception:  # noqa: BLE001 - an unreadable file is skipped, never trusted
+                continue
+            key = (int(meta["saved_ns"]), int(meta["metrics_offset"]))
+            newest = key if newest is None or key > newest else newest
+        offset = newest[1] if newest is not None else 0
+        if self.metrics_path.exists() and self.metrics_path.stat().st_size > offset:
+            with open(self.metrics_path, "r+b") as fh:
+                fh.truncate(offset)
+
+    # ------------------------------------------------------------------ plots and report
+    def savefig(self, fig: Any, name: str) -> Path:
+        """Save a matplotlib figure as ``plots/<name>.png`` (150 dpi) and close it."""
+        import matplotlib.pyplot as plt
+
+        path = self.plots_dir / (name if name.endswith(".png") else f"{name}.png")
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+        plt.close(fig)
+        return path
+
+    def add_section(
+        self,
+        title: str,
+        text: str = "",
+        *,
+        table: Sequence[Mapping[str, Any]] | None = None,
+        figures: Sequence[str | Path] = (),
+    ) -> None:
+        """Add (or replace, by title) a report section: paragraphs, a table, figures.
+
+        Args:
+            title: section heading; adding the same title again replaces the section, so an
+                experiment re-run by ``--resume`` never duplicates its sections.
+            text: plain text; blank lines separate paragraphs.
+            table: rows as dicts with the same keys (the columns, in first-row order).
+            figures: PNG paths (absolute or relative to the run folder), usually from
+                :meth:`savefig`.
+        """
+        figs = []
+        for f in figures:
+            p = Path(f)
+            figs.append(str(p.relative_to(self.path)) if p.is_absolute() else str(p))
+        sections = [s for s in self.sections() if s["title"] != title]
+        sections.append(
+            {"title": title, "text": text, "table": _jsonable(list(table or [])), "figures": figs}
+        )
+        atomic_write_text(self.path / "sections.json", json.dumps(sections, indent=2) + "\n")
+
+    def sections(self) -> list[dict[str, Any]]:
+        """The report sections added so far, in order."""
+        path = self.path / "sections.json"
+        return json.loads(path.read_text()) if path.exists() else []
+
+    # ------------------------------------------------------------------ completion
+    def mark_done(self, results: Mapping[str, Any] | None = None) -> None:
+        """Write the ``done`` marker holding the experiment's headline ``results``."""
+        atomic_write_text(self.path / "done", json.dumps(_jsonable(dict(results or {})), indent=2))
+
+    @property
+    def done(self) -> bool:
+        return (self.path / "done").exists()
+
+    def results(self) -> dict[str, Any]:
+        """The results stored in the ``done`` marker ({} if the run has not finished)."""
+        path = self.path / "done"
+        return json.loads(path.read_text() or "{}") if path.exists() else {}
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+
+
+def iter_records(path: Path) -> Iterator[dict[str, Any]]:
+    """Yield the complete JSON lines of a ``metrics.jsonl`` (a torn last line is skipped)."""
+    if not path.exists():
+        return
+    with open(path) as fh:
+        for line in fh:
+            if not line.endswith("\n"):
+                break
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue

@@ -1,0 +1,65 @@
+"""Shared small problems with dense (exact) Hessians for the curvature tests."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from flatlab.curvature._model import flatten, unflatten
+
+
+def make_mlp(activation: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    act = {"tanh": nn.Tanh, "relu": nn.ReLU}[activation]
+    # 8*40+40 + 40*40+40 + 40*4+4 = 2164 parameters
+    net = nn.Sequential(nn.Linear(8, 40), act(), nn.Linear(40, 40), act(), nn.Linear(40, 4))
+    return net.to(dtype)
+
+
+def make_batches(dtype: torch.dtype = torch.float64, sizes=(13, 7, 20), seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in sizes:
+        x = torch.randn(n, 8, generator=g, dtype=torch.float64).to(dtype)
+        y = torch.randint(0, 4, (n,), generator=g)
+        out.append((x, y))
+    return out
+
+
+def concat(batches):
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+def dense_hessian(model: nn.Module, loss_fn, data, names=None) -> torch.Tensor:
+    """Dense Hessian of loss_fn(model(x), y) on one (x, y) pair (model in float64)."""
+    named = dict(model.named_parameters())
+    names = list(named) if names is None else names
+    like = [named[n].detach().double() for n in names]
+    fixed = {k: v.detach().double() for k, v in named.items() if k not in names}
+    x, y = data
+    x = x.double()
+
+    def f(theta):
+        state = dict(fixed)
+        state.update(zip(names, unflatten(theta, like)))
+        return loss_fn(functional_call(model, state, (x,)), y)
+
+    return torch.autograd.functional.hessian(f, flatten(like), vectorize=True)
+
+
+@functools.lru_cache(maxsize=None)
+def problem(activation: str):
+    """(model float64, batches, dense H) for a tanh or ReLU MLP, built once per session."""
+    model = make_mlp(activation)
+    data = make_batches()
+    H = dense_hessian(model, nn.functional.cross_entropy, concat(data))
+    return model, data, H
+
+
+@pytest.fixture(params=["tanh", "relu"])
+def mlp_problem(request):
+    return problem(request.param)
