@@ -143,6 +143,62 @@ def demo(
     _finish(launch("demo", quick=quick, overrides=set_, out=out).path)
 
 
+@app.command()
+def sweep(
+    name: str = typer.Argument(..., help="experiment name, e.g. dg"),
+    out: Path = typer.Option(..., "--out", help="sweep folder (one subfolder per job)"),
+    grid: list[str] = typer.Option([], "--grid", help="KEY=A,B,... axis (repeatable)"),
+    search: list[str] = typer.Option([], "--search", help="KEY=log:LO:HI|pow2:..|uniform:..|"
+                                     "choice:A,B (repeatable)"),
+    n_hparams: int = typer.Option(1, "--n-hparams", help="draws per grid point (1st: defaults)"),
+    seeds: str = typer.Option("0,1,2", "--seeds", help="comma-separated seeds"),
+    set_: list[str] = typer.Option([], "--set", help="KEY=VALUE fixed for every job"),
+    launcher: str = typer.Option("local", "--launcher", help="local or submitit (Slurm)"),
+    workers: int = typer.Option(1, "--workers", help="local: concurrent jobs"),
+    threads: int = typer.Option(1, "--threads", help="torch threads per job"),
+    timeout_min: int = typer.Option(60, "--timeout-min", help="submitit: job time limit"),
+    partition: Optional[str] = typer.Option(None, "--partition", help="submitit: Slurm partition"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the job commands, run nothing"),
+) -> None:
+    """Expand NAME's sweep (grid x draws x seeds) into runs under OUT; skip finished ones."""
+    import shlex
+
+    from flatlab.sweep.command import plan, run_sweep
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        jobs = plan(name, out, grid=grid, search=search, n_hparams=n_hparams, seeds=seed_list,
+                    sets=set_)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    todo = [j for j in jobs if not j.done]
+    typer.echo(f"{len(jobs)} jobs, {len(jobs) - len(todo)} finished, {len(todo)} to run")
+    if dry_run:
+        for j in todo:
+            typer.echo(shlex.join(j.command()))
+        return
+    params = {"timeout_min": timeout_min} if launcher == "submitit" else {}
+    if partition and launcher == "submitit":
+        params["slurm_partition"] = partition
+    results = run_sweep(todo, launcher=launcher, workers=workers, threads=threads,
+                        progress=lambda r: typer.echo(f"{r.status}: {r.job.run_dir}"), **params)
+    failed = [r for r in results if getattr(r, "status", "") == "failed"]
+    typer.echo(f"done: {len(results) - len(failed)} ok, {len(failed)} failed (see launcher.log)")
+
+
+@app.command()
+def collect(runs_dir: Path = typer.Argument(..., help="folder holding finished dg runs")) -> None:
+    """Rebuild the DomainBed-style results tables (Markdown + LaTeX) from RUNS_DIR's runs."""
+    from flatlab.sweep.collect import collect as collect_tables
+
+    try:
+        md, _ = collect_tables(runs_dir)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    typer.echo(md)
+    typer.echo(f"written: {runs_dir / 'results.md'}, {runs_dir / 'results.tex'}")
+
+
 def _error(message: str) -> int:
     first = (message.strip().splitlines() or ["unknown error"])[0]
     sys.stderr.write(f"error: {first}\n")

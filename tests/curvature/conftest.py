@@ -60,6 +60,21 @@ def problem(activation: str):
     return model, data, H
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The test machine's cores are shared; one intra-op thread is several times faster here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=["tanh", "relu"])
 def mlp_problem(request):
     return problem(request.param)
+
+
+@functools.lru_cache(maxsize=None)
+def dense_eigh(activation: str):
+    """Eigendecomposition of :func:`problem`'s dense Hessian (cached)."""
+    return torch.linalg.eigh(problem(activation)[2])

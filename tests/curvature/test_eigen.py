@@ -10,7 +10,7 @@ from torch import nn
 
 from flatlab.curvature import hessian_operator, lanczos, power_iteration, top_eigenvalues
 
-from .conftest import make_mlp, problem
+from .conftest import dense_eigh, make_mlp, problem
 
 CE = nn.functional.cross_entropy
 
@@ -19,9 +19,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a.double() - b.double()).abs() / b.double().abs()).max())
 
 
-def test_top5_and_bottom3_match_dense_float64(mlp_problem):
-    model, data, H = mlp_problem
-    truth = torch.linalg.eigh(H)
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_top5_and_bottom3_match_dense_float64(activation):
+    model, data, H = problem(activation)
+    truth = dense_eigh(activation)
     op = hessian_operator(model, CE, data)
     top = top_eigenvalues(op, k=5, tol=1e-9)
     assert top.converged and top.values.shape == (5,) and top.vectors.shape == (H.shape[0], 5)
@@ -38,11 +39,12 @@ def test_top5_and_bottom3_match_dense_float64(mlp_problem):
     assert float(r.norm()) <= 2e-9 * float(top.values[0]) + 1e-14
 
 
-def test_float32_model_within_1e_4(mlp_problem):
-    model, data, H = mlp_problem
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_float32_model_within_1e_4(activation):
+    model, data, H = problem(activation)
     model32 = copy.deepcopy(model).float()
     data32 = [(x.float(), y) for x, y in data]
-    truth = torch.linalg.eigvalsh(H)
+    truth = dense_eigh(activation).eigenvalues
     top = top_eigenvalues(model32, k=5, loss_fn=CE, data=data32)
     bottom = top_eigenvalues(model32, k=3, which="smallest", loss_fn=CE, data=data32)
     assert top.values.dtype == torch.float32 and top.converged and bottom.converged

@@ -17,7 +17,7 @@ from .conftest import concat, dense_hessian, make_batches, make_mlp, problem
 CE = nn.functional.cross_entropy
 
 
-@pytest.mark.parametrize("method", ["func", "double_backward"])
+@pytest.mark.parametrize("method", ["func", "forward_ad", "double_backward"])
 def test_products_match_dense_hessian(mlp_problem, method):
     model, data, H = mlp_problem
     op = hessian_operator(model, CE, data, method=method)

@@ -74,3 +74,20 @@ def test_mnist1d_overrides_change_data_and_are_checked(tmp_path):
         generate_mnist1d(n=50, cache_dir=tmp_path, url="x")
     with pytest.raises(ValueError, match="n must be >= 10"):
         generate_mnist1d(n=5, cache_dir=tmp_path)
+
+
+def test_mnist1d_corrupt_cache_is_regenerated(tmp_path):
+    x, y = generate_mnist1d(n=50, seed=1, cache_dir=tmp_path)
+    (path,) = (tmp_path / "mnist1d").glob("*.npz")
+    path.write_bytes(b"not a zip file")
+    x2, y2 = generate_mnist1d(n=50, seed=1, cache_dir=tmp_path)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    with np.load(path) as f:  # rewritten, readable again
+        assert f["x"].shape == (50, 40)
+
+
+def test_digits_calls_do_not_share_memory():
+    a = digits(seed=0)
+    a.train[0].add_(1.0)  # a caller mutating its tensors in place
+    b = digits(seed=0)
+    assert float(b.train[0].max()) <= 1.0

@@ -187,6 +187,11 @@ def test_image_folder_errors(tmp_path):
     _image_folder_fixture(tmp_path)
     with pytest.raises(FileNotFoundError, match="domain directory not found: .*cartoon"):
         image_folder(tmp_path, "TOY", domains=["cartoon"])
+    bad = tmp_path / "TOY" / "photo" / "dog" / "broken.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="decodable by Pillow, got .*broken.png"):
+        image_folder(tmp_path, "TOY")
+    bad.unlink()
     (tmp_path / "TOY" / "empty" / "cat").mkdir(parents=True)
     with pytest.raises(ValueError, match="domain .*empty must contain images"):
         image_folder(tmp_path, "TOY")

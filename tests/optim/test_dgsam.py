@@ -352,3 +352,14 @@ def test_sagm_makes_two_pooled_passes_worth_in_fit():
 
     passes, sizes = _count_passes(lambda p: SAGM(p, torch.optim.SGD, lr=0.1))
     assert passes == 6 and sizes == [4] * 6
+
+
+def test_empty_domain_is_a_clear_error_in_fit():
+    from flatlab.train import fit
+
+    model = torch.nn.Linear(5, 3)
+    domains = [(torch.randn(8, 5), torch.randint(0, 3, (8,))),
+               (torch.randn(0, 5), torch.zeros(0, dtype=torch.long))]
+    with pytest.raises(ValueError, match=r"train\[1\] must not be empty"):
+        fit(model, DGSAM(model.parameters(), torch.optim.SGD, lr=0.1), domains, steps=1,
+            progress=False)

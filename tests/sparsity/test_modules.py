@@ -183,3 +183,35 @@ def test_sparsify_bad_inputs() -> None:
         sparsify(nn.Sequential(nn.Linear(2, 2), nn.Tanh()))
     with pytest.raises(ValueError, match="needs a LayerNorm"):
         sparsify(nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2)), layernorm="scratch")
+
+
+class TokenMix(nn.Module):
+    """A token-mixing MLP on (B, T, D): the MLP acts on the transposed (B, D, T) tensor."""
+
+    def __init__(self, tokens: int, dim: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(tokens, 2 * tokens)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(2 * tokens, tokens)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z + self.fc2(self.act(self.fc1(self.ln(z).transpose(1, 2)))).transpose(1, 2)
+
+
+def test_sparsify_example_gives_token_shapes_and_gamma_axis() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(TokenMix(4, 6), Block(6, 12))
+    x = torch.randn(3, 4, 6)
+    before = net(x)
+    sparsify(net, activation="ramp", zeroth_bias="input", layernorm="finetune", example=x[:1])
+    tok, ch = net[0].fc1, net[1].mlp[0]
+    assert tok.bias0.shape == (6, 4)  # (D, T): the token MLP sees channels as positions
+    assert ch.bias0.shape == (4, 6)
+    assert torch.equal(net(x), before)
+    with torch.no_grad():
+        net[0].ln.weight.copy_(torch.arange(1.0, 7.0))
+        tok.bias0.fill_(10.0)
+    tok.clip_()  # gamma (size D = 6) scales axis 0 of the (6, 4) bias
+    want = (0.1 * torch.arange(1.0, 7.0)).unsqueeze(1).expand(6, 4)
+    assert torch.allclose(tok.bias0, want)

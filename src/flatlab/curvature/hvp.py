@@ -12,9 +12,9 @@ so its Hessian-vector product is the size-weighted sum of per-batch products
 Weighting by ``n_b`` (not ``1 / #batches``) makes the operator over unequal batches equal to
 the operator on their concatenation. Each per-batch product is computed with
 :mod:`torch.func` forward-over-reverse, ``jvp(grad(L_b), (w,), (v,))`` (Pearlmutter 1994;
-the ``R{}`` operator), with double backward
-(``autograd.grad(autograd.grad(L_b, w, create_graph=True), w, v)``) as a fallback for modules
-without forward-mode support. No autograd graph lives beyond one batch of one product.
+the ``R{}`` operator) or with double backward
+(``autograd.grad(autograd.grad(L_b, w, create_graph=True), w, v)``), which is faster for small
+models on CPU and the fallback for modules without forward-mode support. No autograd graph lives beyond one batch of one product.
 
 The generalized Gauss-Newton matrix (Schraudolph 2002) replaces the Hessian of the network
 by its linearization:  ``G v = sum_b (n_b / N) J_b^T H_{ell,b} J_b v``, with ``J_b`` the
@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import grad, jvp, vjp, vmap
 
@@ -48,7 +49,7 @@ from flatlab.curvature._model import (
 )
 from flatlab.curvature.operator import LinearOperator
 
-_METHODS = ("auto", "func", "double_backward")
+_METHODS = ("auto", "forward_ad", "func", "double_backward")
 
 
 class _ModelOperator(LinearOperator):
@@ -133,8 +134,14 @@ class HessianOperator(_ModelOperator):
 
     Attributes:
         n_matvecs: Hessian-vector products computed so far.
-        method: ``"func"`` or ``"double_backward"`` once resolved (``"auto"`` tries
-            ``torch.func`` first and falls back for good on the first failure).
+        method: the product kernel: ``"forward_ad"`` (forward-over-reverse with
+            ``torch.autograd.forward_ad`` dual tensors), ``"func"`` (``torch.func.jvp`` of
+            ``torch.func.grad``) or ``"double_backward"``. ``"auto"`` resolves at the first
+            product to double backward on CPU (small models are dispatch-bound and it has the
+            least overhead) and forward-over-reverse elsewhere, falling back to double
+            backward for modules without forward-mode rules. ``matmat`` always uses
+            ``torch.func.vmap`` over the columns (one batched pass), column by column if that
+            fails.
     """
 
     def __init__(self, model, loss_fn, data, params=None, eval_mode=True, method="auto"):
@@ -153,6 +160,21 @@ class HessianOperator(_ModelOperator):
         with warnings.catch_warnings():  # torch's first forward-AD call scripts decompositions
             warnings.filterwarnings("ignore", ".*torch.jit.script.*", DeprecationWarning)
             return vmap(hvp)(*tangents) if batched else hvp(*tangents)
+
+    def _forward_ad(self, primals, tangents, inputs, targets, batched):
+        if batched:
+            return self._func(primals, tangents, inputs, targets, batched)
+        leaves = [p.detach().requires_grad_() for p in primals]
+        with torch.enable_grad(), fwAD.dual_level(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*torch.jit.script.*", DeprecationWarning)
+            duals = [fwAD.make_dual(p, t) for p, t in zip(leaves, tangents)]
+            loss = self.floss(duals, inputs, targets)
+            g = torch.autograd.grad(loss, leaves, allow_unused=True)
+            out = []
+            for gi, p in zip(g, primals):
+                tangent = None if gi is None else fwAD.unpack_dual(gi).tangent
+                out.append(torch.zeros_like(p) if tangent is None else tangent.detach())
+        return out
 
     def _double_backward(self, primals, tangents, inputs, targets, batched):
         if batched:
@@ -174,12 +196,18 @@ class HessianOperator(_ModelOperator):
         return hv
 
     def _batch_products(self, primals, tangents, inputs, targets, batched=False):
-        if self.method == "double_backward":
-            return self._double_backward(primals, tangents, inputs, targets, batched)
-        try:
+        if batched:  # matmat: torch.func transforms, vmapped over the columns
             return self._func(primals, tangents, inputs, targets, batched)
+        if self.method == "auto":
+            # small CPU models are dispatch-bound, where double backward is fastest; on an
+            # accelerator forward-over-reverse needs less memory (no graph of the gradient)
+            self.method = "double_backward" if self.device.type == "cpu" else "forward_ad"
+            self._fallback = True
+        kernel = getattr(self, "_" + self.method)
+        try:
+            return kernel(primals, tangents, inputs, targets, batched)
         except (RuntimeError, NotImplementedError):
-            if self.method == "func" or batched:
+            if not getattr(self, "_fallback", False) or self.method == "double_backward":
                 raise
             self.method = "double_backward"
             return self._double_backward(primals, tangents, inputs, targets, batched)
@@ -230,7 +258,8 @@ def hessian_operator(
             tensors / names: the operator is then the matching principal block of ``H``.
         eval_mode: measure with the model in eval mode (default), restoring every module's
             flag afterwards. With ``False``, dropout makes every product random.
-        method: ``"auto"``, ``"func"`` or ``"double_backward"``.
+        method: ``"auto"``, ``"forward_ad"``, ``"func"`` or ``"double_backward"`` (see
+            :class:`HessianOperator`).
 
     Raises:
         ValueError: for empty data, parameters not in the model, or a non-scalar loss

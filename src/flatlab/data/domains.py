@@ -36,7 +36,7 @@ from flatlab.data.splits import Pair, Splits, in_out_split
 __all__ = ["Domains", "colored", "merge_base", "rotate_images", "round_robin", "rotated"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Domains:
     """Named per-domain datasets with a shared label space.
 

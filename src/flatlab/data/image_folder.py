@@ -40,9 +40,12 @@ def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
     """One image as float32 ``(3, size, size)`` in [0, 1] (Pillow decode, RGB, bilinear resize)."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB").resize((size, size), Image.BILINEAR)
-        arr = np.asarray(im, dtype=np.uint8)  # (size, size, 3)
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)  # (size, size, 3)
+    except OSError as err:  # PIL.UnidentifiedImageError is an OSError
+        raise ValueError(f"image must be decodable by Pillow, got {path}: {err}") from err
     return torch.from_numpy(arr.astype(np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
@@ -77,7 +80,8 @@ def image_folder(
 
     Raises:
         FileNotFoundError: naming the missing dataset or domain folder.
-        ValueError: if a domain holds no image, or the dataset no domain.
+        ValueError: if a domain holds no image, the dataset no domain, or an image file cannot
+            be decoded (the message names the file).
     """
     check_positive_int("size", size)
     if max_per_class is not None:

@@ -13,8 +13,8 @@ its download path), so the data match the reference generator for the same argum
 both around the call, so generating data never changes a user's random stream.
 
 Arrays are cached as ``<cache_dir>/mnist1d/<key>.npz`` (written to a temporary file and
-renamed, so a crash never leaves half a file). ``cache_dir`` defaults to ``$FLATLAB_CACHE`` if
-set, else ``~/.cache/flatlab``.
+renamed, so a crash never leaves half a file; an unreadable cache file is regenerated).
+``cache_dir`` defaults to ``$FLATLAB_CACHE`` if set, else ``~/.cache/flatlab``.
 
 Shapes: ``x`` float32 ``(N, 40)``, ``y`` int64 ``(N,)`` with 10 classes, ``N = 10 * (n // 10)``.
 """
@@ -26,6 +26,7 @@ import json
 import os
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,17 @@ def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
         raise
 
 
+def _read_cache(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached arrays, or None if the file is missing or unreadable (then it is rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as f:
+            return f["x"], f["y"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+
+
 def generate_mnist1d(
     n: int = 5000,
     seed: int = 0,
@@ -110,9 +122,9 @@ def generate_mnist1d(
     spec = {"n": n, "seed": int(seed), **{k: overrides[k] for k in sorted(overrides)}}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_root(cache_dir) / "mnist1d" / f"n{n}_seed{seed}_{key}.npz"
-    if path.exists():
-        with np.load(path) as f:
-            x, y = f["x"], f["y"]
+    cached = _read_cache(path)
+    if cached is not None:
+        x, y = cached
     else:
         x, y = _make(n, int(seed), overrides)
         _atomic_savez(path, x=x, y=y, spec=np.array(json.dumps(spec, default=str)))

@@ -27,7 +27,7 @@ Pair = tuple[torch.Tensor, torch.Tensor]
 __all__ = ["Pair", "Splits", "split_indices", "train_val_test_split", "in_out_split", "subset"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Splits:
     """A dataset split three ways.
 
@@ -38,6 +38,8 @@ class Splits:
         num_classes: number of classes, or ``None`` for a regression dataset.
         input_shape: shape of one input, e.g. ``(1, 8, 8)`` or ``(40,)``.
         name: a short name, e.g. ``"digits8"``.
+
+    Frozen, compared by identity (``==`` on tensors has no single truth value).
     """
 
     train: Pair

@@ -101,7 +101,7 @@ class Quadratic(nn.Module):
 
     Example:
         >>> q = Quadratic(torch.diag(torch.tensor([4.0, 1.0])), theta0=torch.tensor([1.0, 1.0]))
-        >>> float(q())
+        >>> float(q().detach())
         2.5
     """
 

@@ -10,6 +10,8 @@ have room to work. An MLP flattens them (``flatlab.models.MLP`` does so itself).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -20,18 +22,28 @@ from flatlab.data.splits import Splits, train_val_test_split
 __all__ = ["digits", "digits_images"]
 
 
-def digits_images(size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """All 1,797 digits: ``x`` float32 ``(1797, 1, size, size)`` in [0, 1], ``y`` int64."""
-    check_choice("size", size, (8, 16))
+@functools.lru_cache(maxsize=1)
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's arrays, parsed once per process (read-only; callers copy)."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    x = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32) / 16.0)  # (N, 8, 8)
-    x = x.unsqueeze(1)  # (N, 1, 8, 8)
+    images = np.asarray(bunch.images, dtype=np.float32)  # (1797, 8, 8)
+    labels = np.asarray(bunch.target, dtype=np.int64)  # (1797,)
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
+
+
+def digits_images(size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1,797 digits: ``x`` float32 ``(1797, 1, size, size)`` in [0, 1], ``y`` int64."""
+    check_choice("size", size, (8, 16))
+    images, labels = _load_digits()
+    x = torch.from_numpy(images / 16.0).unsqueeze(1)  # (N, 1, 8, 8), a fresh tensor per call
     if size != 8:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         x = x.clamp_(0.0, 1.0)  # (N, 1, size, size)
-    y = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
+    y = torch.from_numpy(labels.copy())
     return x.contiguous(), y
 
 

@@ -12,12 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from flatlab.experiments._registry import get, resolve_config
 from flatlab.train.checkpoint import seed_everything
 from flatlab.train.rundir import ConfigError, Run
 
 
-def _tensorboard_writer(path: Path) -> Any:
+def _tensorboard_class() -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
@@ -25,7 +27,7 @@ def _tensorboard_writer(path: Path) -> Any:
             "--tensorboard needs the 'tensorboard' package, which is not installed "
             "(pip install tensorboard), or run without --tensorboard"
         ) from None
-    return SummaryWriter(log_dir=str(path / "tensorboard"))
+    return SummaryWriter
 
 
 def launch(
@@ -57,6 +59,7 @@ def launch(
     Raises:
         ConfigError: unknown experiment or config key, bad value, missing files.
     """
+    writer_cls = _tensorboard_class() if tensorboard else None  # fail before any work
     if resume is not None:
         if config_file is not None or overrides or quick:
             raise ConfigError("--resume continues a run with its saved config; "
@@ -81,9 +84,11 @@ def launch(
         exp = get(name)
         cfg = resolve_config(name, config_file=config_file, overrides=overrides, quick=quick)
         run = Run.create(out, name, cfg.model_dump(mode="json"))
-    if tensorboard:
-        run.tensorboard = _tensorboard_writer(run.path)
+    if writer_cls is not None:
+        run.tensorboard = writer_cls(log_dir=str(run.path / "tensorboard"))
     seed_everything(int(getattr(cfg, "seed", 0)), bool(getattr(cfg, "deterministic", True)))
+    if getattr(cfg, "threads", 0):
+        torch.set_num_threads(int(cfg.threads))
     try:
         results = exp.run(cfg, run)
         run.mark_done(results if isinstance(results, dict) else {})

@@ -41,6 +41,7 @@ OptimizerName = Literal["sgd", "sam", "asam", "usam", "gam", "samgam", "adamw"]
 class Config(ExperimentConfig):
     """Settings of ``flatlab demo`` / ``flatlab run demo``."""
 
+    threads: int = Field(1, ge=0, description="torch CPU threads (0: torch's default)")
     optimizers: list[OptimizerName] = Field(
         ["sgd", "sam", "gam"], description="optimizers to train, one run each")
     n: int = Field(4000, ge=100, description="MNIST-1D examples (70/10/20 train/val/test)")
@@ -49,14 +50,14 @@ class Config(ExperimentConfig):
     width: int = Field(64, ge=1, description="MLP hidden width")
     depth: int = Field(2, ge=1, description="MLP hidden layers")
     activation: str = Field("relu", description="MLP activation")
-    lr: float = Field(0.1, gt=0, description="learning rate (plain full-batch steps)")
-    steps: int = Field(1500, ge=1, description="optimizer steps")
+    lr: float = Field(0.5, gt=0, description="learning rate (plain full-batch steps)")
+    steps: int = Field(1000, ge=1, description="optimizer steps")
     rho: float = Field(0.05, ge=0, description="SAM / ASAM / USAM radius")
     gam_rho: float = Field(0.2, ge=0, description="GAM radius")
     gam_alpha: float = Field(0.6, ge=0, description="GAM weight of the flatness gradient")
     eig_every: int = Field(50, ge=1, description="steps between top-eigenvalue measurements")
     eig_examples: int = Field(1000, ge=10, description="training examples used for λ_max")
-    checkpoint_every: int = Field(250, ge=1, description="steps between checkpoints")
+    checkpoint_every: int = Field(200, ge=1, description="steps between checkpoints")
 
 
 def _optimizer(name: str, model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -77,7 +78,7 @@ def run(cfg: Config, run: Run) -> dict:
     from flatlab.data import mnist1d
     from flatlab.models import MLP
 
-    steps = min(cfg.steps, 120) if cfg.quick else cfg.steps
+    steps = min(cfg.steps, 80) if cfg.quick else cfg.steps
     n = min(cfg.n, 1500) if cfg.quick else cfg.n
     eig_every = max(steps // 4, 1) if cfg.quick else cfg.eig_every
     eig_examples = min(cfg.eig_examples, 300) if cfg.quick else cfg.eig_examples

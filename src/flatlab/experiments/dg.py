@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from flatlab.experiments import ExperimentConfig, Run, register
+from flatlab.experiments import ConfigError, ExperimentConfig, Run, register
 from flatlab.train.callbacks import Callback, FitState, evaluate
 from flatlab.train.optimizers import base_class, build_optimizer
 
@@ -85,7 +85,7 @@ def load_domains(cfg: Config) -> Any:
         base = data.digits(size=8 if cfg.image_size < 16 else 16)
     elif cfg.dataset in ("rotated_mnist", "colored_mnist", "image_folder"):
         if cfg.data_dir is None:
-            raise ValueError(f"dataset {cfg.dataset!r} needs data_dir, got None")
+            raise ConfigError(f"dataset {cfg.dataset!r} needs data_dir, got None")
         if cfg.dataset == "image_folder":
             return data.image_folder(cfg.data_dir, cfg.image_dataset, size=cfg.image_size)
         base = data.mnist(cfg.data_dir)
@@ -231,6 +231,33 @@ def time_methods(cfg: Config, domains: Any, methods: list[str], steps: int) -> d
     return {m: float(torch.tensor(state[m][2]).median()) for m in methods}
 
 
+def num_domains(cfg: Config) -> int:
+    """Number of domains of ``cfg.dataset`` without building it (image folders: subfolders)."""
+    if cfg.dataset.startswith("rotated"):
+        return len(cfg.angles)
+    if cfg.dataset.startswith("colored"):
+        return 3
+    if cfg.dataset == "mnist1d":
+        from flatlab.data.mnist1d_domains import MNIST1D_DOMAINS
+
+        return len(MNIST1D_DOMAINS)
+    if cfg.data_dir is None:
+        raise ConfigError("dataset 'image_folder' needs data_dir, got None")
+    return sum(p.is_dir() for p in Path(cfg.data_dir, cfg.image_dataset).iterdir())
+
+
+def sweep_defaults(cfg: Config) -> dict[str, Any]:
+    """``flatlab sweep dg``: one job per method x test domain x draw x seed; DomainBed's random
+    search for small images, scaled down (batch 2^U(3, 6) instead of 2^U(3, 9))."""
+    return {
+        "grid": {"methods": list(cfg.methods), "test_domains": list(range(num_domains(cfg)))},
+        "space": {"lr": "log:-4.5:-2.5", "batch_size": "pow2:3:6", "rho": "log:-2:-1"},
+        "seed_key": "seeds",
+        "fixed": {"timing_steps": 0},  # one method per job: time ratios come from collect
+        "list_keys": ["methods", "test_domains", "seeds"],
+    }
+
+
 def _done_keys(path: Path) -> set[tuple[str, str, int]]:
     if not path.exists():
         return set()
@@ -251,15 +278,16 @@ def run(cfg: Config, run: Run) -> dict[str, Any]:
                                      "sharpness_examples": 32, "mnist1d_n": 200})
     domains = load_domains(cfg)
     if len(domains) < 2:
-        raise ValueError(f"dataset must have at least 2 domains, got {len(domains)}")
+        raise ConfigError(f"dataset must have at least 2 domains, got {len(domains)}")
     empty = [n for n, size in domains.sizes().items() if size < 5]
     if empty:
-        raise ValueError(f"every domain must hold at least 5 examples, got too few in {empty}")
+        raise ConfigError(f"every domain must hold at least 5 examples, got too few in {empty}")
     tests = cfg.test_domains if cfg.test_domains is not None else list(range(len(domains)))
     if cfg.quick and cfg.test_domains is None:
         tests = tests[:1]
-    for t in tests:
-        domains.index(t)  # raises with the valid range
+    bad = [t for t in tests if not 0 <= t < len(domains)]
+    if bad:
+        raise ConfigError(f"test_domains must be in [0, {len(domains)}), got {bad}")
     path = run.path / "dg_records.jsonl"
     done = _done_keys(path)
     records = []

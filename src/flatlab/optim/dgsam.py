@@ -92,6 +92,11 @@ def check_order(order: Sequence[int], num_domains: int) -> list[int]:
     return order
 
 
+def current_gradients(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The current ``.grad`` tensors themselves (not copies; zeros where a grad is None)."""
+    return [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params]
+
+
 def gradients_of(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Copy the current ``.grad`` of every parameter (zeros where it is None)."""
     return [
@@ -157,11 +162,11 @@ def dgsam_gradient(
         for j in range(s + 1):
             d = order[j % s]
             losses.append(_call(call, closures[d], j < s, d))
-            g = gradients_of(params)
+            g = current_gradients(params)  # valid until the next closure zeroes them
             if j == 0:
-                first = g
+                first = [t.clone() for t in g]
             elif j == 1:
-                rest = g
+                rest = [t.clone() for t in g]
             else:
                 torch._foreach_add_(rest, g)
             if j < s and rho > 0:  # the perturbation after g_{S+1} would be undone at once

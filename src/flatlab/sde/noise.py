@@ -189,7 +189,7 @@ class StudentTNoise(_Noise):
     def sample(self, paths, d, *, generator=None, dtype=torch.float64, device=None):
         self.check_dim(d)
         z = torch.randn(paths, d, generator=generator, dtype=dtype, device=device)
-        chi2 = 2.0 * _standard_gamma((paths, d), self.nu / 2, generator, dtype, device)
+        chi2 = _chi_square((paths, d), self.nu, generator, dtype, device)
         return z / torch.sqrt(chi2 / self.nu) * self.scale.to(dtype=dtype, device=device)
 
     def sign_mean(self, grad: torch.Tensor) -> torch.Tensor:
@@ -210,6 +210,21 @@ class StudentTNoise(_Noise):
 
     def __repr__(self) -> str:
         return f"StudentTNoise(nu={self.nu}, dim={self.dim})"
+
+
+def _chi_square(shape, nu: float, generator, dtype, device) -> torch.Tensor:
+    """Chi-square(nu) draws; for integer nu, ``-2 sum log U`` over nu // 2 uniforms plus one
+    squared normal if nu is odd (cheaper than the general Gamma sampler)."""
+    if nu != int(nu) or nu > 64:
+        return 2.0 * _standard_gamma(shape, nu / 2, generator, dtype, device)
+    k, odd = divmod(int(nu), 2)
+    out = torch.zeros(shape, dtype=dtype, device=device)
+    if k:
+        u = torch.rand((k, *shape), generator=generator, dtype=dtype, device=device)
+        out = -2.0 * torch.log1p(-u).sum(0)  # 1 - U lies in (0, 1]: no log(0)
+    if odd:
+        out = out + torch.randn(shape, generator=generator, dtype=dtype, device=device) ** 2
+    return out
 
 
 def _standard_gamma(shape, a: float, generator, dtype, device) -> torch.Tensor:

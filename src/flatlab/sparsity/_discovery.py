@@ -15,7 +15,8 @@ counts ``|sigma'(h)| <= deriv_tol`` as zero.
 
 The matmul around an activation is found structurally: the nearest ``nn.Linear`` sibling before
 it in its parent's children (the "key" layer ``K``, ``h = K x + b``) and after it (the second
-matmul, whose FLOPs a zero output skips).
+matmul, whose FLOPs a zero output skips). A wrapper with an ``nn.Linear`` ``.inner`` (the
+zeroth bias) stands for its Linear.
 """
 
 from __future__ import annotations
@@ -126,6 +127,9 @@ def neighbour_linear(model: nn.Module, name: str, after: bool) -> nn.Linear | No
     i = keys.index(child)
     order = children[i + 1 :] if after else reversed(children[:i])
     for _, m in order:
+        inner = getattr(m, "inner", None)  # a wrapper such as ZerothBias counts as its Linear
         if isinstance(m, nn.Linear):
             return m
+        if isinstance(inner, nn.Linear):
+            return inner
     return None

@@ -127,7 +127,8 @@ class ZerothBias(nn.Module):
         inner: the wrapped module (the MLP's first linear layer for "input", its last for
             "output").
         dim: feature size ``d`` of the biased tensor.
-        tokens: number of token positions ``T`` (b0 of shape ``(T, d)``), or None for ``(d,)``.
+        tokens: number of token positions ``T`` (b0 of shape ``(T, d)``), a tuple of leading
+            sizes (b0 of shape ``(*tokens, d)``), or None for ``(d,)``.
         placement: "input" or "output".
         clip: the constant ``c`` (>= 0).
         norm: the LayerNorm whose scale bounds b0 (None: ``|gamma| = 1``).
@@ -137,7 +138,7 @@ class ZerothBias(nn.Module):
         self,
         inner: nn.Module,
         dim: int,
-        tokens: int | None = None,
+        tokens: int | tuple[int, ...] | None = None,
         placement: str = "input",
         clip: float = 0.1,
         norm: nn.LayerNorm | None = None,
@@ -146,16 +147,26 @@ class ZerothBias(nn.Module):
         self.placement = check_choice("placement", placement, PLACEMENTS)
         self.clip = check_nonnegative("clip", clip)
         check_positive_int("dim", dim)
-        shape = (dim,) if tokens is None else (check_positive_int("tokens", tokens), dim)
+        if tokens is None:
+            shape: tuple[int, ...] = (dim,)
+        elif isinstance(tokens, int):
+            shape = (check_positive_int("tokens", tokens), dim)
+        else:
+            shape = (*(check_positive_int("tokens", t) for t in tokens), dim)
         self.inner = inner
         ref = next(inner.parameters(), None)
         kw = {} if ref is None else {"dtype": ref.dtype, "device": ref.device}
         self.bias0 = nn.Parameter(torch.zeros(shape, **kw))
-        if norm is not None and norm.weight is not None and norm.weight.shape[-1:] != (dim,):
-            raise ValueError(
-                f"norm must have {dim} features to bound the zeroth bias, got "
-                f"{tuple(norm.weight.shape)}"
-            )
+        self._axis = -1
+        if norm is not None and norm.weight is not None:
+            size = norm.weight.numel()
+            axes = [a for a in range(-1, -len(shape) - 1, -1) if shape[a] == size]
+            if not axes:
+                raise ValueError(
+                    f"norm must have as many features as an axis of the zeroth bias "
+                    f"{shape}, got {size}"
+                )
+            self._axis = axes[0]  # the axis of b0 that gamma scales (last that matches)
         self._norm = (norm,)  # a tuple, so the norm is not registered twice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,10 +176,15 @@ class ZerothBias(nn.Module):
 
     @torch.no_grad()
     def clip_(self) -> None:
-        """Clamp ``b0`` elementwise to ``[-c |gamma|, c |gamma|]``."""
+        """Clamp ``b0`` elementwise to ``[-c |gamma|, c |gamma|]``.
+
+        ``gamma`` broadcasts along the last axis of ``b0`` of its size (the channel axis; in a
+        token-mixing MLP, whose input is transposed to ``(D, T)``, that is the ``D`` axis).
+        """
         norm = self._norm[0]
         if norm is not None and norm.weight is not None:
-            bound = self.clip * norm.weight.detach().abs().to(self.bias0.dtype)
+            bound = self.clip * norm.weight.detach().abs().to(self.bias0.dtype).reshape(-1)
+            bound = bound.reshape(bound.shape + (1,) * (-1 - self._axis))
         else:
             bound = torch.full(self.bias0.shape[-1:], self.clip, dtype=self.bias0.dtype,
                                device=self.bias0.device)

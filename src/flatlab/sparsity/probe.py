@@ -222,7 +222,7 @@ class SparsityProbe:
             zero_out[name] = float(c.zero_out) / c.entries
             entries[name] = int(c.entries)
             if c.pos_zero is not None:
-                per_pos[name] = tuple((c.pos_zero / c.pos_entries).double().tolist())
+                per_pos[name] = tuple((c.pos_zero.double() / c.pos_entries.double()).tolist())
             if name in self._d_out:
                 dense[name] = 2 * self._d_out[name] * int(c.entries)
                 skip[name] = 2 * self._d_out[name] * int(c.zero_out)

@@ -9,7 +9,8 @@ parent's registration order) and, per block,
   (finetuning); ``"keep"`` leaves it;
 * ``zeroth_bias="input"`` wraps ``K`` as ``K(x + b0)`` (= ``MLP(LN(x) + b0)`` when ``K`` is the
   block's first op); ``"output"`` wraps ``W2`` as ``W2(a) + b0`` (= ``MLP(LN(x)) + b0`` when
-  ``W2`` is its last op); ``b0`` has shape ``(tokens, d)`` or ``(d,)``;
+  ``W2`` is its last op); ``b0`` has shape ``(tokens, d)``, ``(d,)``, or, given an
+  ``example`` batch, the per-example shape of the tensor it is added to;
 * ``layernorm="scratch" | "finetune"`` replaces the LayerNorm in front of the block (the
   nearest ``nn.LayerNorm`` registered before ``K`` in its parent, else before the block in
   the grandparent) by a :class:`RestrictedLayerNorm`.
@@ -23,6 +24,7 @@ restricted LayerNorms and advances the ReLU -> J-SquaredReLU ramps.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from flatlab._checks import check_choice, check_nonnegative, check_positive_int
@@ -71,6 +73,7 @@ def sparsify(
     clip: float = 0.1,
     layernorm: str | None = None,
     ramp_steps: int = 1000,
+    example: torch.Tensor | None = None,
 ) -> nn.Module:
     """Swap J-SquaredReLU, zeroth biases and restricted LayerNorms into ``model`` (in place).
 
@@ -80,6 +83,9 @@ def sparsify(
             ``ramp_steps``, for finetuning) or "keep".
         zeroth_bias: None, "input" or "output" (see the module docstring).
         tokens: token positions ``T`` of the zeroth bias (shape ``(T, d)``); None for ``(d,)``.
+        example: an input batch; if given, each zeroth bias takes the shape of one example's
+            tensor at its place (all dims but the batch), overriding ``tokens``. Use it for
+            token models (a token-mixing MLP sees ``(B, D, T)``).
         clip: zeroth-bias bound ``|b0| <= clip |gamma|``.
         layernorm: None, "scratch" or "finetune".
         ramp_steps: length of the activation ramp and of the finetuning LayerNorm ramp.
@@ -114,6 +120,7 @@ def sparsify(
             "with an nn.Linear registered before and after it in the same parent"
         )
     ids = {id(m): n for n, m in named.items()}
+    shapes = _leading_shapes(model, blocks, zeroth_bias, example) if zeroth_bias else {}
     replaced: dict[int, RestrictedLayerNorm] = {}
     for name, key, second in blocks:
         parent, _ = _split(name)
@@ -132,12 +139,40 @@ def sparsify(
         elif activation == "ramp":
             _set(model, name, ReLUToJSquaredReLU(ramp_steps))
         if zeroth_bias == "input":
-            wrapped = ZerothBias(key, key.in_features, tokens, "input", clip, norm)
+            lead = shapes.get(id(key), tokens)
+            wrapped = ZerothBias(key, key.in_features, lead, "input", clip, norm)
             _set(model, ids[id(key)], wrapped)
         elif zeroth_bias == "output":
-            wrapped = ZerothBias(second, second.out_features, tokens, "output", clip, norm)
+            lead = shapes.get(id(second), tokens)
+            wrapped = ZerothBias(second, second.out_features, lead, "output", clip, norm)
             _set(model, ids[id(second)], wrapped)
     return model
+
+
+def _leading_shapes(model: nn.Module, blocks: list, placement: str,
+                    example: torch.Tensor | None) -> dict[int, tuple[int, ...]]:
+    """Per wrapped Linear, the non-batch, non-feature sizes of its input (or output)."""
+    if example is None:
+        return {}
+    targets = [key if placement == "input" else second for _, key, second in blocks]
+    found: dict[int, tuple[int, ...]] = {}
+
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        t = args[0] if placement == "input" else out
+        found[id(module)] = tuple(int(s) for s in t.shape[1:-1])
+
+    handles = [m.register_forward_hook(hook) for m in targets]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+    return {k: (v or None) for k, v in found.items()}
 
 
 def constrain_(model: nn.Module, step: int) -> None:

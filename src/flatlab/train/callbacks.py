@@ -182,20 +182,22 @@ class CurvatureMonitor(Callback):
         every: run every this many steps.
         k: number of top eigenvalues.
         method: ``"gd"``, ``"usam"`` or ``"sam"``: which edge to add besides 2/lr.
-        rho: the SAM radius for the USAM / SAM edge.
+        rho: the SAM radius for the USAM / SAM edge: a float, or a
+            :class:`flatlab.optim.schedules.Schedule` (e.g. a rho warm-up) evaluated as
+            ``rho(step, lr)``, the radius the optimizer's next step uses.
         warm_start: start Lanczos from the previous top eigenvector.
         **kwargs: passed to :func:`flatlab.curvature.top_eigenvalues`.
     """
 
     def __init__(
         self, data: Any = None, every: int = 10, k: int = 1, method: str = "gd",
-        rho: float = 0.0, warm_start: bool = True, **kwargs: Any,
+        rho: Any = 0.0, warm_start: bool = True, **kwargs: Any,
     ) -> None:
         super().__init__(every)
         self.data = data
         self.k = check_positive_int("k", k)
         self.method = check_choice("method", method, ("gd", "usam", "sam"))
-        self.rho = check_nonnegative("rho", rho)
+        self.rho = rho if callable(rho) else check_nonnegative("rho", rho)
         self.warm_start = warm_start
         self.kwargs = kwargs
         self.init: torch.Tensor | None = None
@@ -216,13 +218,14 @@ class CurvatureMonitor(Callback):
         for i, v in enumerate(values[1:], start=2):
             out[f"lambda_{i}"] = v
         lr = state.lr
+        rho = float(self.rho(state.step, lr)) if callable(self.rho) else self.rho
         out["edge_gd"] = edge_of_stability("gd", lr)
-        if self.rho > 0 and self.method == "usam":
-            out["edge_usam"] = edge_of_stability("usam", lr, self.rho)
-        elif self.rho > 0 and self.method == "sam":
+        if rho > 0 and self.method == "usam":
+            out["edge_usam"] = edge_of_stability("usam", lr, rho)
+        elif rho > 0 and self.method == "sam":
             g = _grad_norm(state.model, state.loss_fn, data)
             out["grad_norm"] = g
-            out["edge_sam"] = edge_of_stability("sam", lr, self.rho, grad_norm=g)
+            out["edge_sam"] = edge_of_stability("sam", lr, rho, grad_norm=g)
         return out
 
     def state_dict(self) -> dict[str, Any]:

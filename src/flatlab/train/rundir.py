@@ -74,7 +74,7 @@ class Run:
     """
 
     def __init__(self, path: Path, config: dict[str, Any], *, resumed: bool = False) -> None:
-        self.path = Path(path)
+        self.path = Path(path).resolve()
         self.config = config
         self.resumed = resumed
         self.tensorboard: Any = None
@@ -202,7 +202,11 @@ class Run:
         figs = []
         for f in figures:
             p = Path(f)
-            figs.append(str(p.relative_to(self.path)) if p.is_absolute() else str(p))
+            full = p.resolve() if p.is_absolute() or p.exists() else self.path / p
+            try:
+                figs.append(str(full.relative_to(self.path)))
+            except ValueError:  # a figure outside the run folder: keep its absolute path
+                figs.append(str(full))
         sections = [s for s in self.sections() if s["title"] != title]
         sections.append(
             {"title": title, "text": text, "table": _jsonable(list(table or [])), "figures": figs}

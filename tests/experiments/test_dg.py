@@ -1,0 +1,105 @@
+"""`flatlab run dg --quick` end to end, `flatlab collect`, `flatlab sweep dg`, image folders."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from flatlab.cli import main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The quick runs are tiny: one thread avoids oversubscribing a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    from flatlab.experiments import launch
+
+    out = tmp_path_factory.mktemp("dg")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = launch("dg", quick=True, out=out)
+    finally:
+        torch.set_num_threads(before)
+    return out, run
+
+
+def test_quick_run_end_to_end(quick_run):
+    _, run = quick_run
+    records = [json.loads(line) for line in (run.path / "dg_records.jsonl").read_text().split("\n")
+               if line]
+    assert [r["method"] for r in records] == ["erm", "sam", "dgsam"]
+    s = len(records[0]["domains"]) - 1  # training domains (quick: 3 angles -> S = 2)
+    passes = {r["method"]: (r["passes_per_step"], r["domain_passes_per_step"]) for r in records}
+    assert passes == {"erm": (1, s), "sam": (2, 2 * s), "dgsam": (s + 1, s + 1)}
+    for r in records:
+        assert r["selected"]["val"] == max(c["val"] for c in r["checkpoints"])
+        sharp = r["selected"]["sharpness"]
+        assert set(sharp["per_domain"]) == set(r["domains"]) - {r["test_domain"]}
+        assert sharp["max"] == pytest.approx(max(sharp["per_domain"].values()))
+        assert np.isfinite(sharp["pooled"])
+    assert run.done and "dgsam_avg_acc" in run.results()
+    report = (run.path / "report.md").read_text()
+    for title in ("Domain generalization results", "Oracle selection", "Cost per step",
+                  "Targets of the issue"):
+        assert title in report
+    assert (run.path / "plots" / "dg_accuracy.png").exists()
+    assert (run.path / "plots" / "dg_sharpness.png").exists()
+
+
+def test_collect_rebuilds_tables_from_the_folder(quick_run, capsys):
+    out, _ = quick_run
+    assert main(["collect", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "training-domain validation selection" in printed and "| dgsam |" in printed
+    assert (out / "results.tex").read_text().count(r"\begin{tabular}") == 2
+
+
+def test_sweep_dry_run_lists_every_job(tmp_path, capsys):
+    assert main(["sweep", "dg", "--out", str(tmp_path), "--dry-run", "--seeds", "0,1",
+                 "--n-hparams", "2", "--set", "steps=5"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "72 jobs, 0 finished, 72 to run"  # 3 methods x 6 domains x 2 x 2
+    assert all(line.startswith("flatlab run dg ") for line in lines[1:])
+    assert sum("'methods=[\"dgsam\"]'" in line for line in lines[1:]) == 24
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+    assert main(["run", "dg", "--quick", "--set", "test_domains=[9]", "--out",
+                 str(tmp_path)]) == 2
+    assert "test_domains must be in [0, 3)" in capsys.readouterr().err
+    assert main(["run", "dg", "--quick", "--set", "dataset=image_folder", "--out",
+                 str(tmp_path)]) == 2
+    assert "needs data_dir" in capsys.readouterr().err
+    assert main(["collect", str(tmp_path / "nowhere")]) == 2
+
+
+def test_image_folder_fixture(tmp_path):
+    from PIL import Image
+
+    from flatlab.experiments import launch
+
+    rng = np.random.default_rng(0)
+    for dom in ("art", "photo", "sketch"):
+        for cls in ("cat", "dog"):
+            folder = tmp_path / "data" / "TOY" / dom / cls
+            folder.mkdir(parents=True)
+            for i in range(4):
+                img = rng.integers(0, 255, (10, 10, 3), dtype=np.uint8)
+                Image.fromarray(img).save(folder / f"{i}.png")
+    run = launch("dg", quick=True, out=tmp_path / "runs", overrides=[
+        "dataset=image_folder", f"data_dir={tmp_path / 'data'}", "image_dataset=TOY",
+        "methods=[erm,dgsam]", "test_domains=[2]", "batch_size=4"])
+    recs = [json.loads(x) for x in (run.path / "dg_records.jsonl").read_text().splitlines()]
+    assert [r["test_domain"] for r in recs] == ["sketch", "sketch"]
+    assert recs[1]["passes_per_step"] == 3

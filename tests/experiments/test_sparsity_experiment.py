@@ -1,0 +1,27 @@
+"""`flatlab run sparsity --quick` end to end: results, figures and report sections."""
+
+from __future__ import annotations
+
+import json
+
+from flatlab.experiments import launch
+
+
+def test_sparsity_quick_end_to_end(tmp_path) -> None:
+    run = launch("sparsity", quick=True, out=tmp_path)
+    res = run.results()
+    for key in ("emergence_min_delta_pts", "noise_spearman", "sam0.1_sparser_seeds",
+                "jsrelu_sparser_seeds", "jsrelu_acc_gap_pts", "spectra_max_growth",
+                "random_label_gap_pts"):
+        assert key in res, key
+    assert -1.0 <= res["noise_spearman"] <= 1.0
+    for fig in ("emergence", "noise", "sam_vs_sgd", "modules"):
+        assert (run.path / "plots" / f"{fig}.png").stat().st_size > 1000
+    report = (run.path / "report.md").read_text()
+    for title in ("1. Emergence", "2. Noise scale", "3. SAM vs SGD", "4. Modules",
+                  "6. Spectra and random labels"):
+        assert f"## {title}" in report
+    records = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert any("act_sparsity/blocks.0.act" in r for r in records)
+    # the resolved config records the quick switch
+    assert json.loads((run.path / "config.json").read_text())["config"]["quick"] is True
