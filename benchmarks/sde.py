@@ -8,7 +8,7 @@ flatlab (records the loss statistics at the first and last step), torchsde.sdein
 "euler", dt=lr, diagonal noise, default Brownian interval) and the simplest hand-written torch
 loop (the floor). Prints the best of ``--repeats`` wall times and the ratios.
 
-    .venv/bin/python benchmarks/sde.py [--paths 2000] [--dim 10] [--steps 1000] [--dtype float32]
+    .venv/bin/python benchmarks/sde.py [--paths 2000] [--dim 10] [--steps 1000] [--threads 1]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class TorchsdeSignSGD(torch.nn.Module):
 
 def hand_loop(lam, sigma, lr, x, steps, gen):
     c = 1 / (sigma * math.sqrt(2))
-    root = math.sqrt(lr * lr)
+    root = math.sqrt(lr * lr)  # sqrt(lr * dt) with dt = lr
     for _ in range(steps):
         m = torch.erf(lam * x * c)
         x = x - lr * m + root * torch.sqrt(1 - m * m) * torch.randn(x.shape, generator=gen,
@@ -65,7 +65,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     lr, sigma = 0.01, 1.0
     lam = torch.linspace(0.5, 5, args.dim, dtype=dtype)

@@ -63,7 +63,10 @@ def test_signsgd_closed_form(noise):
     x, z = points(), points(seed=2)
     sde = SignSGDSDE(Quadratic(LAM), noise, lr=0.05, weight_decay=0.1)
     y = LAM * x / STD
-    m = torch.erf(y / math.sqrt(2)) if isinstance(noise, GaussianNoise) else student_t_sign_mean(y, 1.5)
+    if isinstance(noise, GaussianNoise):
+        m = torch.erf(y / math.sqrt(2))
+    else:
+        m = student_t_sign_mean(y, 1.5)
     (b,) = sde.drift(0.0, (x,))
     torch.testing.assert_close(b, -m - 0.1 * x)
     (s,) = sde.diffusion(0.0, (x,), z)
@@ -78,7 +81,8 @@ def test_signsgd_monte_carlo_form_matches_closed_form():
     mc = SignSGDSDE(Quadratic(LAM), GaussianNoise(STD), 0.05, form="monte_carlo",
                     mc_samples=100_000, generator=gen)
     closed = SignSGDSDE(Quadratic(LAM), GaussianNoise(STD), 0.05)
-    torch.testing.assert_close(mc.drift(0.0, (x,))[0], closed.drift(0.0, (x,))[0], atol=0.01, rtol=0)
+    torch.testing.assert_close(mc.drift(0.0, (x,))[0], closed.drift(0.0, (x,))[0],
+                               atol=0.01, rtol=0)
     # Diffusion covariance: s s^T from the Monte Carlo square root vs diag(1 - m^2).
     _, spread = mc._mean_and_spread(x)
     cov = torch.einsum("pmd,pme->pde", spread, spread)

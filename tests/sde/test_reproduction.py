@@ -27,7 +27,7 @@ from flatlab.sde import (
     run_optimizer,
     simulate,
 )
-from tests.sde.conftest import D, LAMBDA, X0, stacked, tail
+from tests.sde.conftest import LAMBDA, X0, D, stacked, tail
 
 ETA = 0.01
 SIGMAS = [0.5, 1.0, 2.0, 4.0]

@@ -218,6 +218,7 @@ class Lab:
         for rec in res.history:
             if index > 0 and rec["step"] == 0:
                 continue  # the previous phase already measured this point
+            rec = {k: _number(v) for k, v in rec.items()}
             recs.append({**rec, "step": rec["step"] + offset, "phase": index,
                          "gf_time": ph.lr * (rec["step"] + offset)})
         diverged_at = None
@@ -225,6 +226,13 @@ class Lab:
         if res.diverged or skipped > 0:
             diverged_at = offset + res.steps
         return copy.deepcopy(model.state_dict()), recs, diverged_at
+
+
+def _number(value: Any) -> Any:
+    """metrics.jsonl stores non-finite floats as strings ("nan", "inf"): read them back."""
+    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+        return float(value)
+    return value
 
 
 # ------------------------------------------------------------------------------ statistics

@@ -55,7 +55,8 @@ class Config(ExperimentConfig):
     angles: list[float] = Field([0, 15, 30, 45, 60, 75], description="rotated_*: domain angles")
     mnist1d_n: int = Field(1000, ge=10, description="mnist1d: examples per domain")
     methods: list[Literal[METHODS]] = Field(["erm", "sam", "dgsam"], description="methods")
-    test_domains: list[int] | None = Field(None, description="test domain indices (None: all)")
+    test_domains: list[int] | None = Field(
+        None, description="test domain indices (None: all; []: only the timing benchmark)")
     seeds: list[int] = Field([0, 1, 2], description="seeds (init, data order, in/out split)")
     steps: int = Field(300, ge=1, description="optimizer steps per trained model")
     checkpoint_freq: int = Field(50, ge=1, description="evaluate every this many steps")
@@ -302,5 +303,6 @@ def run(cfg: Config, run: Run) -> dict[str, Any]:
                 records.append(rec)
     timing = time_methods(cfg, domains, list(cfg.methods), cfg.timing_steps) if (
         cfg.timing_steps > 0) else {}
-    all_records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    all_records = ([json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                   if path.exists() else [])
     return report(run, all_records, timing, num_train_domains=len(domains) - 1)

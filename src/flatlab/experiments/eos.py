@@ -78,6 +78,8 @@ class Config(ExperimentConfig):
     mnist1d_steps: int = Field(1200, ge=10, description="steps of the MNIST-1D runs")
     sgd_batch: int = Field(100, ge=1, description="minibatch size of SGD vs SGD+SAM")
     sgd_steps: int = Field(1000, ge=10, description="steps of SGD vs SGD+SAM")
+    threads: int = Field(1, ge=1, description="torch threads during the run (small models "
+                         "run fastest on one; restored afterwards)")
 
 
 QUICK = dict(n_train=100, width=16, steps=60, sam_steps=40, eig_every=10, window_offset=10,
@@ -269,7 +271,7 @@ def _mlp_main(cfg: Config, run: Run, lab: Lab, which: str) -> tuple[dict, dict]:
         res[f"{which}.{name}.ratio"] = st["ratio"]
     t6 = _far_from_home(cfg, trajs, gd_ref) if gd_ref else []
     for r in t6:
-        res[f"{which}.T6.{r['run']}.loss_ratio"] = r["loss / final loss"]
+        res[f"{which}.T6.{r['run']}.loss_ratio"] = r.get("loss / final loss", math.nan)
     return {"rows": rows, "t6": t6, "trajs": trajs, "gd_ref": gd_ref}, res
 
 
@@ -391,6 +393,15 @@ def run(cfg: Config, run: Run) -> dict:
     """Quadratics, quadratic regression model, MLP on digits / MNIST-1D: GD, USAM, SAM at EOS."""
     if cfg.quick:
         cfg = cfg.model_copy(update=QUICK)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, run)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: Config, run: Run) -> dict:
     results: dict[str, Any] = {}
     loss_note = ("Loss: ½‖f(x) − onehot(y)‖² summed over the 10 outputs and averaged over "
                  f"examples; {cfg.n_train} standardized training examples, full batch, "

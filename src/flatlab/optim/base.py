@@ -201,6 +201,7 @@ class SharpnessAware(Optimizer):
         self.skipped_steps = 0
         self._radii = {name: s(0, self._lr()) for name, s in self._schedules.items()}
         self._saved: list[torch.Tensor] | None = None
+        self._saved_key: tuple = ()
         self._saved_for: list[torch.Tensor] | None = None
         self._scale: float | None = None
         # Optimizer.__init__ sets up hooks and step patching; it is given the base's groups
@@ -256,7 +257,9 @@ class SharpnessAware(Optimizer):
             params, grads = self._params_and_grads()
             if self.sync == "local" and self._distributed():
                 _allreduce_mean(grads)  # the one all-reduce of m-sharpness
-            self._check_finite(None, _tree.global_norm(grads, float("inf")))
+            # finite iff its 2-norm is (an overflowing norm also counts as non-finite); the
+            # inf-norm would be exact but costs 5x more on CPU
+            self._check_finite(None, _tree.global_norm(grads))
         except NonFiniteStep:
             if self._saved_for is not None:
                 self._restore_point(self._saved_for)
@@ -357,14 +360,12 @@ class SharpnessAware(Optimizer):
 
     def _save_point(self, params: list[torch.Tensor]) -> None:
         """Copy ``params`` into the reusable snapshot buffer (one parameter-sized buffer)."""
-        saved = self._saved
-        if saved is None or len(saved) != len(params) or any(
-            s.shape != p.shape or s.dtype != p.dtype or s.device != p.device
-            for s, p in zip(saved, params)
-        ):
+        key = tuple((id(p), p.shape, p.dtype, p.device) for p in params)
+        if self._saved is None or key != self._saved_key:
             self._saved = _tree.snapshot(params)
+            self._saved_key = key
         else:
-            _tree.restore_(saved, params)
+            _tree.restore_(self._saved, params)
         self._saved_for = params
 
     def _restore_point(self, params: list[torch.Tensor]) -> None:

@@ -25,7 +25,14 @@ per-domain means, +- the standard error over seeds of each seed's average (seeds
 every domain); "Worst" the smallest per-domain mean; "Spread" the standard deviation (ddof 0)
 of the per-domain means. Sharpness: the largest per-training-domain sharpness and the pooled
 sharpness of the selected models, averaged over test domains and seeds. Cost: seconds and
-single-domain gradient passes per step, averaged over runs.
+gradient passes (closure calls) per step, averaged over runs.
+
+:func:`target_checks` evaluates the targets of the DGSAM issue on one dataset's rows:
+
+* DGSAM's largest per-domain sharpness <= 0.9 x ERM's and <= SAM's;
+* DGSAM's mean accuracy >= ERM - 0.5 and >= SAM - 0.5 points; worst-domain accuracy >= ERM's;
+  spread across test domains <= ERM's;
+* wall-clock per step DGSAM / ERM within 20% of (S+1)/S, and DGSAM / SAM <= 0.85.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,6 +146,35 @@ def aggregate(records: Sequence[dict[str, Any]], selection: str = SELECTIONS[0])
     return rows
 
 
+def target_checks(rows: Sequence[MethodRow], timing: Mapping[str, float],
+                  num_train_domains: int) -> list[dict[str, Any]]:
+    """The issue's targets as rows ``{target, measured, required, met}`` (needs erm/sam/dgsam)."""
+    by = {r.method: r for r in rows}
+    if not {"erm", "sam", "dgsam"} <= set(by):
+        return []
+    d, e, s = by["dgsam"], by["erm"], by["sam"]
+    checks = [
+        ("max sharpness DGSAM / ERM", d.sharpness_max / e.sharpness_max, "<= 0.9", 0.9, "le"),
+        ("max sharpness DGSAM - SAM", d.sharpness_max - s.sharpness_max, "<= 0", 0.0, "le"),
+        ("mean acc DGSAM - ERM (points)", d.average[0] - e.average[0], ">= -0.5", -0.5, "ge"),
+        ("mean acc DGSAM - SAM (points)", d.average[0] - s.average[0], ">= -0.5", -0.5, "ge"),
+        ("worst-domain acc DGSAM - ERM", d.worst - e.worst, ">= 0", 0.0, "ge"),
+        ("spread DGSAM - ERM", d.spread - e.spread, "<= 0", 0.0, "le"),
+    ]
+    out = [{"target": t, "measured": round(v, 4), "required": req,
+            "met": bool(v <= lim if op == "le" else v >= lim)} for t, v, req, lim, op in checks]
+    if {"erm", "sam", "dgsam"} <= set(timing):
+        ideal = (num_train_domains + 1) / num_train_domains
+        ratio = timing["dgsam"] / timing["erm"]
+        out.append({"target": "time/step DGSAM / ERM", "measured": round(ratio, 3),
+                    "required": f"in [{0.8 * ideal:.3f}, {1.2 * ideal:.3f}] ((S+1)/S={ideal:.3f})",
+                    "met": bool(0.8 * ideal <= ratio <= 1.2 * ideal)})
+        ratio = timing["dgsam"] / timing["sam"]
+        out.append({"target": "time/step DGSAM / SAM", "measured": round(ratio, 3),
+                    "required": "<= 0.85", "met": bool(ratio <= 0.85)})
+    return out
+
+
 def _fmt(pair: tuple[float, float], pm: str) -> str:
     mean, se = pair
     if math.isnan(mean):
@@ -215,6 +251,16 @@ def collect(runs_dir: str | Path, *, write: bool = True) -> tuple[str, str]:
         raise ValueError(f"no finished run with {RECORDS_FILE} found under {runs_dir}")
     rows = [row for sel in SELECTIONS for row in aggregate(records, sel)]
     md, tex = to_markdown(rows), to_latex(rows)
+    for dataset in sorted({r.dataset for r in rows}):
+        main = [r for r in rows if r.dataset == dataset and r.selection == SELECTIONS[0]]
+        checks = target_checks(main, {r.method: r.sec_per_step for r in main},
+                               len(main[0].domains) - 1)
+        if checks:
+            md += (f"\n**{dataset}**, the issue's targets (training-domain validation; time: "
+                   "mean s/step of the runs)\n\n| target | measured | required | met |\n"
+                   "|---|---|---|---|\n" + "".join(
+                       f"| {c['target']} | {c['measured']} | {c['required']} | "
+                       f"{'yes' if c['met'] else 'NO'} |\n" for c in checks))
     if write:
         Path(runs_dir, "results.md").write_text(md)
         Path(runs_dir, "results.tex").write_text(tex)
