@@ -127,7 +127,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} rounds x "
           f"{args.steps} steps, medians of per-step times")
-    header = f"{'model':<9} {'method':<22} {'passes':>6} {'median ms':>10} {'time/(passes x SGD)':>20}"
+    header = (f"{'model':<9} {'method':<22} {'passes':>6} {'median ms':>10} "
+              f"{'time/(passes x SGD)':>20}")
     print(header)
     print("-" * len(header))
     for model_name, factory in (("deep_mlp", deep_mlp), ("cnn", small_cnn)):

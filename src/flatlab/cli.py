@@ -19,11 +19,13 @@ Adding a command: decorate a function with ``@app.command()`` in this module (ke
 shell around library code; raise :class:`flatlab.train.ConfigError` for user errors).
 """
 
+# typer declares options as call defaults (typer.Option(...)): its documented idiom.
+# ruff: noqa: B008
+
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from typer.exceptions import TyperException
@@ -72,12 +74,12 @@ def _finish(run_path: Path) -> None:
 
 @app.command(add_help_option=False)
 def run(
-    name: Optional[str] = typer.Argument(None, help="experiment name (see: flatlab list)"),
+    name: str | None = typer.Argument(None, help="experiment name (see: flatlab list)"),
     quick: bool = typer.Option(False, "--quick", help="short version of the run"),
     set_: list[str] = typer.Option([], "--set", help="KEY=VALUE override (repeatable)"),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML/TOML settings file"),
+    config: Path | None = typer.Option(None, "--config", help="YAML/TOML settings file"),
     out: Path = typer.Option(Path("runs"), "--out", help="parent folder of the run folder"),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="run folder to continue"),
+    resume: Path | None = typer.Option(None, "--resume", help="run folder to continue"),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="write TensorBoard events"),
     show_help: bool = typer.Option(False, "--help", "-h", help="show help and exit"),
 ) -> None:
@@ -121,13 +123,16 @@ def report(run_dir: Path = typer.Argument(..., help="a run folder")) -> None:
 @app.command()
 def compare(
     run_dirs: list[Path] = typer.Argument(..., help="run folders"),
-    out: Optional[Path] = typer.Option(None, "--out", help="output folder"),
+    out: Path | None = typer.Option(None, "--out", help="output folder"),
 ) -> None:
     """Overlay the curves of several runs and print a table of their final metrics."""
-    from flatlab.report import compare_runs, format_table
+    from flatlab.report import compare_runs, experiment_summaries, format_table
 
     rows, out_dir = compare_runs(run_dirs, out)
     typer.echo(format_table(rows))
+    summaries = experiment_summaries(run_dirs)
+    if summaries:
+        typer.echo("\n" + format_table(summaries))
     typer.echo(f"comparison: {out_dir / 'compare.html'}")
 
 
@@ -157,7 +162,7 @@ def sweep(
     workers: int = typer.Option(1, "--workers", help="local: concurrent jobs"),
     threads: int = typer.Option(1, "--threads", help="torch threads per job"),
     timeout_min: int = typer.Option(60, "--timeout-min", help="submitit: job time limit"),
-    partition: Optional[str] = typer.Option(None, "--partition", help="submitit: Slurm partition"),
+    partition: str | None = typer.Option(None, "--partition", help="submitit: Slurm partition"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the job commands, run nothing"),
 ) -> None:
     """Expand NAME's sweep (grid x draws x seeds) into runs under OUT; skip finished ones."""
@@ -205,7 +210,7 @@ def _error(message: str) -> int:
     return 2
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, turning user errors into one line and exit code 2."""
     try:
         result = app(args=argv, prog_name="flatlab", standalone_mode=False)

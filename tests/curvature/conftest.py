@@ -78,3 +78,30 @@ def mlp_problem(request):
 def dense_eigh(activation: str):
     """Eigendecomposition of :func:`problem`'s dense Hessian (cached)."""
     return torch.linalg.eigh(problem(activation)[2])
+
+
+def dense_ggn(model: nn.Module, loss_fn, data) -> torch.Tensor:
+    """Dense generalized Gauss-Newton ``J^T H_ell J`` on one (x, y) pair (float64 model)."""
+    from torch.func import jacrev
+
+    x, y = data
+    names = [k for k, _ in model.named_parameters()]
+    like = [p.detach() for p in model.parameters()]
+
+    def net(theta):
+        return functional_call(model, dict(zip(names, unflatten(theta, like))), (x,))
+
+    theta = flatten(like)
+    J = jacrev(net)(theta).reshape(-1, theta.numel())
+    out = net(theta).detach()
+    HL = torch.autograd.functional.hessian(lambda o: loss_fn(o.view(out.shape), y),
+                                           out.reshape(-1))
+    return J.T @ HL @ J
+
+
+def spectrum_matrix(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """``Q diag(eigenvalues) Q^T`` with a random orthogonal ``Q`` (float64)."""
+    n = eigenvalues.numel()
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return (Q * eigenvalues.double()) @ Q.T

@@ -65,11 +65,18 @@ def test_quick_study_end_to_end_and_compare_rebuilds_table(tmp_path: Path) -> No
     assert "Results (mean ± s.e. over seeds)" in html and "gam" in html
     assert (run.path / "plots" / "accuracy_vs_lambda_max.png").exists()
 
-    from flatlab.report import compare_runs
+    from typer.testing import CliRunner
 
-    rows, _ = compare_runs([run.path], tmp_path / "cmp")
-    table = {r["optimizer"]: r for r in rows if "optimizer" in r}
-    assert table == {r["optimizer"]: r for r in summary_rows(measures)}
+    from flatlab.cli import app
+    from flatlab.report import experiment_summaries
+
+    table = {r["optimizer"]: r for r in experiment_summaries([run.path])}
+    expected = {r["optimizer"]: {"run": run.path.name, **r} for r in summary_rows(measures)}
+    assert table == expected
+    result = CliRunner().invoke(app, ["compare", str(run.path), "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    assert expected["gam"]["λ_max"] in result.output
+    assert "Results tables" in (tmp_path / "cmp" / "compare.html").read_text()
 
 
 def test_user_model_and_data_factories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -159,3 +159,21 @@ def test_mixer_token_mixing_acts_across_tokens():
     z = torch.randn(2, 8, 4, dtype=torch.float64)
     manual = z + tok.fc2(tok.act(tok.fc1(tok.ln(z).transpose(1, 2)))).transpose(1, 2)
     assert torch.allclose(tok(z), manual)
+
+
+@pytest.mark.parametrize("name, shape, kw", CASES, ids=[c[0] for c in CASES])
+def test_every_model_supports_hessian_vector_products(name, shape, kw):
+    """Double backward (what curvature measurements need) works and is symmetric: u.Hv = v.Hu."""
+    torch.manual_seed(0)
+    model = build(name, shape, 3, **kw).double().eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    x, y = torch.randn(4, *shape, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    loss = nn.functional.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    u = [torch.randn_like(p) for p in params]
+    v = [torch.randn_like(p) for p in params]
+    hv = torch.autograd.grad(grads, params, v, retain_graph=True)
+    hu = torch.autograd.grad(grads, params, u)
+    uhv = sum((a * b).sum() for a, b in zip(u, hv))
+    vhu = sum((a * b).sum() for a, b in zip(v, hu))
+    assert torch.isfinite(uhv) and torch.allclose(uhv, vhu, rtol=1e-8, atol=1e-10)

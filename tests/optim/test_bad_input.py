@@ -58,7 +58,9 @@ CONSTRUCTION = [
 ]
 
 
-@pytest.mark.parametrize(("what", "make", "exc", "match"), CONSTRUCTION, ids=[c[0] for c in CONSTRUCTION])
+@pytest.mark.parametrize(
+    ("what", "make", "exc", "match"), CONSTRUCTION, ids=[c[0] for c in CONSTRUCTION]
+)
 def test_bad_construction(what, make, exc, match):
     with pytest.raises(exc, match=match):
         make()

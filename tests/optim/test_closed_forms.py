@@ -152,7 +152,8 @@ def fd_term(loss_fn, x, fd_rho):
 
 def test_finite_difference_term_is_exact_on_a_quadratic():
     a, x = spd(), start()
-    torch.testing.assert_close(fd_term(quadratic(a), x, 1e-3), a @ unit(a @ x), rtol=1e-9, atol=1e-9)
+    got = fd_term(quadratic(a), x, 1e-3)
+    torch.testing.assert_close(got, a @ unit(a @ x), rtol=1e-9, atol=1e-9)
 
 
 def test_finite_difference_term_converges_linearly():

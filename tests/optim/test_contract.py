@@ -16,7 +16,9 @@ from tests.optim._registry import REGISTRY, step
 
 ENTRIES = {e.name: e for e in REGISTRY}
 IDS = list(ENTRIES)
-DOCUMENTED_CLOSURE_CALLS = {"sam": 2, "asam": 2, "usam": 2, "gam_fd": 4, "gam_exact": 2, "samgam": 3}
+DOCUMENTED_CLOSURE_CALLS = {
+    "sam": 2, "asam": 2, "usam": 2, "gam_fd": 4, "gam_exact": 2, "samgam": 3,
+}
 BASES = {
     "sgd_nesterov_wd": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True,
                                           "weight_decay": 1e-3}),
@@ -26,7 +28,8 @@ BASES = {
 
 def make_problem(seed: int = 0, bn: bool = True, dtype: torch.dtype = torch.float32):
     torch.manual_seed(seed)
-    layers = [nn.Linear(5, 16)] + ([nn.BatchNorm1d(16)] if bn else []) + [nn.Tanh(), nn.Linear(16, 1)]
+    norm = [nn.BatchNorm1d(16)] if bn else []
+    layers = [nn.Linear(5, 16), *norm, nn.Tanh(), nn.Linear(16, 1)]
     model = nn.Sequential(*layers).to(dtype)
     x = torch.randn(32, 5, dtype=dtype)
     y = torch.randn(32, 1, dtype=dtype)
@@ -263,7 +266,7 @@ def test_gradient_accumulation_through_the_closure(name):
         model, x, y = make_problem(bn=False, dtype=torch.float64)
         opt = ENTRIES[name].build(model.parameters(), torch.optim.SGD, lr=0.1)
 
-        def closure():
+        def closure(opt=opt, model=model, x=x, y=y, micro=micro):
             opt.zero_grad()
             total = 0.0
             for xb, yb in zip(x.chunk(micro), y.chunk(micro)):

@@ -113,7 +113,9 @@ def rank_results(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
-@pytest.mark.parametrize(("sync", "use_ddp"), CASES, ids=[f"{s}-{'ddp' if d else 'plain'}" for s, d in CASES])
+@pytest.mark.parametrize(
+    ("sync", "use_ddp"), CASES, ids=[f"{s}-{'ddp' if d else 'plain'}" for s, d in CASES]
+)
 def test_sync_semantics(rank_results, sync, use_ddp):
     r0, r1 = (res[(sync, use_ddp)] for res in rank_results)
     assert all(torch.equal(a, b) for a, b in zip(r0, r1))  # identical on both ranks

@@ -77,7 +77,7 @@ def test_report_html_inlines_figures_and_escapes_text(tmp_path) -> None:
     html_path, md_path = write_report(run.path)
     html = html_path.read_text()
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
-    assert len(images) == 5  # eig, domains, sharp + the automatic curves and eigenvalues
+    assert len(images) == 3  # eig, domains, sharp (no automatic curves: figures were drawn)
     assert all(base64.b64decode(img)[:8] == PNG_MAGIC for img in images)
     assert "<script" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "&lt;b&gt;x&lt;/b&gt;" in html  # config values are escaped too
@@ -90,10 +90,18 @@ def test_report_html_inlines_figures_and_escapes_text(tmp_path) -> None:
         assert (run.path / fig).is_file()
 
 
-def test_incomplete_run_is_marked_and_non_run_folder_rejected(tmp_path) -> None:
+def test_automatic_curves_when_the_experiment_drew_no_figures(tmp_path) -> None:
     run = Run.create(tmp_path, "x", {})
-    html_path, _ = write_report(run.path)
-    assert "incomplete" in html_path.read_text()
+    for rec in _records():
+        run.log(rec)
+    html_path, md_path = write_report(run.path)
+    html = html_path.read_text()
+    assert "Training curves" in html and html.count("data:image/png;base64,") == 2
+    assert "incomplete" in html  # no done marker
+    assert "plots/auto_curves.png" in md_path.read_text()
+
+
+def test_non_run_folder_is_rejected(tmp_path) -> None:
     with pytest.raises(ConfigError, match="not a run folder"):
         write_report(tmp_path / "nothing")
 
@@ -141,4 +149,4 @@ def test_report_opens_in_headless_chromium_without_console_errors(tmp_path) -> N
         capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0
     assert [ln for ln in dom.stderr.splitlines() if ":CONSOLE" in ln] == []
-    assert dom.stdout.count("<img") == 5 and "flatlab run: demo" in dom.stdout
+    assert dom.stdout.count("<img") == 3 and "flatlab run: demo" in dom.stdout

@@ -75,6 +75,6 @@ def test_small_network_with_injected_noise(make_sde):
     data = (torch.randn(64, 4, dtype=F64), torch.randint(0, 3, (64,)))
     obj = NetworkObjective(model, nn.functional.cross_entropy, data)
     sde = make_sde(obj, GaussianNoise(0.5))
-    c = compare(sde, obj.initial_point(), 150, paths=200, record_every=15, seed=1)
+    c = compare(sde, obj.initial_point(), 100, paths=100, record_every=10, seed=1)
     assert c.mean_gap < 0.03, c.gap
     assert float(c.discrete["loss_mean"][-1]) < 0.9 * float(c.discrete["loss_mean"][0])

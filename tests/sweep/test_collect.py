@@ -85,3 +85,27 @@ def test_collect_errors(tmp_path):
         collect(tmp_path / "nope")
     with pytest.raises(ValueError, match="no finished run"):
         collect(tmp_path)
+
+
+def _row(method, avg, worst, spread, sharp, sec):
+    from flatlab.sweep.collect import MethodRow
+
+    return MethodRow("toy", method, "training-domain validation", ("0", "1"), {}, (avg, 0.1),
+                     worst, spread, sharp, sharp / 2, sec, 1.0, 3)
+
+
+def test_target_checks_compare_dgsam_with_erm_and_sam():
+    from flatlab.sweep.collect import target_checks
+
+    rows = [_row("erm", 90.0, 80.0, 5.0, 1.0, 0.010), _row("sam", 91.2, 82.0, 4.0, 0.8, 0.020),
+            _row("dgsam", 90.6, 81.0, 4.5, 0.7, 0.012)]
+    checks = {c["target"]: c for c in target_checks(rows, {r.method: r.sec_per_step for r in rows},
+                                                     num_train_domains=5)}
+    assert checks["max sharpness DGSAM / ERM"]["met"]  # 0.7 <= 0.9
+    assert checks["max sharpness DGSAM - SAM"]["met"]
+    assert checks["mean acc DGSAM - ERM (points)"]["met"]
+    assert not checks["mean acc DGSAM - SAM (points)"]["met"]  # 90.6 - 91.2 < -0.5
+    assert checks["worst-domain acc DGSAM - ERM"]["met"] and checks["spread DGSAM - ERM"]["met"]
+    assert checks["time/step DGSAM / ERM"]["measured"] == 1.2
+    assert checks["time/step DGSAM / ERM"]["met"] and checks["time/step DGSAM / SAM"]["met"]
+    assert target_checks(rows[:2], {}, 5) == []

@@ -34,14 +34,14 @@ TRAIN_SCRIPT = textwrap.dedent(
     from flatlab.train import (Callback, Checkpoint, CurvatureMonitor, Evaluate, Run,
                                build_optimizer, fit, seed_everything)
 
-    mode, where, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    mode, where, kill_tag, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     seed_everything(0)
     run = Run.create(where, "resume", {}) if mode == "fresh" else Run.open(where, resume=True)
     print(run.path, flush=True)
 
     class Killer(Callback):
         def on_step(self, state):
-            if state.tag == "a" and state.step == kill_at:
+            if state.tag == kill_tag and state.step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     g = torch.Generator().manual_seed(1)
@@ -57,7 +57,7 @@ TRAIN_SCRIPT = textwrap.dedent(
         curv = [CurvatureMonitor((x, y), every=5, tol=1e-3)]
     except ImportError:
         curv = []
-    for tag, steps, name in (("a", 20, "sam" if has_sam else "sgd"), ("b", 6, "sgd")):
+    for tag, steps, name in (("a", 20, "sam" if has_sam else "sgd"), ("b", 8, "sgd")):
         model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Dropout(0.2),
                                     torch.nn.Tanh(), torch.nn.Linear(16, 2))
         kw = {"rho": 0.05} if name == "sam" else {}
@@ -79,14 +79,15 @@ def _records(run_dir: Path) -> list[dict]:
     return out
 
 
-def _train(script: Path, mode: str, where: Path, kill_at: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(script), mode, str(where), str(kill_at)],
+def _train(script: Path, mode: str, where: Path, kill: tuple[str, int] = ("-", -1)
+           ) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(script), mode, str(where), kill[0], str(kill[1])],
                           capture_output=True, text=True, timeout=120)
 
 
 def _train_in_process(script: Path, where: Path, monkeypatch, capsys) -> None:
     """The uninterrupted reference, run in this process (saves one interpreter start)."""
-    monkeypatch.setattr(sys, "argv", [str(script), "fresh", str(where), "-1"])
+    monkeypatch.setattr(sys, "argv", [str(script), "fresh", str(where), "-", "-1"])
     deterministic = torch.are_deterministic_algorithms_enabled()
     threads = torch.get_num_threads()
     try:
@@ -97,18 +98,31 @@ def _train_in_process(script: Path, where: Path, monkeypatch, capsys) -> None:
     capsys.readouterr()
 
 
-def test_sigkill_after_second_checkpoint_then_resume_equals_uninterrupted(
-    tmp_path, monkeypatch, capsys
+@pytest.mark.parametrize(
+    ("kill", "ckpt_step"),
+    [(("a", 12), 10),  # after the second checkpoint of phase a (steps 5 and 10)
+     (("b", 3), None)],  # phase a finished, phase b killed before its first checkpoint
+    ids=["in-phase-a-after-2nd-checkpoint", "in-phase-b-before-any-checkpoint"],
+)
+def test_sigkill_then_resume_equals_uninterrupted(
+    tmp_path, monkeypatch, capsys, kill, ckpt_step
 ) -> None:
     script = tmp_path / "train.py"
     script.write_text(TRAIN_SCRIPT)
     _train_in_process(script, tmp_path / "whole", monkeypatch, capsys)
-    killed = _train(script, "fresh", tmp_path / "killed", 12)  # checkpoints at 5 and 10
+    killed = _train(script, "fresh", tmp_path / "killed", kill)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     killed_dir = Path(killed.stdout.split()[0])
-    assert load_checkpoint(killed_dir / "checkpoints" / "a" / "latest.pt")["meta"]["step"] == 10
-    assert not (killed_dir / "checkpoints" / "b").exists()
-    resumed = _train(script, "resume", killed_dir, -1)
+    ckpt_b = killed_dir / "checkpoints" / "b" / "latest.pt"
+    if ckpt_step is not None:
+        assert load_checkpoint(killed_dir / "checkpoints" / "a" / "latest.pt")["meta"]["step"] \
+            == ckpt_step
+        assert not ckpt_b.exists()
+    else:
+        assert load_checkpoint(killed_dir / "checkpoints" / "a" / "latest.pt")["meta"]["finished"]
+        assert not ckpt_b.exists()
+        assert any(r["tag"] == "b" for r in _records(killed_dir))  # lost records exist
+    resumed = _train(script, "resume", killed_dir)
     assert resumed.returncode == 0, resumed.stderr
     (whole_dir,) = (tmp_path / "whole").iterdir()
     expected = _records(whole_dir)

@@ -122,6 +122,7 @@ def toy_package(tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "toy_for_tests.py").write_text(TOY)
     (folder / "broken_for_tests.py").write_text(BROKEN)
+    _registry.discover()  # the real registry is complete before it is copied and restored
     monkeypatch.setattr(experiments, "__path__", [*experiments.__path__, str(folder)])
     monkeypatch.setattr(_registry, "_DISCOVERED", False)
     monkeypatch.setattr(_registry, "_REGISTRY", dict(_registry._REGISTRY))
@@ -154,3 +155,30 @@ def test_launch_runs_writes_report_and_resumes(toy_package, tmp_path) -> None:
         launch(resume=run.path, quick=True)
     with pytest.raises(ConfigError, match="not a run folder"):
         launch(resume=tmp_path / "nothing")
+
+
+def test_tensorboard_writer_receives_every_numeric_metric(toy_package, tmp_path,
+                                                          monkeypatch) -> None:
+    """--tensorboard with a stand-in SummaryWriter (tensorboard itself is optional)."""
+    import sys
+    import types
+
+    calls: list[tuple[str, float, int]] = []
+
+    class Writer:
+        def __init__(self, log_dir: str) -> None:
+            self.log_dir = log_dir
+
+        def add_scalar(self, key: str, value: float, step: int) -> None:
+            calls.append((key, value, step))
+
+        def close(self) -> None:
+            calls.append(("closed", 0.0, 0))
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    run = launch("toy_for_tests", quick=True, tensorboard=True, out=tmp_path, report=False)
+    keys = {k for k, _, _ in calls}
+    assert {"sgd/loss", "sgd/train_acc", "sgd/passes", "closed"} <= keys
+    assert len([c for c in calls if c[0] == "sgd/loss"]) == len(run.metrics("sgd")) - 1

@@ -5,6 +5,7 @@ a DataLoader, weighted by batch size) or an operator / dense symmetric tensor, n
 the model, and returns a frozen dataclass.
 """
 
+from flatlab.curvature.density import DensityResult, spectral_density
 from flatlab.curvature.eigen import EigenResult, lanczos, power_iteration, top_eigenvalues
 from flatlab.curvature.hvp import (
     GGNOperator,
@@ -12,18 +13,51 @@ from flatlab.curvature.hvp import (
     ggn_operator,
     hessian_operator,
 )
+from flatlab.curvature.landscape import (
+    LandscapeResult,
+    filter_normalized_direction,
+    loss_landscape,
+    plot_landscape,
+)
 from flatlab.curvature.operator import DenseOperator, LinearOperator, as_operator
+from flatlab.curvature.sharpness import (
+    DomainSharpnessResult,
+    SharpnessResult,
+    average_sharpness,
+    domain_sharpness,
+    first_order_flatness,
+    gradient_norm,
+    worst_case_sharpness,
+)
+from flatlab.curvature.trace import TraceResult, hessian_trace, hutchinson, hutchpp
 
 __all__ = [
     "DenseOperator",
+    "DensityResult",
+    "DomainSharpnessResult",
     "EigenResult",
     "GGNOperator",
     "HessianOperator",
+    "LandscapeResult",
     "LinearOperator",
+    "SharpnessResult",
+    "TraceResult",
     "as_operator",
+    "average_sharpness",
+    "domain_sharpness",
+    "filter_normalized_direction",
+    "first_order_flatness",
+    "gradient_norm",
     "ggn_operator",
     "hessian_operator",
+    "hessian_trace",
+    "hutchinson",
+    "hutchpp",
     "lanczos",
+    "loss_landscape",
+    "plot_landscape",
     "power_iteration",
+    "spectral_density",
     "top_eigenvalues",
+    "worst_case_sharpness",
 ]

@@ -85,8 +85,8 @@ class _ModelOperator(LinearOperator):
     def _batch_products(self, primals, tangents, inputs, targets):  # pragma: no cover
         raise NotImplementedError
 
-    def _accumulate(self, V: torch.Tensor, batched: bool) -> torch.Tensor:
-        primals = tuple(p.detach() for p in self.params)
+    def _accumulate(self, V: torch.Tensor, batched: bool, point=None) -> torch.Tensor:
+        primals = tuple(p.detach() for p in (self.params if point is None else point))
         if batched:
             tangents = tuple(t.movedim(-1, 0) for t in unflatten_cols(V, self.params))
         else:
@@ -102,6 +102,12 @@ class _ModelOperator(LinearOperator):
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self._accumulate(v, batched=False)
+
+    def matvec_at(self, point: list[torch.Tensor], v: torch.Tensor) -> torch.Tensor:
+        """``A(w') v`` at other values ``w'`` of the selected parameters (shaped like them)."""
+        v = self._check(v, 1)
+        self.n_matvecs += 1
+        return self._accumulate(v, batched=False, point=point)
 
     def _matmat(self, V: torch.Tensor, chunk: int = 16) -> torch.Tensor:
         cols = []

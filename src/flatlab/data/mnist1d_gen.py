@@ -16,6 +16,10 @@ Arrays are cached as ``<cache_dir>/mnist1d/<key>.npz`` (written to a temporary f
 renamed, so a crash never leaves half a file; an unreadable cache file is regenerated).
 ``cache_dir`` defaults to ``$FLATLAB_CACHE`` if set, else ``~/.cache/flatlab``.
 
+With ``n=5000, seed=42`` the arrays are the reference generator's default draw: its train
+part followed by its test part (``make_dataset`` is called with ``train_split=1``; flatlab
+splits with its own seed).
+
 Shapes: ``x`` float32 ``(N, 40)``, ``y`` int64 ``(N,)`` with 10 classes, ``N = 10 * (n // 10)``.
 """
 

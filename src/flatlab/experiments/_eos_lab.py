@@ -89,9 +89,10 @@ class QuadraticRegression(nn.Module):
         return torch.arange(self.targets.shape[0]), self.targets
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        lin = self.jac[idx] @ self.theta  # (B,)
-        quad = torch.einsum("bpq,p,q->b", self.quad[idx], self.theta, self.theta)  # (B,)
-        return lin + 0.5 * quad
+        d, p = self.jac.shape
+        outer = torch.outer(self.theta, self.theta).reshape(p * p)  # (P*P,)
+        f = self.jac @ self.theta + 0.5 * (self.quad.reshape(d, p * p) @ outer)  # (D,)
+        return f[idx]  # (B,)
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,16 @@ class Lab:
         if res.diverged or skipped > 0:
             diverged_at = offset + res.steps
         return copy.deepcopy(model.state_dict()), recs, diverged_at
+
+
+def fmt(x: float, nd: int = 3) -> float:
+    """``x`` rounded for a report table (non-finite values kept)."""
+    return round(x, nd) if math.isfinite(x) else x
+
+
+def yes_no(flag: bool) -> str:
+    """A pass/fail cell: "yes" or "NO"."""
+    return "yes" if flag else "NO"
 
 
 def _number(value: Any) -> Any:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import sys
+import types
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +95,9 @@ def register(name: str, config_cls: type[BaseModel], help: str = "") -> Callable
     def decorator(fn: RunFn) -> RunFn:
         old = _REGISTRY.get(name)
         if old is not None and old.module != fn.__module__:
-            raise ValueError(f"experiment name must be unique, got {name!r} again in {fn.__module__}")
+            raise ValueError(
+                f"experiment name must be unique, got {name!r} again in {fn.__module__}"
+            )
         doc = help or (fn.__doc__ or "").strip().split("\n")[0]
         _REGISTRY[name] = Experiment(name, config_cls, fn, doc, fn.__module__)
         return fn
@@ -259,12 +263,28 @@ def describe_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str,
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows.extend(describe_fields(ann, f"{prefix}{key}."))
             continue
-        type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        type_name = _type_name(ann)
         if field.metadata:  # constraints such as gt=0 are part of the type a user must meet
             type_name += " (" + ", ".join(_constraint(m) for m in field.metadata) + ")"
         default = field.get_default(call_default_factory=True)
         rows.append((prefix + key, type_name, repr(default), field.description or ""))
     return rows
+
+
+def _type_name(ann: Any) -> str:
+    """A short readable type: ``int``, ``list[sgd|sam]``, ``Path | None``."""
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if origin is typing.Literal:
+        return "|".join(str(a) for a in args)
+    if origin is typing.Union or origin is types.UnionType:
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " | ".join(names) + (" | None" if type(None) in args else "")
+    if origin is not None:
+        inner = ", ".join(_type_name(a) for a in args)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
+    return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
 
 
 def _constraint(meta: Any) -> str:

@@ -17,7 +17,7 @@ steps and eigenvalue checks so the whole demo runs in well under a minute on 2 C
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,7 @@ class Config(ExperimentConfig):
     optimizers: list[OptimizerName] = Field(
         ["sgd", "sam", "gam"], description="optimizers to train, one run each")
     n: int = Field(4000, ge=100, description="MNIST-1D examples (70/10/20 train/val/test)")
-    data_dir: Optional[ExistingDir] = Field(
+    data_dir: ExistingDir | None = Field(
         None, description="existing folder to cache MNIST-1D in (default: flatlab's cache)")
     width: int = Field(64, ge=1, description="MLP hidden width")
     depth: int = Field(2, ge=1, description="MLP hidden layers")

@@ -30,24 +30,23 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from flatlab.data import digits, mnist1d, quadratic
+from flatlab.data import digits, mnist1d
 from flatlab.experiments import ExperimentConfig, Run, register
 from flatlab.experiments._eos_lab import (
     Lab,
     Phase,
-    QuadraticRegression,
     Trajectory,
     first_crossing,
-    half_mse,
+    fmt,
     mse_onehot,
     standardize,
     value_at,
     window_stats,
+    yes_no,
 )
+from flatlab.experiments._eos_toys import qrm_table, quadratic_table
 from flatlab.models import MLP
-from flatlab.optim.stability import edge_of_stability, sam_bounce_amplitude
 from flatlab.report import plots
-from flatlab.train import build_optimizer, fit
 
 
 class Config(ExperimentConfig):
@@ -62,7 +61,7 @@ class Config(ExperimentConfig):
     sam_rhos: list[float] = Field([0.005, 0.02], description="SAM radii (T5)")
     steps: int = Field(2000, ge=10, description="steps of the GD and switching runs")
     sam_steps: int = Field(1200, ge=10, description="steps of the USAM / SAM runs")
-    eig_every: int = Field(10, ge=1, description="measure lambda_max every k steps")
+    eig_every: int = Field(20, ge=1, description="measure lambda_max every k steps")
     eig_tol: float = Field(1e-3, gt=0, description="Lanczos relative residual tolerance")
     window_offset: int = Field(150, ge=0, description="window start after the first crossing")
     switch_rho: float = Field(0.02, gt=0, description="SAM radius of the switching study")
@@ -71,7 +70,7 @@ class Config(ExperimentConfig):
     late_usam_rho: float = Field(0.2, gt=0, description="USAM radius switched on late")
     rho_warmup: int = Field(300, ge=1, description="linear rho warm-up steps of late USAM")
     qrm_size: int = Field(50, ge=2, description="quadratic regression model: D = P")
-    qrm_steps: int = Field(6000, ge=10, description="quadratic regression model steps")
+    qrm_steps: int = Field(4000, ge=10, description="quadratic regression model steps")
     qrm_eig_every: int = Field(20, ge=1, description="QRM: lambda_max every k steps")
     quad_steps: int = Field(1500, ge=10, description="steps of each quadratic run")
     mnist1d: bool = Field(True, description="also run GD / USAM / SAM on MNIST-1D")
@@ -87,101 +86,6 @@ QUICK = dict(n_train=100, width=16, steps=60, sam_steps=40, eig_every=10, window
              qrm_eig_every=10, quad_steps=300, mnist1d_steps=30, sgd_batch=20, sgd_steps=20)
 
 TARGETS = {"gd": (0.97, 1.08), "usam": (0.95, 1.10), "sam": (0.95, 1.10)}
-
-
-def _r(x: float, nd: int = 3) -> float:
-    return round(x, nd) if math.isfinite(x) else x
-
-
-def _ok(flag: bool) -> str:
-    return "yes" if flag else "NO"
-
-
-# ------------------------------------------------------------------------------- T1
-def _quadratics(cfg: Config) -> tuple[list[dict], bool]:
-    """GD/USAM/SAM on rotated quadratics with λ_max placed at 0.99/1.01 of each edge."""
-    cases = [("gd", 0.1, 0.0), ("usam", 0.1, 0.05), ("usam", 0.01, 0.01), ("usam", 0.05, 0.5)]
-    rows, all_ok = [], True
-    for method, lr, rho in cases:
-        edge = edge_of_stability(method, lr, rho)
-        for frac in (0.99, 1.01):
-            ratio, div = _run_quadratic(cfg, method, lr, rho, frac * edge)[:2]
-            verdict = "diverged" if div or ratio > 1e2 else ("converged" if ratio < 1e-2 else "?")
-            ok = verdict == ("converged" if frac < 1 else "diverged")
-            all_ok &= ok
-            rows.append({"method": method, "lr": lr, "rho": rho, "λ_max/edge": frac,
-                         "edge": _r(edge, 4), "|θ_T|/|θ_0|": f"{ratio:.2e}", "outcome": verdict,
-                         "as predicted": _ok(ok)})
-    for lr_lam in (1.0, 1.8, 1.98, 2.02):
-        lr, rho = 0.1, 0.05
-        ratio, div, amp, gnorm = _run_quadratic(cfg, "sam", lr, rho, lr_lam / lr)
-        if lr_lam < 2:
-            pred = sam_bounce_amplitude(lr, lr_lam / lr, rho)
-            edge = edge_of_stability("sam", lr, rho, grad_norm=gnorm)
-            err_a, err_e = abs(amp / pred - 1), abs(edge / (lr_lam / lr) - 1)
-            ok = not div and err_a < 1e-3 and err_e < 1e-3
-            outcome = f"bounce A={amp:.5g} (pred {pred:.5g}); edge(|g|)/λ={edge / (lr_lam / lr):.5f}"
-        else:
-            ok = div or ratio > 1e2
-            outcome = "diverged" if ok else f"bounded ({ratio:.2e})"
-        all_ok &= ok
-        rows.append({"method": "sam", "lr": lr, "rho": rho, "λ_max/edge": f"ηλ={lr_lam}",
-                     "edge": "", "|θ_T|/|θ_0|": f"{ratio:.2e}", "outcome": outcome,
-                     "as predicted": _ok(ok)})
-    return rows, all_ok
-
-
-def _run_quadratic(cfg: Config, method: str, lr: float, rho: float, top: float):
-    d = 20
-    eigs = [top] + [top * (0.1 + 0.8 * i / (d - 2)) for i in range(d - 1)]
-    model = quadratic(eigs, seed=cfg.seed)
-    theta0 = model.theta.detach().clone()
-    if method == "gd":
-        opt = build_optimizer("sgd", model.parameters(), lr=lr)
-    else:
-        opt = build_optimizer(method, model.parameters(), lr=lr, rho=rho)
-    res = fit(model, opt, model.dummy_data(), steps=cfg.quad_steps, loss_fn=model.loss_fn,
-              progress=False, log_every=cfg.quad_steps)
-    theta = model.theta.detach()
-    diverged = res.diverged or getattr(opt, "skipped_steps", 0) > 0 or not bool(
-        torch.isfinite(theta).all())
-    ratio = float(theta.norm() / theta0.norm()) if not diverged else math.inf
-    evals, evecs = torch.linalg.eigh(model.A)
-    amplitude = float((evecs[:, -1] @ theta).abs())
-    grad_norm = float((model.A @ theta).norm())
-    return ratio, diverged, amplitude, grad_norm
-
-
-# ------------------------------------------------------------------------------- T2
-def _qrm(cfg: Config, run: Run) -> tuple[list[dict], dict[str, Trajectory]]:
-    size = cfg.qrm_size
-    dtype = getattr(torch, cfg.dtype)
-
-    def make() -> QuadraticRegression:
-        return QuadraticRegression(size, size, seed=cfg.seed, dtype=dtype)
-
-    lab = Lab(run, "qrm", make, make().data(), half_mse, cfg.qrm_eig_every, cfg.eig_tol)
-    n = cfg.qrm_steps
-    specs = [("GD η=2", Phase("gd", 2.0, n), (0.99, 1.01)),
-             ("GD η=1 (control)", Phase("gd", 1.0, n), (0.0, 0.99)),
-             ("USAM η=1 ρ=1", Phase("usam", 1.0, n, 1.0), (0.97, 1.03)),
-             ("USAM η=2 ρ=0.5", Phase("usam", 2.0, n, 0.5), (0.97, 1.03)),
-             ("USAM η=2 ρ=2 (known gap)", Phase("usam", 2.0, n, 2.0), None),
-             ("SAM η=2 ρ=0.02", Phase("sam", 2.0, n, 0.02), (0.98, 1.02)),
-             ("SAM η=1 ρ=0.05", Phase("sam", 1.0, n, 0.05), (0.98, 1.02))]
-    rows, trajs = [], {}
-    for name, ph, band in specs:
-        traj = lab.trajectory([ph])
-        trajs[name] = traj
-        st = window_stats(traj.points(), n // 2)
-        ok = band is not None and band[0] <= st["ratio"] <= band[1]
-        if name.startswith("SAM"):  # the note's SAM target: λ within 2% of the median edge
-            ok = band[0] <= st["lam"] / st["thr"] <= band[1]
-        rows.append({"run": name, "median threshold": _r(st["thr"]), "median λ_max": _r(st["lam"]),
-                     "λ/threshold (median)": _r(st["ratio"], 4),
-                     "band": "report" if band is None else f"[{band[0]}, {band[1]}]",
-                     "pass": "-" if band is None else _ok(ok)})
-    return rows, trajs
 
 
 # ------------------------------------------------------------------------------- data
@@ -219,11 +123,11 @@ def _plateau(traj: Trajectory, cfg: Config, phase: int | None = None) -> dict[st
 
 def _plateau_row(name: str, method: str, st: dict, extra: str = "") -> dict[str, Any]:
     lo, hi = TARGETS[method]
-    return {"run": name, "λ_0": _r(st["lam0"]), "first crossing (step)": st["cross"],
-            "peak": _r(st["peak"]), "median threshold": _r(st["thr"]),
-            "median λ_max": _r(st["lam"]), "median λ/threshold": _r(st["ratio"]),
-            "p5-p95": f"{_r(st['ratio_p5'])}-{_r(st['ratio_p95'])}", "band": f"[{lo}, {hi}]",
-            "pass": _ok(lo <= st["ratio"] <= hi) + extra, "window n": st["n"]}
+    return {"run": name, "λ_0": fmt(st["lam0"]), "first crossing (step)": st["cross"],
+            "peak": fmt(st["peak"]), "median threshold": fmt(st["thr"]),
+            "median λ_max": fmt(st["lam"]), "median λ/threshold": fmt(st["ratio"]),
+            "p5-p95": f"{fmt(st['ratio_p5'])}-{fmt(st['ratio_p95'])}", "band": f"[{lo}, {hi}]",
+            "pass": yes_no(lo <= st["ratio"] <= hi) + extra, "window n": st["n"]}
 
 
 def _fig(run: Run, name: str, histories: dict, x: str = "step", kind: str = "eig") -> str:
@@ -242,7 +146,8 @@ def _mlp_main(cfg: Config, run: Run, lab: Lab, which: str) -> tuple[dict, dict]:
     lr, res, trajs = cfg.lr, {}, {}
     for g_lr in cfg.gd_lrs:
         if g_lr == lr and cfg.late_start < cfg.steps:
-            phases = [Phase("gd", g_lr, cfg.late_start), Phase("gd", g_lr, cfg.steps - cfg.late_start)]
+            phases = [Phase("gd", g_lr, cfg.late_start),
+                      Phase("gd", g_lr, cfg.steps - cfg.late_start)]
         else:
             phases = [Phase("gd", g_lr, cfg.steps)]
         trajs[f"GD η={g_lr:g}"] = lab.trajectory(phases)
@@ -265,7 +170,8 @@ def _mlp_main(cfg: Config, run: Run, lab: Lab, which: str) -> tuple[dict, dict]:
             gd_ref = (traj, st)
         if method == "usam" and gd_ref is not None:
             below = st["lam"] / gd_ref[1]["lam"]
-            extra = f"; λ/GD plateau = {_r(below)} ({'below' if below < 0.9 else 'NOT clearly below'})"
+            verdict = "below" if below < 0.9 else "NOT clearly below"
+            extra = f"; λ/GD plateau = {fmt(below)} ({verdict})"
             res[f"{which}.{name}.vs_gd"] = below
         rows.append(_plateau_row(name, method, st, extra))
         res[f"{which}.{name}.ratio"] = st["ratio"]
@@ -276,7 +182,7 @@ def _mlp_main(cfg: Config, run: Run, lab: Lab, which: str) -> tuple[dict, dict]:
 
 
 def _far_from_home(cfg: Config, trajs: dict, gd_ref: tuple) -> list[dict]:
-    """T6: first step with λ >= 0.95·threshold, the loss there vs the final loss, GD at that step."""
+    """T6: first step with λ >= 0.95·threshold, the loss there vs the final, GD at that step."""
     gd_traj, gd_st = gd_ref
     gd_pts = gd_traj.points()
     rows = []
@@ -292,10 +198,10 @@ def _far_from_home(cfg: Config, trajs: dict, gd_ref: tuple) -> list[dict]:
         lam_gd, lam_gd_next = value_at(gd_pts, step), value_at(gd_pts, step + 50)
         rising = lam_gd_next > lam_gd and lam_gd < 0.95 * gd_st["thr"]
         ok = loss >= 3 * final and rising
-        rows.append({"run": name, "step": step, "loss there": _r(loss, 4),
-                     "final loss": _r(final, 4), "loss / final loss": _r(loss / final, 2),
-                     "GD λ at step (2/η)": f"{_r(lam_gd)} ({_r(gd_st['thr'])})",
-                     "GD λ 50 steps later": _r(lam_gd_next), "pass": _ok(ok)})
+        rows.append({"run": name, "step": step, "loss there": fmt(loss, 4),
+                     "final loss": fmt(final, 4), "loss / final loss": fmt(loss / final, 2),
+                     "GD λ at step (2/η)": f"{fmt(lam_gd)} ({fmt(gd_st['thr'])})",
+                     "GD λ 50 steps later": fmt(lam_gd_next), "pass": yes_no(ok)})
     return rows
 
 
@@ -316,7 +222,7 @@ def _gf_collapse(trajs: dict) -> tuple[str, float]:
         tb = value_at(pb, frac * tmax / lb)
         gaps.append(abs(ta - tb) / max(ta, tb))
     worst = max(gaps)
-    return f"max |Δλ|/λ over η·t in (0, {_r(tmax, 1)}] = {_r(worst, 4)}", worst
+    return f"max |Δλ|/λ over η·t in (0, {fmt(tmax, 1)}] = {fmt(worst, 4)}", worst
 
 
 def _switching(cfg: Config, lab: Lab) -> tuple[list[dict], dict, dict]:
@@ -341,35 +247,38 @@ def _switching(cfg: Config, lab: Lab) -> tuple[list[dict], dict, dict]:
     dt = back[0] - cfg.early_steps if back else math.nan
     ok = back is not None and dt <= 800
     rows.append({"run": "SAM early only", "switch step": cfg.early_steps,
-                 "λ at switch": _r(lam_sw), "target": f"λ >= 0.95·2/η = {_r(0.95 * gd_edge)}",
-                 "steps to reach it": dt, "final median λ (last 25%)":
-                     _r(window_stats(pts, int(T * 0.75))["lam"]), "pass": _ok(ok) + " (<= 800)"})
+                 "λ at switch": fmt(lam_sw), "target": f"λ >= 0.95·2/η = {fmt(0.95 * gd_edge)}",
+                 "steps to reach it": dt,
+                 "final median λ (last 25%)": fmt(window_stats(pts, int(T * 0.75))["lam"]),
+                 "pass": yes_no(ok) + " (<= 800)"})
     res["T7.early.steps_back"] = dt
     late = trajs["SAM late"]
     pts = late.points(1)
     hit = next(((s, lam, thr) for s, lam, thr, _ in pts if lam <= 1.10 * thr), None)
     dt = hit[0] - L if hit else math.nan
     fin = window_stats(pts, int(L + 0.5 * (T - L)))
-    rows.append({"run": "SAM late", "switch step": L, "λ at switch": _r(value_at(late.points(), L)),
+    rows.append({"run": "SAM late", "switch step": L,
+                 "λ at switch": fmt(value_at(late.points(), L)),
                  "target": "λ <= 1.10·edge(|g_t|)", "steps to reach it": dt,
-                 "final median λ (last 25%)": f"{_r(fin['lam'])} (edge {_r(fin['thr'])})",
-                 "pass": _ok(hit is not None and dt <= 600) + " (<= 600)"})
+                 "final median λ (last 25%)": f"{fmt(fin['lam'])} (edge {fmt(fin['thr'])})",
+                 "pass": yes_no(hit is not None and dt <= 600) + " (<= 600)"})
     res["T7.late.steps_to_edge"] = dt
     for name in ("USAM late, no warm-up", "USAM late, rho warm-up"):
         tr = trajs[name]
-        prod = cfg.lr * value_at(tr.points(), L) * (1 + cfg.late_usam_rho * value_at(tr.points(), L))
+        lam_sw = value_at(tr.points(), L)
+        prod = cfg.lr * lam_sw * (1 + cfg.late_usam_rho * lam_sw)
         fin = window_stats(tr.points(1), int(L + 0.75 * (T - L)))
         if tr.diverged_at is not None:
             outcome = f"diverged at step {tr.diverged_at} ({tr.diverged_at - L} after switch)"
         else:
-            outcome = f"stable; final median λ {_r(fin['lam'])} vs λ* {_r(fin['thr'])}"
+            outcome = f"stable; final median λ {fmt(fin['lam'])} vs λ* {fmt(fin['thr'])}"
         want_div = "no warm-up" in name
         ok = (tr.diverged_at is not None) if want_div else (tr.diverged_at is None)
-        rows.append({"run": name, "switch step": L, "λ at switch": _r(value_at(tr.points(), L)),
-                     "target": f"η λ (1+ρλ) = {_r(prod, 2)} at switch: "
+        rows.append({"run": name, "switch step": L, "λ at switch": fmt(value_at(tr.points(), L)),
+                     "target": f"η λ (1+ρλ) = {fmt(prod, 2)} at switch: "
                                + ("diverges" if want_div else "tamed by warm-up"),
                      "steps to reach it": "", "final median λ (last 25%)": outcome,
-                     "pass": _ok(ok)})
+                     "pass": yes_no(ok)})
         res[f"T7.{name}.diverged"] = tr.diverged_at is not None
     return rows, res, trajs
 
@@ -383,8 +292,8 @@ def _minibatch(cfg: Config, lab: Lab) -> tuple[list[dict], dict]:
     rows = []
     for name, tr in trajs.items():
         st = window_stats([(s, lam, 2 / lr, x) for s, lam, _, x in tr.points()], n // 2)
-        rows.append({"run": name, "median λ_max (2nd half)": _r(st["lam"]), "2/η": _r(2 / lr),
-                     "λ / (2/η)": _r(st["ratio"]), "final loss": _r(tr.final_loss(), 4)})
+        rows.append({"run": name, "median λ_max (2nd half)": fmt(st["lam"]), "2/η": fmt(2 / lr),
+                     "λ / (2/η)": fmt(st["ratio"]), "final loss": fmt(tr.final_loss(), 4)})
     return rows, trajs
 
 
@@ -411,13 +320,13 @@ def _run(cfg: Config, run: Run) -> dict:
                  "the gradient (ρ g). Window: from the first crossing + "
                  f"{cfg.window_offset} steps to the end of the run.")
 
-    rows, ok = _quadratics(cfg)
+    rows, ok = quadratic_table(cfg)
     results["T1.all_as_predicted"] = ok
     run.add_section("T1: quadratics", "20-dim rotated quadratics, λ_max set relative to each "
                     "edge; SAM bounce amplitude ηλρ/(2−ηλ) and the SAM edge at the bounce "
                     f"({cfg.quad_steps} steps).", table=rows)
 
-    rows, qtrajs = _qrm(cfg, run)
+    rows, qtrajs = qrm_table(cfg, run)
     results["T2.rows"] = len(rows)
     for r in rows:
         results[f"T2.{r['run']}"] = r["λ/threshold (median)"]
@@ -466,4 +375,4 @@ def _run(cfg: Config, run: Run) -> dict:
     run.add_section("Minibatch SGD vs SGD+SAM (not gated)",
                     "λ_max of the full-batch loss; with noise it settles below 2/η.", table=rows,
                     figures=[_fig(run, "minibatch_lambda", _hist(mtrajs))])
-    return {k: (_r(v, 4) if isinstance(v, float) else v) for k, v in results.items()}
+    return {k: (fmt(v, 4) if isinstance(v, float) else v) for k, v in results.items()}

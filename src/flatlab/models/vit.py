@@ -14,11 +14,11 @@ sparsity probe looks (Li et al., ICLR 2023 measured "lazy neurons" there in ViT-
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from flatlab._checks import check_positive_int
 from flatlab.models.activations import ActivationSpec
@@ -43,7 +43,10 @@ class SelfAttention(nn.Module):
         b, t, d = z.shape
         q, k, v = self.qkv(z).split(d, dim=2)  # 3 x (B, T, D)
         q, k, v = (u.view(b, t, self.heads, d // self.heads).transpose(1, 2) for u in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, D / heads)
+        # written out rather than F.scaled_dot_product_attention: the fused CPU kernel's
+        # backward has no derivative, and Hessian-vector products need double backward
+        w = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // self.heads), dim=-1)
+        y = w @ v  # (B, heads, T, T) @ (B, heads, T, D / heads) -> (B, heads, T, D / heads)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
 
 

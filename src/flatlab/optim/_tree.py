@@ -19,14 +19,18 @@ TensorList = Sequence[torch.Tensor]
 
 
 def global_norm(tensors: TensorList, p: float = 2.0) -> torch.Tensor:
-    """Return ``(sum_i ||t_i||_p^p)^(1/p)``, the p-norm of all tensors concatenated, as a 0-d tensor.
+    """Return ``(sum_i ||t_i||_p^p)^(1/p)``, the p-norm of all tensors concatenated (0-d tensor).
 
     Computed in float32 or higher (float64 stays float64). An empty list gives 0.
     """
     if len(tensors) == 0:
         return torch.zeros(())
     norms = torch._foreach_norm(list(tensors), p)
-    stacked = torch.stack([n.to(torch.promote_types(n.dtype, torch.float32)) for n in norms])
+    if all(n.dtype == norms[0].dtype for n in norms):  # the common case: one stack, one cast
+        stacked = torch.stack(norms)
+        stacked = stacked.to(torch.promote_types(stacked.dtype, torch.float32))
+    else:
+        stacked = torch.stack([n.to(torch.promote_types(n.dtype, torch.float32)) for n in norms])
     if p == float("inf"):
         return stacked.max()
     return torch.linalg.vector_norm(stacked, p)

@@ -21,9 +21,9 @@ DGSAM and SAGM get it identically:
 * **non-finite guard**: a non-finite loss or gradient skips the whole step (parameters and base
   state untouched) and increments ``opt.skipped_steps``; ``on_nonfinite="raise"`` raises;
 * **BatchNorm once per step**: during every pass after the first, the running statistics of
-  every ``BatchNorm``/``InstanceNorm`` module that runs (found by a scoped global forward
-  pre-hook, so no model is needed) are saved and copied back afterwards, including
-  ``num_batches_tracked``; only the unperturbed pass updates them;
+  every ``BatchNorm``/``InstanceNorm`` module that runs (found by wrapping the norm classes'
+  ``forward`` for the duration of the pass, so no model is needed) are saved and copied back
+  afterwards, including ``num_batches_tracked``; only the unperturbed pass updates them;
 * **clipping**: ``clip_grad_norm`` (a max norm) and/or ``descent_hook(params)`` act on the
   descent gradient only, right before the base step (clipping the ascent gradient of
   normalized SAM would be a no-op);
@@ -77,7 +77,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
-from flatlab._checks import check_choice, check_nonnegative, check_positive
+from flatlab._checks import check_choice, check_positive
 from flatlab.optim import _tree
 from flatlab.optim.schedules import Schedule, as_schedule
 
@@ -96,28 +96,49 @@ def frozen_norm_statistics() -> Iterator[None]:
     its running statistics (``running_mean``, ``running_var``, ``num_batches_tracked``): they
     are saved at the module's first call and copied back on exit. The forward still
     normalizes with the batch statistics, so gradients are those of the training-mode model.
+
+    Implementation: the ``forward`` of every ``_NormBase`` subclass that defines one is wrapped
+    for the duration of the block (a global module hook would do the same but puts every
+    module call of the model on PyTorch's slow hook path: 3 ms a step on a 120-module MLP).
     """
-    saved: dict[int, tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+    saved: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
-    def hook(module: nn.Module, args: Any) -> None:
-        if (
-            isinstance(module, nn.modules.batchnorm._NormBase)
-            and module.training
-            and module.track_running_stats
-            and id(module) not in saved
-        ):
-            bufs = [module.running_mean, module.running_var, module.num_batches_tracked]
-            saved[id(module)] = (module, [(b, b.clone()) for b in bufs if b is not None])
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            if module.training and module.track_running_stats and id(module) not in saved:
+                bufs = [module.running_mean, module.running_var, module.num_batches_tracked]
+                saved[id(module)] = [(b, b.clone()) for b in bufs if b is not None]
+            return original(module, *args, **kwargs)
 
-    handle = nn.modules.module.register_module_forward_pre_hook(hook)
+        return forward
+
+    patched = [(cls, cls.__dict__["forward"]) for cls in _norm_classes()]
+    for cls, original in patched:
+        cls.forward = wrap(original)
     try:
         yield
     finally:
-        handle.remove()
+        for cls, original in patched:
+            cls.forward = original
         with torch.no_grad():
-            for _, pairs in saved.values():
+            for pairs in saved.values():
                 for buf, copy in pairs:
                     buf.copy_(copy)
+
+
+def _norm_classes() -> list[type]:
+    """Every subclass of ``_NormBase`` (BatchNorm*, SyncBatchNorm, InstanceNorm*, user
+    subclasses) that defines its own ``forward``."""
+    out, stack, seen = [], [nn.modules.batchnorm._NormBase], set()
+    while stack:
+        cls = stack.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        stack.extend(cls.__subclasses__())
+        if "forward" in cls.__dict__:
+            out.append(cls)
+    return out
 
 
 class SharpnessAware(Optimizer):
@@ -204,6 +225,7 @@ class SharpnessAware(Optimizer):
         self._saved_key: tuple = ()
         self._saved_for: list[torch.Tensor] | None = None
         self._scale: float | None = None
+        self._dist = False
         # Optimizer.__init__ sets up hooks and step patching; it is given the base's groups
         # and then the group list itself is shared, never copied.
         super().__init__(self.base.param_groups, {})
@@ -251,11 +273,12 @@ class SharpnessAware(Optimizer):
         self._radii = {name: s(self.steps, self._lr()) for name, s in self._schedules.items()}
         self.steps += 1
         self._saved_for = None
+        self._dist = self._distributed()
         self._scale = float(self.grad_scaler.get_scale()) if self.grad_scaler else None
         try:
             loss = self._descent(closure)
             params, grads = self._params_and_grads()
-            if self.sync == "local" and self._distributed():
+            if self.sync == "local" and self._dist:
                 _allreduce_mean(grads)  # the one all-reduce of m-sharpness
             # finite iff its 2-norm is (an overflowing norm also counts as non-finite); the
             # inf-norm would be exact but costs 5x more on CPU
@@ -326,15 +349,18 @@ class SharpnessAware(Optimizer):
                 stack.enter_context(_backward_with_graph())
             stack.enter_context(torch.enable_grad())
             loss = closure()
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if any(gr.is_sparse for gr in grads):
-            raise ValueError(
-                f"{type(self).__name__} does not support sparse gradients, got a sparse gradient"
-            )
-        if self._scale is not None:
-            torch._foreach_mul_(grads, 1.0 / self._scale)
-        if self.sync == "global" and self._distributed() and self._ddp() is None:
-            _allreduce_mean(grads)
+        reduce = self.sync == "global" and self._dist and self._ddp() is None
+        if first or self._scale is not None or reduce:
+            _, grads = self._params_and_grads()
+            if first and any(gr.is_sparse for gr in grads):
+                raise ValueError(
+                    f"{type(self).__name__} does not support sparse gradients, got a sparse "
+                    "gradient"
+                )
+            if self._scale is not None:
+                torch._foreach_mul_(grads, 1.0 / self._scale)
+            if reduce:
+                _allreduce_mean(grads)
         if loss is not None and not isinstance(loss, torch.Tensor):
             loss = torch.as_tensor(loss)
         return loss
@@ -351,7 +377,7 @@ class SharpnessAware(Optimizer):
             items.append(loss.detach().reshape(()).double())
         stacked = torch.stack(items) if items else torch.zeros(1, dtype=torch.float64)
         finite = torch.isfinite(stacked).all().double()
-        if self._distributed() and self.sync == "local":
+        if self._dist and self.sync == "local":
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         out = torch.cat([stacked, finite.reshape(1)]).tolist()
         if out[-1] != 1.0:

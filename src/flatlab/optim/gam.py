@@ -3,7 +3,7 @@
 Zhang, Xu, Yu, Zou, Cui, "Gradient Norm Aware Minimization Seeks First-Order Flatness and
 Improves Generalization", CVPR 2023, arXiv 2303.03108. GAM minimizes
 
-    L(theta) + alpha * R1(theta),    R1(theta) = rho * max_{||theta' - theta|| <= rho} ||grad L(theta')||
+    L(theta) + alpha * R1(theta),   R1(theta) = rho * max_{||t - theta|| <= rho} ||grad L(t)||
 
 (first-order flatness). theta is a list of tensors of any shapes, flattened into one vector
 for norms and inner products; H is the Hessian of the minibatch loss; u^ = u / (||u|| + xi).
@@ -14,7 +14,8 @@ for norms and inner products; H is the Hessian of the minibatch loss; u^ = u / (
     f     = H(theta) g^                            one HVP: gradient of ||grad L|| at theta
     t_adv = theta + rho f^                         the point of largest gradient norm
     h     = H(t_adv) g(t_adv)^                     second gradient + HVP
-    d     = g_0 + alpha rho h                      g_0 = g; for SAM+GAM, g_0 = grad L(theta + rho_sam g^)
+    d     = g_0 + alpha rho h                      g_0 = g (GAM)
+                                                   g_0 = grad L(theta + rho_sam g^) (SAM+GAM)
 
 ``hvp="finite_difference"`` (the "accelerated" Algorithm 2 of the appendix, the one the public
 code ships; H v ~ (grad L(theta + rho' v) - grad L(theta)) / rho', 4 passes)::
@@ -82,7 +83,8 @@ def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
     if not a:
         return torch.zeros(())
     prods = torch._foreach_mul(a, b)
-    return torch.stack([t.sum().to(torch.promote_types(t.dtype, torch.float32)) for t in prods]).sum()
+    sums = [t.sum().to(torch.promote_types(t.dtype, torch.float32)) for t in prods]
+    return torch.stack(sums).sum()
 
 
 class GAM(SharpnessAware):

@@ -32,7 +32,9 @@ from typing import Any
 
 from flatlab._checks import check_nonnegative, check_positive_int, check_real
 
-__all__ = ["Constant", "CosineWarmup", "LinearWarmup", "ProportionalToLR", "Schedule", "as_schedule"]
+__all__ = [
+    "Constant", "CosineWarmup", "LinearWarmup", "ProportionalToLR", "Schedule", "as_schedule",
+]
 
 
 class Schedule:

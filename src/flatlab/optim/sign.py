@@ -120,7 +120,7 @@ class SignSGD(_Simple):
         bufs = None
         if group["momentum"] != 0:
             bufs = []
-            for p, g in zip(params, grads):
+            for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)

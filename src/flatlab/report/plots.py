@@ -74,7 +74,9 @@ def curves(
     return fig
 
 
-_EDGES = (("edge_gd", "2/lr", "--"), ("edge_usam", "USAM edge", ":"), ("edge_sam", "SAM edge", "-."))
+_EDGES = (
+    ("edge_gd", "2/lr", "--"), ("edge_usam", "USAM edge", ":"), ("edge_sam", "SAM edge", "-."),
+)
 
 
 def eigenvalue_plot(histories: Mapping[str, Records], *, x: str = "step") -> plt.Figure:

@@ -4,7 +4,8 @@ The HTML page is self-contained: figures are inlined as base64 PNG ``data:`` URI
 one ``<style>`` block, there is no script, so it opens anywhere (and in a headless browser
 without console errors). The Markdown twin links the same PNGs by relative path. Page order:
 what ran (experiment, folder, status), the headline results (the ``done`` marker), the
-experiment's sections, training curves of every ``fit`` tag, then the full resolved config.
+experiment's sections, training curves of every ``fit`` tag (when the experiment drew no
+figures itself), then the full resolved config.
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     status = "finished" if run.done else "incomplete (no done marker)"
     results = run.results()
     sections = run.sections()
-    auto = _auto_figures(run)
+    # automatic curves only when the experiment drew no figures itself (no duplicates)
+    auto = [] if any(sec.get("figures") for sec in sections) else _auto_figures(run)
     tags = sorted({str(r.get("tag")) for r in run.metrics() if "tag" in r})
 
     h = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -174,6 +176,29 @@ def _final(records: Sequence[Mapping[str, Any]], key: str) -> Any:
     return None
 
 
+def experiment_summaries(runs: Sequence[Run | str | Path]) -> list[dict[str, Any]]:
+    """Rows of each run's own results table, for experiments that define one.
+
+    An experiment module may define ``summary_rows(records) -> rows`` (e.g. the flatness
+    study's mean ± s.e. over seeds); ``flatlab compare`` then rebuilds that table from the
+    run folder's ``metrics.jsonl`` alone, each row labelled with its run folder.
+    """
+    import importlib
+
+    out: list[dict[str, Any]] = []
+    for run in runs:
+        run = run if isinstance(run, Run) else Run.open(run)
+        name = run.experiment
+        try:
+            module = importlib.import_module(f"flatlab.experiments.{name}") if name else None
+        except ImportError:
+            module = None
+        summary = getattr(module, "summary_rows", None)
+        if callable(summary):
+            out += [{"run": run.path.name, **row} for row in summary(run.metrics())]
+    return out
+
+
 def compare_runs(
     run_dirs: Sequence[str | Path], out: str | Path | None = None
 ) -> tuple[list[dict[str, Any]], Path]:
@@ -210,6 +235,7 @@ def compare_runs(
         for k in metric_keys + (["lambda_max"] if "lambda_max" in keys else []):
             row[k] = _final(recs, k)
         rows.append(row)
+    summaries = experiment_summaries(runs)
     fig_paths = []
     fig = plots.curves(histories, metric_keys[:3])
     fig_paths.append(out_dir / "plots" / "compare_curves.png")
@@ -222,9 +248,15 @@ def compare_runs(
         plots.plt.close(fig)
     h = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>flatlab "
          f"compare</title><style>{_CSS}</style></head><body><h1>flatlab compare</h1>",
-         "<h2>Final metrics</h2>", _html_table(rows), "<h2>Curves</h2>"]
+         "<h2>Final metrics</h2>", _html_table(rows)]
+    if summaries:
+        h += ["<h2>Results tables of the experiments</h2>", _html_table(summaries)]
+    h += ["<h2>Curves</h2>"]
     h += [_img(p, p.stem) for p in fig_paths] + ["</body></html>"]
-    m = ["# flatlab compare", "", "## Final metrics", "", _md_table(rows), "", "## Curves", ""]
+    m = ["# flatlab compare", "", "## Final metrics", "", _md_table(rows), ""]
+    if summaries:
+        m += ["## Results tables of the experiments", "", _md_table(summaries), ""]
+    m += ["## Curves", ""]
     m += [f"![{p.stem}]({p.relative_to(out_dir)})" for p in fig_paths]
     atomic_write_text(out_dir / "compare.html", "\n".join(h) + "\n")
     atomic_write_text(out_dir / "compare.md", "\n".join(m) + "\n")

@@ -28,7 +28,6 @@ from typing import Any
 import torch
 
 
-
 class ConfigError(ValueError):
     """A user-facing configuration problem; the CLI prints its message and exits with 2."""
 
@@ -52,7 +51,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
+    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (never half-written)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as fh:
         fh.write(text)
@@ -145,7 +144,8 @@ class Run:
         if self.tensorboard is not None and "step" in rec:
             tag = rec.get("tag", "train")
             for key, value in rec.items():
-                if isinstance(value, (int, float)) and key != "step" and not isinstance(value, bool):
+                number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if number and key != "step":
                     self.tensorboard.add_scalar(f"{tag}/{key}", value, rec["step"])
         return rec
 

@@ -1,0 +1,45 @@
+"""``flatlab run sde --quick`` end to end: run folder, figures, results table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flatlab.experiments import get, launch
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_sde_quick_end_to_end(tmp_path, restore_threads):
+    run = launch("sde", quick=True, out=tmp_path,
+                 overrides=["sigmas=[1.0,4.0]", "nus=[1.0]", "adamw_sigmas=[1.0,16.0]",
+                            "adamw_free_sigmas=[1.0,4.0]", "scaling_deltas=[4]",
+                            "steps=400", "scaling_steps=800", "network_steps=10"])
+    assert run.done
+    plots = {p.stem for p in (run.path / "plots").glob("*.png")}
+    assert {"trajectories", "noise_scaling", "heavy_tails", "adamw_weight_decay",
+            "scaling_rule", "adamw_sde", "network"} <= plots
+    report = (run.path / "report.md").read_text()
+    for title in ("Results", "T1: SignSGD against its SDE", "T5: scaling rule"):
+        assert title in report
+    done = json.loads((run.path / "done").read_text()) if (run.path / "done").is_file() else {}
+    records = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("tag") == "t1" for r in records)
+    results = done.get("results", done)
+    assert results["targets_total"] > 10 and 0 <= results["targets_passed"] <= results[
+        "targets_total"]
+
+
+def test_sde_config_rejects_bad_values():
+    cfg_cls = get("sde").config_cls
+    with pytest.raises(ValueError):
+        cfg_cls(lr=-1.0)
+    with pytest.raises(ValueError):
+        cfg_cls(paths=1)
