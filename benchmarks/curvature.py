@@ -23,6 +23,7 @@ import argparse
 import copy
 import importlib
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -130,7 +131,8 @@ def eig_table(model, x, y, truth_desc, targets):
             for name, runs in (("PyHessian", ph_runs), ("flatlab Lanczos", fl_runs)):
                 best = cheapest(runs, truth, target)
                 if best is None:
-                    rows.append((f"top-{k}", f"{name} @ {target:g}", float("nan"), -1, float("nan")))
+                    nan = float("nan")
+                    rows.append((f"top-{k}", f"{name} @ {target:g}", nan, -1, nan))
                 else:
                     n, t, e = best
                     rows.append((f"top-{k}", f"{name} @ {target:g}", e, n, t))
@@ -184,6 +186,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=10)
     args = parser.parse_args()
+    # PyHessian calls backward(create_graph=True), which makes torch warn about a reference cycle
+    warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
     torch.set_num_threads(args.threads)
     model, x, y = build()
     n_params = sum(p.numel() for p in model.parameters())

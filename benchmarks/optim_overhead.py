@@ -20,6 +20,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import statistics
 import time
@@ -98,6 +99,8 @@ def _clone(model: nn.Module) -> nn.Module:
 
 
 def measure(steppers: dict[str, Callable[[], None]], rounds: int, steps: int, seed: int) -> dict:
+    """Median per-step time of each method; the garbage collector runs between rounds only
+    (as in ``timeit``), so a collection does not land in one method's timing."""
     rng = random.Random(seed)
     times: dict[str, list[float]] = {name: [] for name in steppers}
     names = list(steppers)
@@ -106,11 +109,16 @@ def measure(steppers: dict[str, Callable[[], None]], rounds: int, steps: int, se
             steppers[name]()
     for _ in range(rounds):
         rng.shuffle(names)
-        for name in names:
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                steppers[name]()
-                times[name].append(time.perf_counter() - t0)
+        gc.collect()
+        gc.disable()
+        try:
+            for name in names:
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    steppers[name]()
+                    times[name].append(time.perf_counter() - t0)
+        finally:
+            gc.enable()
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 

@@ -51,7 +51,7 @@ def dense_hessian(model: nn.Module, loss_fn, data, names=None) -> torch.Tensor:
     return torch.autograd.functional.hessian(f, flatten(like), vectorize=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def problem(activation: str):
     """(model float64, batches, dense H) for a tanh or ReLU MLP, built once per session."""
     model = make_mlp(activation)
@@ -74,7 +74,7 @@ def mlp_problem(request):
     return problem(request.param)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dense_eigh(activation: str):
     """Eigendecomposition of :func:`problem`'s dense Hessian (cached)."""
     return torch.linalg.eigh(problem(activation)[2])

@@ -38,7 +38,8 @@ def test_unequal_batches_equal_concatenation():
     whole = hessian_operator(model, CE, concat(data)).matvec(v)
     torch.testing.assert_close(split, whole, rtol=0, atol=1e-12)
     # a DataLoader over the same examples gives the same operator
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*concat(data)), batch_size=9)
+    dataset = torch.utils.data.TensorDataset(*concat(data))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=9)
     torch.testing.assert_close(hessian_operator(model, CE, loader).matvec(v), whole, rtol=0,
                                atol=1e-12)
 
@@ -120,8 +121,10 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="empty batch"):
         hessian_operator(model, CE, (torch.zeros(0, 8, dtype=torch.float64),
                                      torch.zeros(0, dtype=torch.long)))
-    op = hessian_operator(model, lambda out, y: nn.functional.cross_entropy(out, y, reduction="none"),
-                          data)
+    def per_example(out, y):
+        return nn.functional.cross_entropy(out, y, reduction="none")
+
+    op = hessian_operator(model, per_example, data)
     with pytest.raises(ValueError, match="loss_fn must return a scalar"):
         op.matvec(torch.ones(op.shape[0], dtype=torch.float64))
     stranger = nn.Parameter(torch.zeros(3))

@@ -62,6 +62,9 @@ def test_trace_of_model_operator_matches_dense_estimator():
     b = hessian_trace(H, probes=12, method="hutchinson", seed=3)
     assert abs(a.value - b.value) < 1e-9
     assert op.n_matvecs == 12
+    # the (model, loss_fn, data) positional form, as the training callbacks call it
+    c = hessian_trace(model, CE, data, probes=12, method="hutchinson", seed=3)
+    assert abs(c.value - a.value) < 1e-9
 
 
 def test_trace_exact_when_budget_covers_dimension():
@@ -102,7 +105,7 @@ def test_slq_quadrature_exact_for_low_degree_polynomials():
 
 def test_slq_on_model_and_errors():
     model, data, H = problem("tanh")
-    d = spectral_density(model, steps=10, loss_fn=CE, data=data)
+    d = spectral_density(model, CE, data, steps=10)
     truth = torch.linalg.eigvalsh(H)
     # extreme Ritz values lie inside the spectrum and approach its ends
     assert truth[0] - 1e-9 <= d.nodes.min() and d.nodes.max() <= truth[-1] + 1e-9

@@ -75,6 +75,9 @@ def test_spectral_concentration_known_singular_values() -> None:
     assert res.ratio["k"] == pytest.approx(10.0)
     assert res.rank["k"] == 3 and res.shapes["k"] == (6, 3)
     assert res.normalized["k"] == pytest.approx(10.0 / marchenko_pastur_ratio(6, 3))
+    # the authors' rule: s^2 > 0.1 mean(s^2) = 0.1 * 29.25 / 3 drops 0.5 (0.25 < 0.975)
+    mean_sq = spectral_concentration(weights={"k": w}, rtol=0.1, relative_to="mean_sq")
+    assert mean_sq.ratio["k"] == pytest.approx(2.5) and mean_sq.rank["k"] == 2
     low = u[:, :2] @ torch.diag(torch.tensor([4.0, 1.0], dtype=torch.float64)) @ v[:, :2].T
     assert spectral_concentration(weights={"k": low}).ratio["k"] == pytest.approx(4.0)
 

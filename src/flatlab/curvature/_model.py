@@ -53,7 +53,8 @@ def resolve_params(
         for i, item in enumerate(items):
             if isinstance(item, str):
                 if item not in named:
-                    raise ValueError(f"params[{i}] must name a parameter of the model, got {item!r}")
+                    raise ValueError(
+                        f"params[{i}] must name a parameter of the model, got {item!r}")
                 names.append(item)
             elif isinstance(item, torch.Tensor):
                 if id(item) not in by_id:
@@ -63,7 +64,8 @@ def resolve_params(
                     )
                 names.append(by_id[id(item)])
             else:
-                raise TypeError(f"params[{i}] must be a tensor or a name, got {type(item).__name__}")
+                raise TypeError(
+                    f"params[{i}] must be a tensor or a name, got {type(item).__name__}")
         names = list(dict.fromkeys(names))  # drop duplicates, keep order
     if not names:
         raise ValueError("params must select at least one parameter, got none")

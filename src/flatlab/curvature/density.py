@@ -81,21 +81,22 @@ def _lanczos_quadrature(op, v: torch.Tensor, steps: int) -> tuple[torch.Tensor, 
 
 def spectral_density(
     op_or_model: Any,
+    loss_fn: Any = None,
+    data: Any = None,
+    *,
     steps: int = 80,
     runs: int = 1,
-    *,
     sigma: float | None = None,
     grid_points: int = 1000,
     seed: int = 0,
-    loss_fn: Any = None,
-    data: Any = None,
     params: Any = None,
     eval_mode: bool = True,
 ) -> DensityResult:
     """Estimate the spectral density of a Hessian (or operator) by SLQ.
 
     Args:
-        op_or_model: an operator, a square tensor, or a model (with ``loss_fn`` and ``data``).
+        op_or_model: an operator, a square tensor, or a model (with ``loss_fn`` and ``data``,
+            positional or by keyword).
         steps: Lanczos steps per run (capped at ``n``).
         runs: number of random probes averaged.
         sigma: width of the Gaussian smoothing (default 1% of the spectral range).

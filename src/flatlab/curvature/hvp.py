@@ -14,7 +14,8 @@ the operator on their concatenation. Each per-batch product is computed with
 :mod:`torch.func` forward-over-reverse, ``jvp(grad(L_b), (w,), (v,))`` (Pearlmutter 1994;
 the ``R{}`` operator) or with double backward
 (``autograd.grad(autograd.grad(L_b, w, create_graph=True), w, v)``), which is faster for small
-models on CPU and the fallback for modules without forward-mode support. No autograd graph lives beyond one batch of one product.
+models on CPU and the fallback for modules without forward-mode support. No autograd graph
+lives beyond one batch of one product.
 
 The generalized Gauss-Newton matrix (Schraudolph 2002) replaces the Hessian of the network
 by its linearization:  ``G v = sum_b (n_b / N) J_b^T H_{ell,b} J_b v``, with ``J_b`` the
@@ -67,7 +68,8 @@ class _ModelOperator(LinearOperator):
         device, dtype = model_device_dtype(tensors)
         super().__init__(sum(t.numel() for t in tensors), dtype, device)
         if data is None:
-            raise ValueError("data must be a tensor pair, a list of pairs or a DataLoader, got None")
+            raise ValueError(
+                "data must be a tensor pair, a list of pairs or a DataLoader, got None")
         next(iter(batches(data)))  # fail now on empty or malformed data
         self.model, self.data, self.names = model, data, names
         self.params = tensors

@@ -108,20 +108,21 @@ def hutchpp(op: Any, probes: int = 99, *, seed: int = 0, block: int = 16) -> Tra
 
 def hessian_trace(
     op_or_model: Any,
-    probes: int = 99,
-    method: str = "hutch++",
-    *,
-    seed: int = 0,
-    block: int = 16,
     loss_fn: Any = None,
     data: Any = None,
+    *,
+    probes: int = 99,
+    method: str = "hutch++",
+    seed: int = 0,
+    block: int = 16,
     params: Any = None,
     eval_mode: bool = True,
 ) -> TraceResult:
     """Estimate ``tr(H)`` with ``probes`` Hessian-vector products.
 
     Args:
-        op_or_model: an operator, a square tensor, or a model (with ``loss_fn`` and ``data``).
+        op_or_model: an operator, a square tensor, or a model (with ``loss_fn`` and ``data``,
+            positional or by keyword).
         probes: number of products (the total budget for Hutch++).
         method: ``"hutch++"`` (default) or ``"hutchinson"``.
         seed: seed of the probes; block: probes per batched product.

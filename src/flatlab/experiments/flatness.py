@@ -99,9 +99,10 @@ class Config(ExperimentConfig):
                                 "decoupled; AdamW uses 100x this value)")
     sam_rhos: list[float] = Field([0.02, 0.05], description="SAM radius grid")
     asam_rhos: list[float] = Field([0.2, 0.5], description="ASAM radius grid")
-    gam_rhos: list[float] = Field([0.02, 0.05], description="GAM radius grid (rho of R1)")
+    gam_rhos: list[float] = Field([0.05, 0.2], description="GAM radius grid (rho of R1)")
     gam_alpha: float = Field(0.6, ge=0, le=1, description="GAM alpha (weight of g1 in h+)")
-    gam_fd_rho: float = Field(0.01, ge=0, description="GAM finite-difference radius rho'")
+    gam_fd_rho: float = Field(0.02, ge=0, description="GAM finite-difference radius rho'")
+    samgam_sam_rho: float = Field(0.05, ge=0, description="SAM radius inside SAM+GAM")
     measure_examples: int = Field(1000, ge=10, description="training examples for curvature")
     sharpness_rho: float = Field(0.05, ge=0, description="radius of worst-case sharpness "
                                  "and first-order flatness")
@@ -177,8 +178,10 @@ def _make_optimizer(cfg: Config, opt: str, model: nn.Module, lr: float, rho: flo
     if name != base:
         kw["base"] = base
         kw["rho"] = rho
-        if name in ("gam", "samgam"):
+        if name == "gam":
             kw.update(alpha=cfg.gam_alpha, fd_rho=cfg.gam_fd_rho)
+        elif name == "samgam":
+            kw.update(alpha=cfg.gam_alpha, sam_rho=cfg.samgam_sam_rho)
     return build_optimizer(name, model.parameters(), **kw)
 
 
@@ -225,7 +228,7 @@ def measure(model: nn.Module, splits: Any, cfg: Config) -> dict[str, float]:
     out["gen_gap"] = out["train_acc"] - out["test_acc"]
     out["lambda_max"] = float(top_eigenvalues(model, k=1, loss_fn=loss_fn, data=data).values[0])
     probes = 9 if cfg.quick else cfg.trace_probes
-    out["trace"] = float(hessian_trace(model, probes, loss_fn=loss_fn, data=data).value)
+    out["trace"] = float(hessian_trace(model, loss_fn, data, probes=probes).value)
     steps = 3 if cfg.quick else 10
     out["sharpness_worst"] = float(worst_case_sharpness(
         model, loss_fn, data, rho=cfg.sharpness_rho, steps=steps).value)

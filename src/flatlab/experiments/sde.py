@@ -59,9 +59,9 @@ def _check(ok: bool) -> str:
 @register("sde", Config, help="optimizer SDEs (SGD, SignSGD, RMSpropW, AdamW) vs the optimizers")
 def run(cfg: Config, run: Run) -> dict:
     q = cfg.quick
-    toy = T.Toy(lr=cfg.lr, dim=cfg.dim, paths=min(cfg.paths, 200) if q else cfg.paths,
+    toy = T.Toy(lr=cfg.lr, dim=cfg.dim, paths=min(cfg.paths, 100) if q else cfg.paths,
                 seed=cfg.seed)
-    steps = min(cfg.steps, 1500) if q else cfg.steps
+    steps = min(cfg.steps, 1000) if q else cfg.steps
     rows: list[dict] = []
 
     def row(target, quantity, measured, predicted, criterion, ok):
@@ -120,7 +120,8 @@ def run(cfg: Config, run: Run) -> dict:
     fig, ax = plt.subplots(figsize=(6.0, 4.0))
     ax.plot(t3["sgd_times"], t3["sgd_mean"], label=f"SGD, nu={t3['sgd_nu']}: mean over paths")
     ax.plot(t3["sgd_times"], t3["sgd_median"], label="SGD: median over paths")
-    ax.axhline(t3["signsgd"][0]["measured"], color="C2", ls="--", label="SignSGD: mean (stationary)")
+    ax.axhline(t3["signsgd"][0]["measured"], color="C2", ls="--",
+               label="SignSGD: mean (stationary)")
     ax.set(yscale="log", xlabel="t = k lr", ylabel="loss", title="Student-t noise")
     ax.legend(fontsize=7)
     run.add_section("T3: heavy-tailed noise", f"SGD under nu={t3['sgd_nu']} noise has no stable "
@@ -216,8 +217,6 @@ def run(cfg: Config, run: Run) -> dict:
     return {"targets_passed": passed, "targets_total": len(rows),
             "signsgd_slope": t2["signsgd"]["slope"], "sgd_slope": t2["sgd"]["slope"],
             "t1_mean_gap_max": max(t1["mean_gap"]), "paths": toy.paths, "steps": steps,
-            "failed": "; ".join(f"{r['target']} {r['quantity']}" for r in rows
-                                if r["result"] != "pass")[:500] or "none",
             "sigma_cross": _cross(cfg.sigmas, t2)}
 
 

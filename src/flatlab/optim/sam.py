@@ -123,7 +123,7 @@ class SAM(SharpnessAware):
         self._save_point(params)
         with torch.no_grad():
             torch._foreach_add_(params, direction, alpha=scale)
-        del direction
+        del direction, grads  # let pass 2 reuse the memory of the first gradient
         self._pass(closure)
         self._restore_point(params)
         return loss

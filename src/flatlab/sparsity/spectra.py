@@ -7,7 +7,8 @@ each weight
 
 .. code-block:: text
 
-    ratio    = s_max / s_min,nz     over singular values s_i > rtol * s_max  ("nonzero")
+    ratio    = s_max / s_min,nz     over singular values s_i > rtol * s_max  ("nonzero"; or
+                                    s_i^2 > rtol * mean(s^2), the authors' rule)
     baseline = (1 + sqrt(c)) / (1 - sqrt(c)),   c = min(m, n) / max(m, n)
 
 where ``baseline`` is the ratio of the edges of the Marchenko-Pastur law for an ``m x n``
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from flatlab._checks import check_in_range
+from flatlab._checks import check_choice, check_in_range
 from flatlab.sparsity._discovery import neighbour_linear, resolve_modules
 
 
@@ -78,18 +79,24 @@ def spectral_concentration(
     weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | None = None,
     *,
     rtol: float = 1e-6,
+    relative_to: str = "max",
 ) -> SpectralConcentration:
     """Largest over smallest nonzero singular value of each weight, with its MP baseline.
 
     Args:
         model: network whose key weights are used (ignored if ``weights`` is given).
         weights: name -> 2-d tensor, to choose the matrices.
-        rtol: singular values ``<= rtol * s_max`` count as zero, in ``[0, 1)``.
+        rtol: the "nonzero" threshold, in ``[0, 1)``.
+        relative_to: ``"max"``: ``s_i > rtol * s_max`` (numerical rank, the default);
+            ``"mean_sq"``: ``s_i^2 > rtol * mean(s^2)``, the authors' rule on the
+            eigenvalues of ``K K^T`` (they use ``rtol = 0.1``), which drops directions that
+            weight decay has shrunk.
 
     Raises:
         ValueError: neither model nor weights, a weight that is not 2-d, or a zero matrix.
     """
     rtol = check_in_range("rtol", rtol, 0.0, 1.0)
+    check_choice("relative_to", relative_to, ("max", "mean_sq"))
     if weights is None:
         if model is None:
             raise ValueError("spectral_concentration needs a model or weights, got neither")
@@ -102,7 +109,10 @@ def spectral_concentration(
         s = torch.linalg.svdvals(w.detach().double())
         if not s[0] > 0:
             raise ValueError(f"weights[{name!r}] must be nonzero, got a zero matrix")
-        nz = s[s > rtol * s[0]]
+        if relative_to == "max":
+            nz = s[s > rtol * s[0]]
+        else:
+            nz = s[s**2 > rtol * (s**2).mean()]
         ratio[name] = float(nz[0] / nz[-1])
         base[name] = marchenko_pastur_ratio(*w.shape)
         norm[name] = ratio[name] / base[name] if math.isfinite(base[name]) else 0.0
