@@ -173,11 +173,14 @@ def trace_table(model, x, y, truth, reps):
     same = max(3, int(round(ph_n)))
     e, t = ours(same)
     rows.append(("trace", "flatlab Hutch++ same products", e, same, t))
+    sweep = []
     for probes in (6, 9, 12, 15, 21, 30, 45, 60, 90, 120, 180, 240):
         e, t = ours(probes)
+        sweep.append(f"{probes}: {e:.2e}")
         if e <= ph_rms:
             rows.append(("trace", "flatlab Hutch++ at PyHessian's error", e, probes, t))
             break
+    print("Hutch++ RMS relative error by products:", ", ".join(sweep))
     return rows
 
 

@@ -98,7 +98,10 @@ def _clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
-def measure(steppers: dict[str, Callable[[], None]], rounds: int, steps: int, seed: int) -> dict:
+def measure(
+    steppers: dict[str, Callable[[], None]], rounds: int, steps: int, seed: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict:
     """Median per-step time of each method; the garbage collector runs between rounds only
     (as in ``timeit``), so a collection does not land in one method's timing."""
     rng = random.Random(seed)
@@ -114,9 +117,9 @@ def measure(steppers: dict[str, Callable[[], None]], rounds: int, steps: int, se
         try:
             for name in names:
                 for _ in range(steps):
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     steppers[name]()
-                    times[name].append(time.perf_counter() - t0)
+                    times[name].append(clock() - t0)
         finally:
             gc.enable()
     return {name: statistics.median(ts) for name, ts in times.items()}
@@ -131,17 +134,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=50, help="shuffled rounds (default 50)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per method per round")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall",
+        help="wall: time.perf_counter; cpu: time.process_time, the CPU time of this process "
+        "only (use it with --threads 1 on a machine shared with other jobs, where wall time "
+        "mostly measures waiting for a core)",
+    )
     args = parser.parse_args()
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} rounds x "
-          f"{args.steps} steps, medians of per-step times")
+          f"{args.steps} steps, medians of per-step {args.clock} times")
     header = (f"{'model':<9} {'method':<22} {'passes':>6} {'median ms':>10} "
               f"{'time/(passes x SGD)':>20}")
     print(header)
     print("-" * len(header))
     for model_name, factory in (("deep_mlp", deep_mlp), ("cnn", small_cnn)):
         steppers = make_steppers(factory)
-        medians = measure(steppers, args.rounds, args.steps, seed=0)
+        medians = measure(steppers, args.rounds, args.steps, seed=0, clock=clock)
         sgd = medians["sgd"]
         for name, med in medians.items():
             ratio = med / (PASSES[name] * sgd)

@@ -149,3 +149,10 @@ def test_readme_quickstart_demo_quick_names_every_optimizer(tmp_path) -> None:
     done = json.loads((run_dir / "done").read_text())
     assert done["sam.passes/step"] == 2.0 and done["sgd.passes/step"] == 1.0
     assert torch.isfinite(torch.tensor(done["sgd.lambda_max"]))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("demo.*")),
+                         ids=lambda p: p.name)
+def test_example_config_files_resolve(path: Path) -> None:
+    cfg = resolve_config("demo", config_file=path)
+    assert cfg.lr == 0.5 and "sgd" in cfg.optimizers

@@ -75,9 +75,9 @@ def mlp_problem(request):
 
 
 @functools.cache
-def dense_eigh(activation: str):
-    """Eigendecomposition of :func:`problem`'s dense Hessian (cached)."""
-    return torch.linalg.eigh(problem(activation)[2])
+def dense_eigvalsh(activation: str) -> torch.Tensor:
+    """Ascending eigenvalues of :func:`problem`'s dense Hessian (cached)."""
+    return torch.linalg.eigvalsh(problem(activation)[2])
 
 
 def dense_ggn(model: nn.Module, loss_fn, data) -> torch.Tensor:

@@ -42,6 +42,10 @@ def test_unequal_batches_equal_concatenation():
     loader = torch.utils.data.DataLoader(dataset, batch_size=9)
     torch.testing.assert_close(hessian_operator(model, CE, loader).matvec(v), whole, rtol=0,
                                atol=1e-12)
+    shuffled = torch.utils.data.DataLoader(dataset, batch_size=9, shuffle=True)
+    with pytest.raises(RuntimeError, match="check_deterministic=False"):
+        hessian_operator(model, CE, shuffled)
+    hessian_operator(model, CE, shuffled, check_deterministic=False)  # allowed when asked
 
 
 def test_parameter_subset_is_principal_block():

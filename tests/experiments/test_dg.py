@@ -103,3 +103,35 @@ def test_image_folder_fixture(tmp_path):
     recs = [json.loads(x) for x in (run.path / "dg_records.jsonl").read_text().splitlines()]
     assert [r["test_domain"] for r in recs] == ["sketch", "sketch"]
     assert recs[1]["passes_per_step"] == 3
+
+
+@pytest.mark.slow
+def test_sweep_runs_real_jobs_skips_them_and_collects(tmp_path, capsys):
+    """Two real `flatlab run dg --quick` processes through the local pool, then collect."""
+    args = ["sweep", "dg", "--out", str(tmp_path), "--seeds", "0", "--grid", "methods=erm,dgsam",
+            "--set", "quick=true", "--workers", "2"]
+    assert main(args) == 0
+    assert "done: 2 ok, 0 failed" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "2 jobs, 2 finished, 0 to run" in capsys.readouterr().out
+    assert main(["collect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| erm |" in out and "| dgsam |" in out
+
+
+@pytest.mark.slow
+def test_rotated_digits_study_meets_the_issue_targets(tmp_path):
+    """The results study of docs/results/dg.md (about 10 minutes on 2 free cores): 18 jobs
+    (6 test domains x 3 seeds, ERM / SAM / DGSAM each), then the issue's targets."""
+    from flatlab.sweep import collect, expand, launch_local
+    from flatlab.sweep.collect import SELECTIONS, aggregate, load_records, target_checks
+
+    jobs = expand("dg", tmp_path, grid={"test_domains": list(range(6))}, seeds=[0, 1, 2],
+                  seed_key="seeds", fixed={"timing_steps": 0},
+                  list_keys=["test_domains", "seeds"])
+    assert all(r.status != "failed" for r in launch_local(jobs, workers=2))
+    collect(tmp_path)
+    rows = aggregate(load_records(tmp_path), SELECTIONS[0])
+    checks = target_checks(rows, {r.method: r.sec_per_step for r in rows}, 5)
+    missed = [c for c in checks if not c["met"]]
+    assert not missed, missed

@@ -103,11 +103,22 @@ def test_activation_sparsity_logs_mean_and_layers() -> None:
 
 @pytest.mark.skipif(not _has("flatlab.curvature", "worst_case_sharpness"),
                     reason="flatlab.curvature.worst_case_sharpness not available yet")
-def test_sharpness_callback_calls_the_curvature_measure() -> None:
+@pytest.mark.parametrize("measure", ["worst_case", "average", "first_order", "trace"])
+def test_sharpness_callback_logs_the_curvature_measure(measure: str) -> None:
+    import flatlab.curvature as curvature
+
     model, x, y = _least_squares()
+    kw = {"samples": 4} if measure == "average" else {"probes": 6} if measure == "trace" else {}
     res = fit(model, build_optimizer("sgd", model.parameters(), lr=0.01), (x, y), steps=1,
-              loss_fn=F.mse_loss, callbacks=[Sharpness(every=1, rho=0.01)], progress=False)
-    assert res.history[-1]["sharpness_worst_case"] >= 0
+              loss_fn=F.mse_loss, callbacks=[Sharpness(every=1, measure=measure, rho=0.01, **kw)],
+              progress=False)
+    fn = {"worst_case": curvature.worst_case_sharpness,
+          "average": curvature.average_sharpness,
+          "first_order": curvature.first_order_flatness}.get(measure)
+    direct = (fn(model, F.mse_loss, [(x, y)], rho=0.01, **kw) if fn is not None
+              else curvature.hessian_trace(model, F.mse_loss, [(x, y)], **kw))
+    assert res.history[-1][f"sharpness_{measure}"] == pytest.approx(float(direct.value),
+                                                                    rel=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -81,6 +81,12 @@ def test_per_domain_optimizer_gets_one_closure_per_domain() -> None:
     assert res.passes_per_step == 3
 
 
+def test_per_domain_optimizer_gets_a_list_even_for_one_dataset() -> None:
+    model = torch.nn.Linear(3, 2)
+    res = fit(model, PerDomain(model.parameters(), lr=0.1), _data(), steps=2, progress=False)
+    assert res.passes_per_step == 1
+
+
 def test_ordinary_optimizer_gets_the_pooled_batch_of_all_domains() -> None:
     domains = [_data(10, seed=i) for i in range(3)]
     seen: list[int] = []

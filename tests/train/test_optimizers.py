@@ -27,7 +27,14 @@ EXPECTED = {
 def _available(cls_name: str) -> bool:
     if cls_name in ("SGD", "AdamW"):
         return True
-    return hasattr(importlib.import_module("flatlab.optim"), cls_name)
+    for module in ("flatlab.optim", f"flatlab.optim.{cls_name.lower()}", "flatlab.optim.gam",
+                   "flatlab.optim.sign"):
+        try:
+            if hasattr(importlib.import_module(module), cls_name):
+                return True
+        except ImportError:
+            continue
+    return False
 
 
 def test_every_documented_name_is_known() -> None:
@@ -85,3 +92,20 @@ def test_sam_wraps_the_named_base_with_its_keywords() -> None:
 def test_bad_optimizer_requests(name, kw, error, match) -> None:
     with pytest.raises(error, match=match):
         build_optimizer(name, torch.nn.Linear(2, 1).parameters(), **kw)
+
+
+@pytest.mark.parametrize("name", ["dgsam", "sagm"])
+def test_dg_optimizers_train_on_domains_through_fit(name: str) -> None:
+    cls_name = EXPECTED[name][0]
+    if not _available(cls_name):
+        pytest.skip(f"flatlab.optim.{cls_name} not available yet")
+    torch.manual_seed(0)
+    domains = [(torch.randn(12, 3), torch.randint(0, 2, (12,))) for _ in range(3)]
+    model = torch.nn.Linear(3, 2)
+    res = fit(model, build_optimizer(name, model.parameters(), lr=0.1), domains, steps=3,
+              batch_size=4, progress=False)
+    assert res.steps == 3 and not res.diverged
+    if name == "dgsam":
+        assert res.passes_per_step == 4  # S + 1 single-domain passes (S = 3 domains)
+    else:
+        assert res.passes_per_step >= 3  # at least one pass per domain

@@ -144,8 +144,11 @@ def test_discovery_registers_modules_and_remembers_broken_ones(toy_package) -> N
 
 
 def test_launch_runs_writes_report_and_resumes(toy_package, tmp_path) -> None:
+    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     run = launch("toy_for_tests", overrides=["lr=0.2"], out=tmp_path)
     assert run.done and run.config["lr"] == 0.2
+    assert torch.are_deterministic_algorithms_enabled() == deterministic  # restored after the run
+    assert torch.get_num_threads() == threads
     assert set(run.results()) == {"final_loss", "train_acc"}
     assert (run.path / "report.html").is_file() and (run.path / "report.md").is_file()
     before = run.metrics()

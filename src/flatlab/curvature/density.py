@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from flatlab._checks import check_positive, check_positive_int
-from flatlab.curvature.eigen import _orthogonalize
+from flatlab.curvature.eigen import _orthogonalize, _work_dtype
 from flatlab.curvature.operator import as_operator
 
 
@@ -57,12 +57,12 @@ class DensityResult:
 
 def _lanczos_quadrature(op, v: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     n = v.shape[0]
-    Q = torch.empty(n, steps, dtype=v.dtype, device=v.device)
+    Q = torch.empty(n, steps, dtype=v.dtype, device=v.device)  # v is float32 or float64
     alpha, beta = [], []
     Q[:, 0] = v / v.norm()
     used = 0
     for j in range(steps):
-        w = op.matvec(Q[:, j])
+        w = op.matvec(Q[:, j]).to(v.dtype)
         used += 1
         w, h = _orthogonalize(w, Q[:, : j + 1])
         alpha.append(float(h[j]))
@@ -121,7 +121,7 @@ def spectral_density(
     used = 0
     for r in range(runs):
         v = (torch.randint(0, 2, (n,), generator=gen).to(torch.float64) * 2 - 1).to(
-            dtype=op.dtype, device=op.device)
+            dtype=_work_dtype(op.dtype), device=op.device)
         theta, tau, u = _lanczos_quadrature(op, v, steps)
         used += u
         nodes[r, : len(theta)] = theta

@@ -67,7 +67,12 @@ class EigenResult:
 
 
 def _default_tol(dtype: torch.dtype) -> float:
-    return 1e-6 if dtype == torch.float64 else 1e-4
+    return 1e-6 if dtype == torch.float64 else max(1e-4, 10 * torch.finfo(dtype).eps)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The basis is kept in float32 at least (bf16/fp16 bases lose orthogonality at once)."""
+    return dtype if dtype == torch.float64 else torch.float32
 
 
 def _start(n, k, init, dtype, device, seed) -> torch.Tensor:
@@ -121,7 +126,8 @@ def lanczos(
         op: a :class:`~flatlab.curvature.operator.LinearOperator` or a square tensor.
         k: number of eigenpairs, ``1 <= k <= n``.
         which: ``"largest"``, ``"smallest"`` (algebraic) or ``"magnitude"``.
-        tol: relative residual tolerance (default 1e-6 in float64, 1e-4 otherwise).
+        tol: relative residual tolerance (default 1e-6 in float64, 1e-4 in float32, ten
+            times the machine epsilon in half precision). The basis is float32 or float64.
         max_matvecs: product budget (default ``max(300, 40 k)``).
         krylov_dim: basis size before a restart (default ``max(2k + 10, 20)``, at most n).
         init: start vector ``(n,)``, several ``(n, m)`` (their sum is used), or an
@@ -141,16 +147,16 @@ def lanczos(
         "krylov_dim", krylov_dim))
     if m <= k and m < n:
         raise ValueError(f"krylov_dim must be > k={k}, got {m}")
-    dtype, device = op.dtype, op.device
-    eps = torch.finfo(dtype).eps
+    dtype, device = _work_dtype(op.dtype), op.device
+    eps = torch.finfo(op.dtype).eps
 
-    Q = torch.empty(n, m + 1, dtype=dtype, device=device)
+    Q = torch.empty(n, m, dtype=dtype, device=device)  # the basis: m vectors at most
     Q[:, 0] = _start(n, k, init, dtype, device, seed)
     S = torch.zeros(m, m, dtype=torch.float64)  # projected matrix T = Q^T A Q
     j, used = 0, 0
     gen = torch.Generator().manual_seed(12345 if seed is None else int(seed) + 1)
     while True:
-        w = op.matvec(Q[:, j])
+        w = op.matvec(Q[:, j]).to(dtype)
         used += 1
         w, h = _orthogonalize(w, Q[:, : j + 1])
         hh = h.to(torch.float64).cpu()

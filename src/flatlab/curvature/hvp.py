@@ -63,6 +63,7 @@ class _ModelOperator(LinearOperator):
         data: Any,
         params: nn.Module | Iterable[torch.Tensor | str] | None,
         eval_mode: bool,
+        check_deterministic: bool = True,
     ):
         names, tensors = resolve_params(model, params)
         device, dtype = model_device_dtype(tensors)
@@ -71,6 +72,8 @@ class _ModelOperator(LinearOperator):
             raise ValueError(
                 "data must be a tensor pair, a list of pairs or a DataLoader, got None")
         next(iter(batches(data)))  # fail now on empty or malformed data
+        if check_deterministic and not isinstance(data, (tuple, list)):
+            _check_deterministic(data)
         self.model, self.data, self.names = model, data, names
         self.params = tensors
         self.eval_mode = bool(eval_mode)
@@ -122,6 +125,24 @@ class _ModelOperator(LinearOperator):
         return torch.cat(cols, dim=1)
 
 
+def _check_deterministic(data: Any) -> None:
+    """Iterate ``data`` twice side by side; every product re-iterates it, so it must repeat."""
+    first, second = iter(batches(data)), iter(batches(data))
+    for i, ((x1, y1, n1), (x2, y2, n2)) in enumerate(zip(first, second)):
+        same = n1 == n2 and torch.equal(y1, y2) and (
+            torch.equal(x1, x2) if isinstance(x1, torch.Tensor)
+            else all(torch.equal(a, b) for a, b in zip(x1, x2)))
+        if not same:
+            raise RuntimeError(
+                f"data must yield the same batches on every pass (batch {i} differed: "
+                "shuffling or augmentation?); every Hessian-vector product re-reads it. "
+                "Pass check_deterministic=False to skip this check."
+            )
+    if next(first, None) is not None or next(second, None) is not None:
+        raise RuntimeError("data must yield the same number of batches on every pass; "
+                           "pass check_deterministic=False to skip this check")
+
+
 def unflatten_cols(V: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     """Split ``V`` of shape ``(n, m)`` into tensors of shapes ``(*s_i, m)``."""
     out, start = [], 0
@@ -152,8 +173,9 @@ class HessianOperator(_ModelOperator):
             fails.
     """
 
-    def __init__(self, model, loss_fn, data, params=None, eval_mode=True, method="auto"):
-        super().__init__(model, loss_fn, data, params, eval_mode)
+    def __init__(self, model, loss_fn, data, params=None, eval_mode=True, method="auto",
+                 check_deterministic=True):
+        super().__init__(model, loss_fn, data, params, eval_mode, check_deterministic)
         self.method = check_choice("method", method, _METHODS)
 
     def _func(self, primals, tangents, inputs, targets, batched):
@@ -251,6 +273,7 @@ def hessian_operator(
     *,
     eval_mode: bool = True,
     method: str = "auto",
+    check_deterministic: bool = True,
 ) -> HessianOperator:
     """Return the Hessian of the full-data mean loss of ``model`` as an operator.
 
@@ -268,10 +291,14 @@ def hessian_operator(
             flag afterwards. With ``False``, dropout makes every product random.
         method: ``"auto"``, ``"forward_ad"``, ``"func"`` or ``"double_backward"`` (see
             :class:`HessianOperator`).
+        check_deterministic: when ``data`` is an iterable other than a tuple or list (a
+            DataLoader), iterate it twice now and raise if the batches differ (shuffling,
+            augmentation), since every product re-reads it.
 
     Raises:
         ValueError: for empty data, parameters not in the model, or a non-scalar loss
             (at the first product).
+        RuntimeError: data that does not repeat (see ``check_deterministic``).
 
     Example:
         >>> net = torch.nn.Linear(3, 1)
@@ -280,7 +307,7 @@ def hessian_operator(
         >>> H.shape
         (4, 4)
     """
-    return HessianOperator(model, loss_fn, data, params, eval_mode, method)
+    return HessianOperator(model, loss_fn, data, params, eval_mode, method, check_deterministic)
 
 
 def ggn_operator(
@@ -290,10 +317,11 @@ def ggn_operator(
     params: nn.Module | Iterable[torch.Tensor | str] | None = None,
     *,
     eval_mode: bool = True,
+    check_deterministic: bool = True,
 ) -> GGNOperator:
     """Return the generalized Gauss-Newton matrix of the full-data loss as an operator.
 
     ``G v = sum_b (n_b / N) J_b^T H_ell J_b v``; same arguments as :func:`hessian_operator`.
     The model's outputs must be a single tensor.
     """
-    return GGNOperator(model, loss_fn, data, params, eval_mode)
+    return GGNOperator(model, loss_fn, data, params, eval_mode, check_deterministic)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from flatlab._checks import check_choice, check_positive_int
+from flatlab.curvature.eigen import _work_dtype
 from flatlab.curvature.operator import as_operator
 
 
@@ -53,6 +54,7 @@ class TraceResult:
 
 
 def _matmat(op: Any, V: torch.Tensor, block: int) -> torch.Tensor:
+    """``A V`` in blocks of columns, returned in V's dtype (float32 at least)."""
     if V.shape[1] == 0:
         return V.clone()
     mm = getattr(op, "matmat", None)
@@ -63,10 +65,12 @@ def _matmat(op: Any, V: torch.Tensor, block: int) -> torch.Tensor:
             cols.append(mm(chunk))
         else:
             cols.append(torch.stack([op.matvec(c) for c in chunk.T], dim=1))
-    return torch.cat(cols, dim=1)
+    return torch.cat(cols, dim=1).to(V.dtype)
 
 
 def _rademacher(n: int, k: int, gen: torch.Generator, dtype, device) -> torch.Tensor:
+    """Rademacher probes in float32 or float64 (half-precision operators cast them)."""
+    dtype = _work_dtype(dtype)
     z = torch.randint(0, 2, (n, k), generator=gen, dtype=torch.int8).to(dtype) * 2 - 1
     return z.to(device)
 

@@ -10,8 +10,9 @@ with :mod:`pkgutil`; names starting with ``_`` are private helpers and skipped).
    ``description`` (``Field(0.1, gt=0, description="learning rate")``); constraints such as
    ``gt=0`` are checked when the config is built, so a bad ``--set lr=-1`` exits with code 2
    and one line. The base class provides ``quick: bool`` (``--quick`` sets it: shrink the run to
-   well under a minute), ``seed: int`` and ``deterministic: bool`` (applied by the launcher
-   before ``run`` is called) and forbids unknown keys. Nested settings are nested
+   well under a minute), ``seed: int``, ``deterministic: bool`` and ``threads: int`` (torch CPU
+   threads, 0 = torch's default; applied by the launcher before ``run`` is called and restored
+   after) and forbids unknown keys. Nested settings are nested
    ``BaseModel`` fields (``--set model.width=64``). Data directories use the type
    :data:`ExistingDir` (must exist; ``Optional[ExistingDir] = None`` for "not given").
 2. ``@register("<name>", Config, help="one line for flatlab list")`` on
@@ -30,8 +31,8 @@ The :class:`~flatlab.train.Run` object (``run``) gives:
   ``domain_bars``) or plain matplotlib (the Agg backend is selected by flatlab.report).
 * ``run.add_section(title, text, table=[{...}, ...], figures=[path, ...])`` - a report section;
   the same title again replaces it (resume-safe). ``report.html`` and ``report.md`` are written
-  by the launcher after ``run`` returns: a header, the config, your results, your sections in
-  order, then loss/accuracy curves of every ``fit`` tag.
+  by the launcher after ``run`` returns: a header, your results, your sections in order,
+  loss/accuracy curves of every ``fit`` tag (only if no section has figures), the config.
 * ``run.checkpoints_dir``, ``run.plots_dir``.
 
 Resuming: ``flatlab run --resume RUN_DIR`` calls your ``run`` again with the saved config.

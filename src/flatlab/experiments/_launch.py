@@ -86,6 +86,9 @@ def launch(
         run = Run.create(out, name, cfg.model_dump(mode="json"))
     if writer_cls is not None:
         run.tensorboard = writer_cls(log_dir=str(run.path / "tensorboard"))
+    # global torch settings are restored afterwards, so an in-process launch leaves no trace
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled(), torch.get_num_threads())
     seed_everything(int(getattr(cfg, "seed", 0)), bool(getattr(cfg, "deterministic", True)))
     if getattr(cfg, "threads", 0):
         torch.set_num_threads(int(cfg.threads))
@@ -94,6 +97,8 @@ def launch(
         run.mark_done(results if isinstance(results, dict) else {})
     finally:
         run.close()
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.set_num_threads(before[2])
     if report:
         from flatlab.report import write_report
 

@@ -51,31 +51,32 @@ class Config(ExperimentConfig):
     dataset: Literal[DATASETS] = Field("rotated_digits", description="domain dataset")
     data_dir: str | None = Field(None, description="folder of MNIST IDX files / image folders")
     image_dataset: str = Field("PACS", description="image_folder dataset (PACS, VLCS, ...)")
-    image_size: int = Field(16, ge=8, description="side of the (resized) images")
+    image_size: int = Field(8, ge=8, description="side of the (resized) images (digits: 8|16)")
     angles: list[float] = Field([0, 15, 30, 45, 60, 75], description="rotated_*: domain angles")
     mnist1d_n: int = Field(1000, ge=10, description="mnist1d: examples per domain")
     methods: list[Literal[METHODS]] = Field(["erm", "sam", "dgsam"], description="methods")
     test_domains: list[int] | None = Field(
         None, description="test domain indices (None: all; []: only the timing benchmark)")
     seeds: list[int] = Field([0, 1, 2], description="seeds (init, data order, in/out split)")
-    steps: int = Field(300, ge=1, description="optimizer steps per trained model")
-    checkpoint_freq: int = Field(50, ge=1, description="evaluate every this many steps")
+    steps: int = Field(150, ge=1, description="optimizer steps per trained model")
+    checkpoint_freq: int = Field(25, ge=1, description="evaluate every this many steps")
     batch_size: int = Field(32, ge=1, description="minibatch size per training domain")
     base: Literal["sgd", "adamw"] = Field("adamw", description="base optimizer (all methods)")
-    lr: float = Field(1e-3, gt=0, description="learning rate")
+    lr: float = Field(3e-3, gt=0, description="learning rate")
     weight_decay: float = Field(0.0, ge=0, description="weight decay of the base optimizer")
     rho: float = Field(0.05, ge=0, description="radius of SAM / GAM / SAGM / DGSAM")
     alpha: float = Field(1e-3, ge=0, description="SAGM's gradient-matching coefficient")
     dgsam_combine: Literal["reuse_all", "perturbed_mean"] = Field(
         "reuse_all", description="DGSAM's gradient combination (authors' rule by default)")
     model: Literal["auto", "cnn", "mlp"] = Field("auto", description="cnn for images, else mlp")
-    channels: list[int] = Field([16, 32, 32, 32], description="cnn: four conv widths")
+    channels: list[int] = Field([32, 64, 64, 64], description="cnn: four conv widths")
     width: int = Field(128, ge=1, description="mlp: hidden width")
     depth: int = Field(2, ge=1, description="mlp: hidden layers")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="'out' fraction per domain")
     sharpness_rho: float = Field(0.05, gt=0, description="radius of the sharpness measure")
-    sharpness_examples: int = Field(256, ge=1, description="examples per domain for sharpness")
-    timing_steps: int = Field(40, ge=0, description="timed steps per method (0: no benchmark)")
+    sharpness_examples: int = Field(128, ge=1, description="examples per domain for sharpness")
+    sharpness_steps: int = Field(10, ge=1, description="gradient-ascent steps of the sharpness")
+    timing_steps: int = Field(60, ge=0, description="timed steps per method (0: no benchmark)")
 
 
 def load_domains(cfg: Config) -> Any:
@@ -159,7 +160,8 @@ def measure_sharpness(model: torch.nn.Module, train: Any, cfg: Config) -> dict[s
 
     n = cfg.sharpness_examples
     doms = {name: (x[:n], y[:n]) for name, (x, y) in train.items()}
-    res = domain_sharpness(model, F.cross_entropy, doms, cfg.sharpness_rho)
+    res = domain_sharpness(model, F.cross_entropy, doms, cfg.sharpness_rho,
+                           steps=cfg.sharpness_steps)
     per = {k: float(v) for k, v in res.per_domain.items()}
     return {"per_domain": per, "max": float(res.max), "mean": float(res.mean),
             "pooled": float(res.pooled)}
@@ -276,7 +278,8 @@ def run(cfg: Config, run: Run) -> dict[str, Any]:
                                      "checkpoint_freq": min(cfg.checkpoint_freq, 6),
                                      "seeds": cfg.seeds[:1], "image_size": 8,
                                      "channels": [8, 8, 8, 8], "timing_steps": 3,
-                                     "sharpness_examples": 32, "mnist1d_n": 200})
+                                     "sharpness_examples": 32, "sharpness_steps": 3,
+                                     "mnist1d_n": 200})
     domains = load_domains(cfg)
     if len(domains) < 2:
         raise ConfigError(f"dataset must have at least 2 domains, got {len(domains)}")

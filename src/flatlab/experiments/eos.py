@@ -283,6 +283,23 @@ def _switching(cfg: Config, lab: Lab) -> tuple[list[dict], dict, dict]:
     return rows, res, trajs
 
 
+def _matched(cfg: Config, trajs: dict[str, Trajectory]) -> list[dict]:
+    """λ_max and training loss of every switching run at the same steps (nearest measurement)."""
+    marks = sorted({cfg.early_steps, cfg.late_start, cfg.sam_steps, cfg.steps})
+    rows = []
+    for name, tr in trajs.items():
+        pts = tr.points()
+        row: dict[str, Any] = {"run": name}
+        for m in marks:
+            near = min(pts, key=lambda p: abs(p[0] - m)) if pts else None
+            if near is None or abs(near[0] - m) > cfg.eig_every:
+                row[f"λ / loss @ {m}"] = "-"
+            else:
+                row[f"λ / loss @ {m}"] = f"{fmt(near[1], 2)} / {near[3]:.3g}"
+        rows.append(row)
+    return rows
+
+
 def _minibatch(cfg: Config, lab: Lab) -> tuple[list[dict], dict]:
     """Minibatch SGD vs SGD+SAM (not gated): λ_max of the full-batch loss vs 2/η."""
     b, n, lr = cfg.sgd_batch, cfg.sgd_steps, cfg.lr
@@ -361,6 +378,9 @@ def _run(cfg: Config, run: Run) -> dict:
                     "optimizer active at the end sets the final λ_max.", table=rows,
                     figures=[_fig(run, "switching_lambda", _hist(strajs)),
                              _fig(run, "switching_loss", _hist(strajs), kind="loss")])
+    run.add_section("T7: matched points", "λ_max / training loss of each switching run at the "
+                    "same steps (nearest measurement; '-' where the run is shorter or diverged).",
+                    table=_matched(cfg, strajs))
 
     if cfg.mnist1d:
         mcfg = cfg.model_copy(update={"gd_lrs": [cfg.lr], "usam_rhos": cfg.usam_rhos[-1:],

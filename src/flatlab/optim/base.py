@@ -69,7 +69,7 @@ sequence (the shell checks that it is a non-empty sequence of callables).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -79,6 +79,7 @@ from torch.optim import Optimizer
 
 from flatlab._checks import check_choice, check_positive
 from flatlab.optim import _tree
+from flatlab.optim._passes import _allreduce_mean, _backward_with_graph, frozen_norm_statistics
 from flatlab.optim.schedules import Schedule, as_schedule
 
 __all__ = ["NonFiniteStep", "SharpnessAware", "frozen_norm_statistics"]
@@ -88,57 +89,6 @@ Closure = Callable[[], Any]
 
 class NonFiniteStep(RuntimeError):
     """Raised inside a step when a loss or gradient is not finite (the step is skipped)."""
-
-
-@contextlib.contextmanager
-def frozen_norm_statistics() -> Iterator[None]:
-    """Inside this block, every BatchNorm/InstanceNorm module that runs in training mode keeps
-    its running statistics (``running_mean``, ``running_var``, ``num_batches_tracked``): they
-    are saved at the module's first call and copied back on exit. The forward still
-    normalizes with the batch statistics, so gradients are those of the training-mode model.
-
-    Implementation: the ``forward`` of every ``_NormBase`` subclass that defines one is wrapped
-    for the duration of the block (a global module hook would do the same but puts every
-    module call of the model on PyTorch's slow hook path: 3 ms a step on a 120-module MLP).
-    """
-    saved: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-
-    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
-        def forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            if module.training and module.track_running_stats and id(module) not in saved:
-                bufs = [module.running_mean, module.running_var, module.num_batches_tracked]
-                saved[id(module)] = [(b, b.clone()) for b in bufs if b is not None]
-            return original(module, *args, **kwargs)
-
-        return forward
-
-    patched = [(cls, cls.__dict__["forward"]) for cls in _norm_classes()]
-    for cls, original in patched:
-        cls.forward = wrap(original)
-    try:
-        yield
-    finally:
-        for cls, original in patched:
-            cls.forward = original
-        with torch.no_grad():
-            for pairs in saved.values():
-                for buf, copy in pairs:
-                    buf.copy_(copy)
-
-
-def _norm_classes() -> list[type]:
-    """Every subclass of ``_NormBase`` (BatchNorm*, SyncBatchNorm, InstanceNorm*, user
-    subclasses) that defines its own ``forward``."""
-    out, stack, seen = [], [nn.modules.batchnorm._NormBase], set()
-    while stack:
-        cls = stack.pop()
-        if cls in seen:
-            continue
-        seen.add(cls)
-        stack.extend(cls.__subclasses__())
-        if "forward" in cls.__dict__:
-            out.append(cls)
-    return out
 
 
 class SharpnessAware(Optimizer):
@@ -428,39 +378,3 @@ def _flatten_params(params: Any) -> list[torch.Tensor]:
         else:
             out.append(item)
     return out
-
-
-def _allreduce_mean(tensors: list[torch.Tensor]) -> None:
-    """Average ``tensors`` over all ranks with one all-reduce of a flat buffer."""
-    if not tensors:
-        return
-    flat = torch._utils._flatten_dense_tensors(tensors)
-    dist.all_reduce(flat)
-    flat.div_(dist.get_world_size())
-    for t, f in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
-        t.copy_(f)
-
-
-@contextlib.contextmanager
-def _backward_with_graph() -> Iterator[None]:
-    """Scoped: every ``backward`` (``Tensor.backward`` calls ``torch.autograd.backward``) keeps
-    the graph of the gradient (``create_graph=True``), so the closure contract stays the same
-    for methods that need Hessian-vector products (exact GAM)."""
-    original = torch.autograd.backward
-
-    def backward(*args: Any, **kwargs: Any) -> Any:
-        kwargs["create_graph"] = True
-        if len(args) > 3:  # (tensors, grad_tensors, retain_graph, create_graph, ...)
-            args = args[:3]
-        return original(*args, **kwargs)
-
-    torch.autograd.backward = backward
-    try:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*create_graph=True.*reference cycle.*")
-            yield
-    finally:
-        torch.autograd.backward = original
-

@@ -41,7 +41,7 @@ bit.
 How the exact variant gets the graph: the closure contract is unchanged (zero grads, forward,
 ``backward()``, return the loss). During the passes that need Hessian-vector products the
 shell runs the closure with ``backward`` scoped to ``create_graph=True``
-(:func:`flatlab.optim.base._backward_with_graph`), so ``p.grad`` carries its graph; the HVP is
+(:func:`flatlab.optim._passes._backward_with_graph`), so ``p.grad`` carries its graph; the HVP is
 ``torch.autograd.grad(grads, params, v)`` and the graph is dropped right after. This does not
 work under DistributedDataParallel (use ``hvp="finite_difference"`` there).
 """
@@ -55,7 +55,8 @@ from torch.optim import Optimizer
 
 from flatlab._checks import check_choice, check_in_range, check_nonnegative
 from flatlab.optim import _tree
-from flatlab.optim.base import SharpnessAware, frozen_norm_statistics
+from flatlab.optim._passes import frozen_norm_statistics
+from flatlab.optim.base import SharpnessAware
 from flatlab.optim.schedules import Schedule
 
 __all__ = ["GAM", "SAMGAM", "hessian_vector_product"]

@@ -18,8 +18,8 @@ arXiv 2102.11600 (``eta`` as in the authors' code, default 0.01). Unnormalized S
 Andriushchenko & Flammarion, ICML 2022, arXiv 2206.06232, and the analysis of Agarwala &
 Dauphin, "SAM operates far from home", ICML 2023.
 
-Cost per step: 2 closure calls (``closure_calls = 2``), one base step, one parameter-sized
-buffer. All options of the shell (schedules, GradScaler, clipping, sync, state_dict) are in
+Cost per step: 2 closure calls (``closure_calls = 2``), one base step, one persistent
+parameter-sized buffer (the snapshot; ASAM also allocates two transient ones for T g and T^2 g). All options of the shell (schedules, GradScaler, clipping, sync, state_dict) are in
 :mod:`flatlab.optim.base`.
 
 Example:

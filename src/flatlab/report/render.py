@@ -228,7 +228,9 @@ def compare_runs(
             label = run.path.name if len(by_tag) == 1 else f"{run.path.name}/{tag}"
             histories[label] = recs
     keys = {k for recs in histories.values() for r in recs for k in r}
-    metric_keys = ["loss"] + sorted(k for k in keys if k.endswith("_acc") or k.endswith("_loss"))
+    acc_keys = sorted((k for k in keys if k.endswith("_acc")),
+                      key=lambda k: (not k.startswith("val"), k))  # validation first
+    metric_keys = ["loss", *acc_keys, *sorted(k for k in keys if k.endswith("_loss"))]
     rows = []
     for label, recs in histories.items():
         row: dict[str, Any] = {"run": label, "steps": _final(recs, "step")}
@@ -237,7 +239,7 @@ def compare_runs(
         rows.append(row)
     summaries = experiment_summaries(runs)
     fig_paths = []
-    fig = plots.curves(histories, metric_keys[:3])
+    fig = plots.curves(histories, ["loss", *acc_keys[:2]])
     fig_paths.append(out_dir / "plots" / "compare_curves.png")
     fig.savefig(fig_paths[-1], dpi=150, bbox_inches="tight")
     plots.plt.close(fig)

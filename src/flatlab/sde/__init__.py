@@ -12,6 +12,7 @@ module                     what
 ``integrate``              ``simulate`` (batched Euler-Maruyama), ``Trajectory``
 ``compare``                ``compare``, ``run_optimizer``, ``optimizer_for``
 ``laws``                   stationary losses, SignSGD phases, ``scaling_rule``
+``targets``                the reproduction targets T1-T6 run by ``flatlab run sde``
 =========================  ==================================================================
 """
 

@@ -110,6 +110,7 @@ class MethodRow:
     sec_per_step: float
     passes_per_step: float
     n_seeds: int
+    num_domains: int = 0  # domains of the dataset (training domains + the test domain)
 
 
 def aggregate(records: Sequence[dict[str, Any]], selection: str = SELECTIONS[0]) -> list[MethodRow]:
@@ -141,7 +142,7 @@ def aggregate(records: Sequence[dict[str, Any]], selection: str = SELECTIONS[0])
             sharpness_pooled=float(np.mean([s["pooled"] for s in sharp])) if sharp else math.nan,
             sec_per_step=float(np.mean([r["sec_per_step"] for r in runs])),
             passes_per_step=float(np.mean([r["passes_per_step"] for r in runs])),
-            n_seeds=len(seeds),
+            n_seeds=len(seeds), num_domains=len(first["domains"]),
         ))
     return rows
 
@@ -240,7 +241,8 @@ def to_latex(rows: Sequence[MethodRow]) -> str:
 def collect(runs_dir: str | Path, *, write: bool = True) -> tuple[str, str]:
     """Tables (Markdown, LaTeX) for both selection methods from the run folders under ``runs_dir``.
 
-    With ``write=True`` they are also saved as ``runs_dir/results.md`` and ``results.tex``.
+    With ``write=True`` they are also saved as ``runs_dir/results.md`` and ``results.tex``,
+    with the figures ``dg_accuracy.png`` / ``dg_sharpness.png`` (linked from the Markdown).
 
     Raises:
         FileNotFoundError: ``runs_dir`` does not exist.
@@ -254,7 +256,7 @@ def collect(runs_dir: str | Path, *, write: bool = True) -> tuple[str, str]:
     for dataset in sorted({r.dataset for r in rows}):
         main = [r for r in rows if r.dataset == dataset and r.selection == SELECTIONS[0]]
         checks = target_checks(main, {r.method: r.sec_per_step for r in main},
-                               len(main[0].domains) - 1)
+                               main[0].num_domains - 1)
         if checks:
             md += (f"\n**{dataset}**, the issue's targets (training-domain validation; time: "
                    "mean s/step of the runs)\n\n| target | measured | required | met |\n"
@@ -262,6 +264,14 @@ def collect(runs_dir: str | Path, *, write: bool = True) -> tuple[str, str]:
                        f"| {c['target']} | {c['measured']} | {c['required']} | "
                        f"{'yes' if c['met'] else 'NO'} |\n" for c in checks))
     if write:
+        import matplotlib.pyplot as plt
+
+        from flatlab.sweep.dg_report import figures  # flatlab.report selects the Agg backend
+
+        for name, fig in figures(records).items():
+            fig.savefig(Path(runs_dir, f"{name}.png"), dpi=150, bbox_inches="tight")
+            plt.close(fig)
+            md += f"\n![{name}]({name}.png)\n"
         Path(runs_dir, "results.md").write_text(md)
         Path(runs_dir, "results.tex").write_text(tex)
     return md, tex

@@ -44,6 +44,23 @@ def per_domain_sharpness(
     return {m: {d: float(np.mean(v)) for d, v in per.items()} for m, per in acc.items()}
 
 
+def figures(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``{"dg_accuracy": fig, "dg_sharpness": fig}``: grouped bars of the held-out domains'
+    accuracy per method (training-domain validation) and of the selected models' sharpness
+    per training domain and pooled."""
+    from flatlab.report import plots
+
+    rows = aggregate(records, SELECTIONS[0])
+    return {
+        "dg_accuracy": plots.domain_bars(
+            {r.method: {d: r.per_domain[d][0] for d in r.domains} for r in rows},
+            ylabel="test accuracy (%)", title="held-out domain accuracy (training-domain val.)"),
+        "dg_sharpness": plots.domain_bars(
+            per_domain_sharpness(records), ylabel="worst-case sharpness",
+            title="sharpness of the selected model per training domain (and pooled)"),
+    }
+
+
 def _cost_section(run: Any, timing: Mapping[str, float], num_train_domains: int) -> None:
     cost = [{"method": m, "median s/step": round(t, 5),
              "vs erm": round(t / timing["erm"], 3) if "erm" in timing else math.nan}
@@ -59,23 +76,13 @@ def _cost_section(run: Any, timing: Mapping[str, float], num_train_domains: int)
 def report(run: Any, records: Sequence[Mapping[str, Any]], timing: Mapping[str, float],
            num_train_domains: int) -> dict[str, Any]:
     """Add the results sections and figures to ``run``; return the headline numbers."""
-    from flatlab.report import plots
-
     if not records:  # timing benchmark only
         _cost_section(run, timing, num_train_domains)
         return {f"{m}_sec_per_step": t for m, t in timing.items()}
     rows = aggregate(records, SELECTIONS[0])
     oracle = aggregate(records, SELECTIONS[1])
     n_seeds = max(r.n_seeds for r in rows)
-    acc_fig = run.savefig(plots.domain_bars(
-        {r.method: {d: r.per_domain[d][0] for d in r.domains} for r in rows},
-        ylabel="test accuracy (%)", title="held-out domain accuracy (training-domain val.)"),
-        "dg_accuracy")
-    sharp = per_domain_sharpness(records)
-    sharp_fig = run.savefig(plots.domain_bars(
-        sharp, ylabel="worst-case sharpness",
-        title="sharpness of the selected model per training domain (and pooled)"),
-        "dg_sharpness")
+    acc_fig, sharp_fig = (run.savefig(fig, name) for name, fig in figures(records).items())
     run.add_section(
         "Domain generalization results",
         f"Leave-one-domain-out on {rows[0].dataset}, {n_seeds} seed(s); accuracy (%) of the "

@@ -139,7 +139,7 @@ def fit(
     domains = as_domains(train)
     generator = torch.Generator().manual_seed(seed)
     samplers = [Sampler(x.shape[0], batch_size, generator) for x, _ in domains]
-    per_domain = len(domains) > 1 and getattr(optimizer, "per_domain", False)
+    per_domain = bool(getattr(optimizer, "per_domain", False))
     checkpoints = [cb for cb in callbacks if isinstance(cb, Checkpoint)]
     measures = [cb for cb in callbacks if not isinstance(cb, Checkpoint)]
     history: list[dict[str, Any]] = []

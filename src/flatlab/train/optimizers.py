@@ -53,15 +53,21 @@ _FLATLAB_CLASSES = {
 }
 
 
+# the flatlab.optim module defining each class (used when the package does not re-export it)
+_MODULES = {"signsgd": "sign", "rmspropw": "sign", "sam": "sam", "asam": "sam", "usam": "sam",
+            "gam": "gam", "samgam": "gam", "dgsam": "dgsam", "sagm": "sagm"}
+
+
 def _flatlab_class(name: str) -> type:
-    try:
-        module = importlib.import_module("flatlab.optim")
-    except ImportError as exc:  # pragma: no cover - flatlab.optim always imports
-        raise ImportError(f"optimizer {name!r} needs flatlab.optim: {exc}") from exc
-    for attr in _FLATLAB_CLASSES[name]:
-        cls = getattr(module, attr, None)
-        if cls is not None:
-            return cls
+    for module_name in ("flatlab.optim", f"flatlab.optim.{_MODULES[name]}"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        for attr in _FLATLAB_CLASSES[name]:
+            cls = getattr(module, attr, None)
+            if cls is not None:
+                return cls
     raise ImportError(
         f"optimizer {name!r} needs flatlab.optim.{_FLATLAB_CLASSES[name][0]}, "
         "which this flatlab does not provide"

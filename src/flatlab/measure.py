@@ -1,0 +1,172 @@
+"""``flatlab measure``: the curvature of a saved model, from a checkpoint or a run folder.
+
+The checkpoint is a file written by :mod:`flatlab.train`, or a run folder (its
+``checkpoints/<tag>/latest.pt``). Its ``"model"`` entry is a ``state_dict``, or a pickled
+``nn.Module``. A state dict does not say how to build the network, so the model then comes
+from ``model="package.module:function"``, a function called with no arguments that returns
+the ``nn.Module``. Data comes from ``data="package.module:function"``, which returns an
+``(x, y)`` pair, a list of pairs, a DataLoader, a ``TensorDataset``, or a split object whose
+``.train`` is one of those.
+
+Quantities (``what``), all on the full data, in eval mode, the model untouched:
+
+* ``eig``: the ``k`` largest Hessian eigenvalues (Lanczos), ``lambda_1`` ... ``lambda_k``;
+* ``trace``: ``tr(H)`` by Hutch++ (``trace``, ``trace_stderr``);
+* ``density``: SLQ spectral density, summarized by its support (``density_min``,
+  ``density_max``) and the first two moments (``density_m1``, ``density_m2``);
+* ``sharpness``: worst-case L2 sharpness, adaptive L-infinity sharpness, first-order flatness
+  and the gradient norm at radius ``rho``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from flatlab import curvature
+from flatlab.train import ConfigError, load_checkpoint
+
+QUANTITIES = ("eig", "trace", "density", "sharpness")
+
+
+def _factory(spec: str, what: str) -> Callable[[], Any]:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"{what} must look like 'package.module:function', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"{what}: cannot import module {module_name!r} ({exc})") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"{what}: {module_name!r} has no callable {attr!r}")
+    return fn
+
+
+def find_checkpoint(path: str | Path, tag: str | None = None) -> Path:
+    """Resolve a checkpoint file, or a run folder's ``checkpoints/<tag>/latest.pt``.
+
+    Raises:
+        FileNotFoundError: nothing there.
+        ConfigError: a run folder with several tags and no ``tag`` chosen.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint does not exist: {path}")
+    found = sorted(path.glob("checkpoints/*/latest.pt")) or sorted(path.glob("*/latest.pt"))
+    if tag:
+        found = [p for p in found if p.parent.name == tag]
+    if not found:
+        raise FileNotFoundError(f"no checkpoints/<tag>/latest.pt under {path}"
+                                + (f" for tag {tag!r}" if tag else ""))
+    if len(found) > 1:
+        tags = ", ".join(p.parent.name for p in found)
+        raise ConfigError(f"tag must be one of {tags} (several checkpoints in {path})")
+    return found[0]
+
+
+def load_model(checkpoint: str | Path, model: str = "", tag: str | None = None) -> nn.Module:
+    """The model of a checkpoint: pickled in it, or built by ``model`` and loaded."""
+    payload = load_checkpoint(find_checkpoint(checkpoint, tag))
+    state = payload.get("model") if isinstance(payload, dict) else payload
+    if isinstance(state, nn.Module):
+        return state
+    if not model:
+        raise ConfigError("model must be given as 'package.module:function' when the "
+                          "checkpoint holds a state_dict, got ''")
+    net = _factory(model, "model")()
+    if not isinstance(net, nn.Module):
+        raise ConfigError(f"model factory must return an nn.Module, got {type(net).__name__}")
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, KeyError) as exc:
+        raise ConfigError(f"model does not match the checkpoint: {exc}") from exc
+    return net
+
+
+def load_data(data: str) -> Any:
+    """Call the data factory and return something :mod:`flatlab.curvature` accepts."""
+    if not data:
+        raise ConfigError("data must be given as 'package.module:function', got ''")
+    out = _factory(data, "data")()
+    if hasattr(out, "train"):
+        out = out.train
+    if isinstance(out, torch.utils.data.TensorDataset):
+        out = tuple(out.tensors[:2])
+    return out
+
+
+def measure(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    what: Sequence[str] = QUANTITIES,
+    *,
+    k: int = 5,
+    rho: float = 0.05,
+    probes: int = 99,
+    steps: int = 80,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Measure the chosen quantities; returns a flat ``{name: value}`` dict."""
+    unknown = [w for w in what if w not in QUANTITIES]
+    if unknown or not what:
+        raise ConfigError(f"what must be a comma list of {', '.join(QUANTITIES)}, got "
+                          f"{','.join(what)!r}")
+    out: dict[str, float] = {}
+    op = curvature.hessian_operator(model, loss_fn, data)
+    if "eig" in what:
+        res = curvature.top_eigenvalues(op, k=min(k, op.shape[0]), seed=seed)
+        out.update({f"lambda_{i + 1}": float(v) for i, v in enumerate(res.values)})
+        out["eig_converged"] = float(res.converged)
+    if "trace" in what:
+        tr = curvature.hessian_trace(op, probes=probes, seed=seed)
+        out.update(trace=tr.value, trace_stderr=tr.stderr)
+    if "density" in what:
+        d = curvature.spectral_density(op, steps=steps, seed=seed)
+        live = d.weights > 0
+        out.update(density_min=float(d.nodes[live].min()), density_max=float(d.nodes[live].max()),
+                   density_m1=d.moment(1), density_m2=d.moment(2))
+    if "sharpness" in what:
+        out["loss"] = curvature.gradient_norm(model, loss_fn, data).loss
+        out["grad_norm"] = curvature.gradient_norm(model, loss_fn, data).value
+        out["worst_case_l2"] = curvature.worst_case_sharpness(model, loss_fn, data, rho).value
+        out["adaptive_worst_case_linf"] = curvature.worst_case_sharpness(
+            model, loss_fn, data, rho, adaptive=True, norm="linf").value
+        out["first_order_flatness"] = curvature.first_order_flatness(
+            model, loss_fn, data, rho).value
+    out["n_hvps"] = float(op.n_matvecs)
+    return out
+
+
+def measure_checkpoint(
+    checkpoint: str | Path,
+    *,
+    model: str = "",
+    data: str = "",
+    what: str | Sequence[str] = QUANTITIES,
+    tag: str | None = None,
+    loss: str = "cross_entropy",
+    **kwargs: Any,
+) -> dict[str, float]:
+    """Load a checkpoint's model and data factories, then :func:`measure` (``kwargs``)."""
+    if isinstance(what, str):
+        what = [w.strip() for w in what.split(",") if w.strip()]
+    loss_fn = getattr(nn.functional, loss, None)
+    if loss_fn is None:
+        raise ConfigError(f"loss must name a torch.nn.functional loss, got {loss!r}")
+    net = load_model(checkpoint, model, tag)
+    return measure(net, loss_fn, load_data(data), list(what), **kwargs)
+
+
+def format_results(results: dict[str, float]) -> str:
+    """Two aligned columns, one quantity a line."""
+    width = max(len(k) for k in results)
+    return "\n".join(f"{k.ljust(width)}  {v:.6g}" for k, v in results.items())

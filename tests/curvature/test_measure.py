@@ -1,0 +1,55 @@
+"""flatlab.measure: curvature of a checkpoint (the glue behind ``flatlab measure``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from flatlab.measure import find_checkpoint, format_results, measure_checkpoint
+from flatlab.train import ConfigError, save_checkpoint
+
+SPEC = "tests.curvature.test_measure"
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+
+
+def make_data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 3, generator=g, dtype=torch.float64)
+    return torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())
+
+
+def test_measure_run_folder(tmp_path):
+    trained = make_model()
+    with torch.no_grad():
+        trained[0].weight.mul_(2)  # differs from a fresh make_model(): the state must be loaded
+    save_checkpoint(tmp_path / "checkpoints" / "fit" / "latest.pt", {"model": trained.state_dict()})
+    res = measure_checkpoint(tmp_path, model=f"{SPEC}:make_model", data=f"{SPEC}:make_data",
+                             what="eig,trace,density,sharpness", k=2, probes=9, steps=10)
+    from flatlab.curvature import top_eigenvalues
+
+    x, y = make_data().tensors
+    truth = top_eigenvalues(trained, k=2, loss_fn=nn.functional.cross_entropy, data=(x, y))
+    assert abs(res["lambda_1"] - truth.value) < 1e-8
+    for key in ("trace", "density_m1", "worst_case_l2", "first_order_flatness", "grad_norm"):
+        assert key in res
+    assert "lambda_1" in format_results(res)
+
+
+def test_measure_pickled_module_and_errors(tmp_path):
+    path = save_checkpoint(tmp_path / "m.pt", {"model": make_model()})
+    res = measure_checkpoint(path, data=f"{SPEC}:make_data", what="eig", k=1)
+    assert set(res) == {"lambda_1", "eig_converged", "n_hvps"}
+    with pytest.raises(ConfigError, match="what must be a comma list"):
+        measure_checkpoint(path, data=f"{SPEC}:make_data", what="eig,hessian")
+    with pytest.raises(ConfigError, match="data must look like"):
+        measure_checkpoint(path, data="nocolon")
+    sd = save_checkpoint(tmp_path / "s.pt", {"model": make_model().state_dict()})
+    with pytest.raises(ConfigError, match="model must be given"):
+        measure_checkpoint(sd, data=f"{SPEC}:make_data")
+    with pytest.raises(FileNotFoundError):
+        find_checkpoint(tmp_path / "missing")

@@ -1,0 +1,65 @@
+"""The shell itself: per-domain subclasses, old checkpoints, instance bases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flatlab.optim import SAM, SharpnessAware
+
+
+class MeanOfDomains(SharpnessAware):
+    """Toy per-domain method: the descent gradient is the mean of the domain gradients."""
+
+    per_domain = True
+    closure_calls = 2
+
+    def __init__(self, params, base, **kwargs):
+        super().__init__(params, base, radii={}, **kwargs)
+
+    def _descent(self, closures):
+        total = None
+        for i, closure in enumerate(closures):
+            loss = self._pass(closure, first=i == 0)
+            params, grads = self._params_and_grads()
+            self._check_finite(loss)
+            if total is None:
+                total = [g.clone() for g in grads]
+            else:
+                torch._foreach_add_(total, grads)
+        torch._foreach_div_(total, len(closures))
+        for p, g in zip(params, total):
+            p.grad = g
+        return loss
+
+
+def test_per_domain_subclass_plugs_into_the_shell():
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = MeanOfDomains([w], torch.optim.SGD, lr=0.5)
+    targets = [torch.tensor([0.0, 0.0]), torch.tensor([2.0, 2.0])]
+
+    def make(t):
+        def closure():
+            opt.zero_grad()
+            loss = 0.5 * ((w - t) ** 2).sum()
+            loss.backward()
+            return loss
+
+        return closure
+
+    opt.step([make(t) for t in targets])
+    # mean gradient = w - mean(t) = [0, -3]; w <- w - 0.5 [0, -3]
+    torch.testing.assert_close(w.detach(), torch.tensor([1.0, -0.5]))
+    with pytest.raises(ValueError, match="sequence of closures"):
+        opt.step(make(targets[0]))
+
+
+def test_checkpoint_without_wrapper_state_loads():
+    p = torch.nn.Parameter(torch.ones(2))
+    base = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.ones(2)
+    base.step()
+    opt = SAM([torch.nn.Parameter(torch.ones(2))], torch.optim.SGD, lr=0.1, momentum=0.9)
+    opt.load_state_dict(base.state_dict())  # a plain torch checkpoint: no "flatlab" key
+    assert opt.steps == 0 and opt.skipped_steps == 0
+    assert len(opt.state) == 1 and opt.param_groups is opt.base.param_groups
