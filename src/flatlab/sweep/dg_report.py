@@ -93,7 +93,8 @@ def report(run: Any, records: Sequence[Mapping[str, Any]], timing: Mapping[str, 
         table=_rows_table(rows), figures=[acc_fig, sharp_fig])
     run.add_section("Oracle selection", "Same runs, test-domain (oracle) model selection.",
                     table=_rows_table(oracle))
-    _cost_section(run, timing, num_train_domains)
+    if timing:
+        _cost_section(run, timing, num_train_domains)
     checks = target_checks(rows, timing, num_train_domains)
     if checks:
         run.add_section("Targets of the issue", "Measured against the issue's targets.",
