@@ -157,3 +157,18 @@ def test_float32_model_products_close_to_float64_truth():
 def test_dense_helper_consistent_with_concat():
     model, data, H = problem("tanh")
     torch.testing.assert_close(dense_hessian(model, CE, concat(data)), H)
+
+
+def test_eval_mode_false_keeps_train_mode_behaviour():
+    torch.manual_seed(0)
+    model = _BNDrop().double().train()
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    live = hessian_operator(model, CE, (x, y), eval_mode=False)
+    assert not torch.equal(live.matvec(v), live.matvec(v))  # dropout is on: random products
+    assert model.training
+    frozen = hessian_operator(model, CE, (x, y))
+    assert torch.equal(frozen.matvec(v), frozen.matvec(v))
+    running = model.body[1].running_mean.clone()
+    live.matvec(v)  # train-mode BatchNorm must not update the model's running statistics
+    assert torch.equal(model.body[1].running_mean, running)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flatlab.optim import GAM, SAM, SAMGAM
+from flatlab.optim.dgsam import DGSAM
+from flatlab.optim.sagm import SAGM
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,9 @@ REGISTRY: list[Entry] = [
     ),
     Entry("gam_exact", GAM, {"rho": 0.1, "hvp": "exact"}, {"rho": 0.0}),
     Entry("samgam", SAMGAM, {"rho": 0.1, "sam_rho": 0.05}, {"rho": 0.0, "sam_rho": 0.0}),
+    # per-domain methods, stepped with one domain ([closure])
+    Entry("dgsam", DGSAM, {"rho": 0.05, "combine": "perturbed_mean"}, {"rho": 0.0}),
+    Entry("sagm", SAGM, {"rho": 0.05, "alpha": 1e-3}, {"rho": 0.0, "alpha": 0.0}),
 ]
 
 

@@ -18,6 +18,7 @@ ENTRIES = {e.name: e for e in REGISTRY}
 IDS = list(ENTRIES)
 DOCUMENTED_CLOSURE_CALLS = {
     "sam": 2, "asam": 2, "usam": 2, "gam_fd": 4, "gam_exact": 2, "samgam": 3,
+    "dgsam": 2, "sagm": 2,  # with one domain
 }
 BASES = {
     "sgd_nesterov_wd": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True,

@@ -63,3 +63,22 @@ def test_checkpoint_without_wrapper_state_loads():
     opt.load_state_dict(base.state_dict())  # a plain torch checkpoint: no "flatlab" key
     assert opt.steps == 0 and opt.skipped_steps == 0
     assert len(opt.state) == 1 and opt.param_groups is opt.base.param_groups
+
+
+def test_an_error_in_the_second_pass_leaves_the_parameters_unperturbed():
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = SAM([w], torch.optim.SGD, rho=0.5, lr=0.1)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        opt.zero_grad()
+        loss = (w**2).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(closure)
+    assert torch.equal(w.detach(), torch.tensor([1.0, -2.0]))

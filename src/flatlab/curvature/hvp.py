@@ -87,8 +87,9 @@ class _ModelOperator(LinearOperator):
         """Concatenate per-parameter tensors into a flat vector."""
         return flatten(tensors)
 
-    def _batch_products(self, primals, tangents, inputs, targets):  # pragma: no cover
-        raise NotImplementedError
+    def _batch_products(self, primals, tangents, inputs, targets, batched=False):
+        """Per-batch products ``A_b t`` (tangents stacked on dim 0 when ``batched``)."""
+        raise NotImplementedError  # pragma: no cover
 
     def _accumulate(self, V: torch.Tensor, batched: bool, point=None) -> torch.Tensor:
         primals = tuple(p.detach() for p in (self.params if point is None else point))

@@ -57,7 +57,8 @@ class Config(ExperimentConfig):
     gam_rho: float = Field(0.2, ge=0, description="GAM radius")
     gam_alpha: float = Field(0.6, ge=0, description="GAM weight of the flatness gradient")
     eig_every: int = Field(50, ge=1, description="steps between top-eigenvalue measurements")
-    eig_examples: int = Field(1000, ge=10, description="training examples used for λ_max")
+    eig_examples: int = Field(4000, ge=10, description="training examples used for λ_max "
+                              "(capped at the training set: the full-batch Hessian by default)")
     sharpness_rho: float = Field(0.05, gt=0, description="radius of the final worst-case "
                                  "sharpness max_{|d|<=rho} L(w+d) - L(w)")
     checkpoint_every: int = Field(200, ge=1, description="steps between checkpoints")

@@ -8,6 +8,7 @@ name                   what
 =====================  =====================================================================
 ``SAM``                SAM / ASAM (``adaptive=True``) / USAM (``normalize=False``)
 ``GAM``, ``SAMGAM``    Gradient norm Aware Minimization (exact HVP or finite differences)
+``DGSAM``, ``SAGM``    per-domain methods for domain generalization (one closure per domain)
 ``SignSGD``            SignSGD and signum (momentum), decoupled weight decay
 ``RMSpropW``           RMSprop with decoupled weight decay
 ``SharpnessAware``     the shell every sharpness-aware optimizer subclasses
@@ -16,7 +17,9 @@ schedules              ``Constant``, ``LinearWarmup``, ``CosineWarmup``, ``Propo
 """
 
 from flatlab.optim.base import NonFiniteStep, SharpnessAware, frozen_norm_statistics
+from flatlab.optim.dgsam import DGSAM
 from flatlab.optim.gam import GAM, SAMGAM
+from flatlab.optim.sagm import SAGM
 from flatlab.optim.sam import SAM
 from flatlab.optim.schedules import (
     Constant,
@@ -28,7 +31,9 @@ from flatlab.optim.schedules import (
 from flatlab.optim.sign import RMSpropW, SignSGD
 
 __all__ = [
+    "DGSAM",
     "GAM",
+    "SAGM",
     "SAM",
     "SAMGAM",
     "Constant",

@@ -12,18 +12,26 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["frozen_norm_statistics"]
+__all__ = ["frozen_norm_statistics", "norm_modules"]
+
+
+def norm_modules(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm/InstanceNorm modules of ``model`` that track running statistics."""
+    return [
+        m for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+    ]
 
 
 @contextlib.contextmanager
-def frozen_norm_statistics() -> Iterator[None]:
+def frozen_norm_statistics(modules: Sequence[nn.Module] = ()) -> Iterator[None]:
     """Inside this block, every BatchNorm/InstanceNorm module that runs in training mode keeps
     its running statistics (``running_mean``, ``running_var``, ``num_batches_tracked``): they
     are saved at the module's first call and copied back on exit. The forward still
@@ -32,14 +40,24 @@ def frozen_norm_statistics() -> Iterator[None]:
     Implementation: the ``forward`` of every ``_NormBase`` subclass that defines one is wrapped
     for the duration of the block (a global module hook would do the same but puts every
     module call of the model on PyTorch's slow hook path: 3 ms a step on a 120-module MLP).
+    A ``torch.compile``-d model does not call those Python forwards: for it, pass its norm
+    modules as ``modules`` (the optimizers do this when given ``model=``); their statistics
+    are saved on entry.
     """
     saved: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
+    def save(module: nn.Module) -> None:
+        if module.track_running_stats and id(module) not in saved:
+            bufs = [module.running_mean, module.running_var, module.num_batches_tracked]
+            saved[id(module)] = [(b, b.clone()) for b in bufs if b is not None]
+
+    for module in modules:
+        save(module)
+
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         def forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            if module.training and module.track_running_stats and id(module) not in saved:
-                bufs = [module.running_mean, module.running_var, module.num_batches_tracked]
-                saved[id(module)] = [(b, b.clone()) for b in bufs if b is not None]
+            if module.training:
+                save(module)
             return original(module, *args, **kwargs)
 
         return forward

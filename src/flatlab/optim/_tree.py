@@ -26,11 +26,14 @@ def global_norm(tensors: TensorList, p: float = 2.0) -> torch.Tensor:
     if len(tensors) == 0:
         return torch.zeros(())
     norms = torch._foreach_norm(list(tensors), p)
-    if all(n.dtype == norms[0].dtype for n in norms):  # the common case: one stack, one cast
-        stacked = torch.stack(norms)
+    first = norms[0]
+    if all(n.dtype == first.dtype and n.device == first.device for n in norms):
+        stacked = torch.stack(norms)  # the common case: one stack, one cast
         stacked = stacked.to(torch.promote_types(stacked.dtype, torch.float32))
-    else:
-        stacked = torch.stack([n.to(torch.promote_types(n.dtype, torch.float32)) for n in norms])
+    else:  # mixed dtypes or devices (model parallel): gather on the first tensor's device
+        stacked = torch.stack(
+            [n.to(first.device, torch.promote_types(n.dtype, torch.float32)) for n in norms]
+        )
     if p == float("inf"):
         return stacked.max()
     return torch.linalg.vector_norm(stacked, p)

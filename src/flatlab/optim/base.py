@@ -79,7 +79,12 @@ from torch.optim import Optimizer
 
 from flatlab._checks import check_choice, check_positive
 from flatlab.optim import _tree
-from flatlab.optim._passes import _allreduce_mean, _backward_with_graph, frozen_norm_statistics
+from flatlab.optim._passes import (
+    _allreduce_mean,
+    _backward_with_graph,
+    frozen_norm_statistics,
+    norm_modules,
+)
 from flatlab.optim.schedules import Schedule, as_schedule
 
 __all__ = ["NonFiniteStep", "SharpnessAware", "frozen_norm_statistics"]
@@ -101,8 +106,9 @@ class SharpnessAware(Optimizer):
             or an instance.
         radii: the method's radii by name, each a float >= 0 or a schedule.
         sync: ``"global"`` or ``"local"`` (only matters in a distributed run).
-        model: optional; a ``DistributedDataParallel`` module enables ``no_sync`` for
-            ``sync="local"``.
+        model: optional, the model the closure runs: a ``DistributedDataParallel`` module
+            enables ``no_sync`` for ``sync="local"``; with ``torch.compile`` it is needed so
+            that BatchNorm statistics are restored (compiled code skips the Python forwards).
         on_nonfinite: ``"skip"`` (default) or ``"raise"``.
         grad_scaler: an optional ``torch.amp.GradScaler`` (fp16 recipe in the module docstring).
         clip_grad_norm: optional max global 2-norm of the descent gradient.
@@ -168,6 +174,7 @@ class SharpnessAware(Optimizer):
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module or None, got {model!r}")
         self.model = model
+        self._norms = norm_modules(model) if model is not None else []
         self.steps = 0
         self.skipped_steps = 0
         self._radii = {name: s(0, self._lr()) for name, s in self._schedules.items()}
@@ -242,6 +249,10 @@ class SharpnessAware(Optimizer):
             elif self.on_nonfinite == "raise":
                 raise
             return None
+        except BaseException:  # an error (or Ctrl-C) inside a closure: never leave theta perturbed
+            if self._saved_for is not None:
+                self._restore_point(self._saved_for)
+            raise
         if self.clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm, foreach=True)
         if self.descent_hook is not None:
@@ -291,7 +302,7 @@ class SharpnessAware(Optimizer):
         gradient (for Hessian-vector products) by running ``backward`` with create_graph."""
         with contextlib.ExitStack() as stack:
             if not first:
-                stack.enter_context(frozen_norm_statistics())
+                stack.enter_context(frozen_norm_statistics(self._norms))
             ddp = self._ddp()
             if ddp is not None and self.sync == "local":
                 stack.enter_context(ddp.no_sync())
@@ -325,6 +336,8 @@ class SharpnessAware(Optimizer):
         items = [v.detach().reshape(()).double() for v in values]
         if loss is not None:
             items.append(loss.detach().reshape(()).double())
+        if items:
+            items = [t.to(items[0].device) for t in items]
         stacked = torch.stack(items) if items else torch.zeros(1, dtype=torch.float64)
         finite = torch.isfinite(stacked).all().double()
         if self._dist and self.sync == "local":

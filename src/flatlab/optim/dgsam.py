@@ -36,6 +36,12 @@ gradient for equal per-domain batches; with S = 1 it is SAM.
 
 Shapes: ``params`` is a list of tensors of any shapes; every gradient list is aligned with it.
 The norm ``||g||`` is the global L2 norm over all parameters.
+
+Notes on the source: the rule above follows a third-party extraction of the authors'
+DomainBed ``algorithms.py``; we could not read the paper's Algorithm 1 itself, so a different
+weighting there (e.g. excluding ``g_1``) is possible, which is one reason ``perturbed_mean``
+exists. Departure from that code: the perturbation after ``g_{S+1}`` is not applied (it
+would be undone at once), and the parameters are restored from a copy, not by subtracting.
 """
 
 from __future__ import annotations

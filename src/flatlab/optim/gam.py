@@ -176,7 +176,7 @@ class GAM(SharpnessAware):
         del f
         # the graph saves BatchNorm's running statistics, so they are put back only after the
         # HVP: the enclosing block freezes them and the pass itself must not restore them
-        with frozen_norm_statistics():
+        with frozen_norm_statistics(self._norms):
             self._pass(closure, first=True, create_graph=True)
             _, graph_grads = self._params_and_grads()
             g_adv = [g.detach() for g in graph_grads]

@@ -19,7 +19,8 @@ Andriushchenko & Flammarion, ICML 2022, arXiv 2206.06232, and the analysis of Ag
 Dauphin, "SAM operates far from home", ICML 2023.
 
 Cost per step: 2 closure calls (``closure_calls = 2``), one base step, one persistent
-parameter-sized buffer (the snapshot; ASAM also allocates two transient ones for T g and T^2 g). All options of the shell (schedules, GradScaler, clipping, sync, state_dict) are in
+parameter-sized buffer (the snapshot; ASAM also allocates two transient ones for T g and
+T^2 g). All options of the shell (schedules, GradScaler, clipping, sync, state_dict) are in
 :mod:`flatlab.optim.base`.
 
 Example:
