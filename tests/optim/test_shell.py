@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -82,3 +84,24 @@ def test_an_error_in_the_second_pass_leaves_the_parameters_unperturbed():
     with pytest.raises(KeyboardInterrupt):
         opt.step(closure)
     assert torch.equal(w.detach(), torch.tensor([1.0, -2.0]))
+
+
+def test_compiled_model_batchnorm_once_per_step_when_model_is_given():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
+    compiled = torch.compile(net, backend="eager")  # compiled code skips Python forwards
+    x, y = torch.randn(16, 5), torch.randn(16, 1)
+    opt = SAM(net.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, model=compiled)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(compiled(x), y)
+        loss.backward()
+        return loss
+
+    for t in range(3):
+        reference = copy.deepcopy(net)
+        reference(x)
+        opt.step(closure)
+        assert int(net[1].num_batches_tracked) == t + 1
+        assert torch.equal(net[1].running_mean, reference[1].running_mean)

@@ -46,7 +46,7 @@ def test_two_activation_kinds() -> None:
     want = float(((h2 <= -0.2) | (h2 >= 0.3)).double().mean())
     assert res.per_layer["3"] == pytest.approx(want)
     # Hardtanh saturates at nonzero values: zero derivative is not zero output
-    assert res.zero_output["3"] == pytest.approx(float((net[3](h2).abs() <= 1e-6).double().mean()))
+    assert res.zero_output["3"] == pytest.approx(float((net[3](h2) == 0).double().mean()))
     assert res.zero_output["3"] < res.per_layer["3"]
 
 
@@ -170,3 +170,34 @@ def test_bad_inputs() -> None:
         activation_sparsity(net, (x, x), max_batches=0)
     for m in net.modules():
         assert not m._forward_hooks and not m._forward_pre_hooks
+
+
+def test_zero_output_read_off_pre_activation_matches_outputs() -> None:
+    from flatlab.sparsity import JSquaredReLU
+
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(3, 40), nn.ReLU(), nn.Linear(40, 40), JSquaredReLU())
+    x = torch.randn(64, 3)
+    res = activation_sparsity(net, (x, x), output_tol=0.3)
+    h1 = net[0](x)
+    h2 = net[2](torch.relu(h1))
+    assert res.zero_output["1"] == pytest.approx(float((torch.relu(h1) <= 0.3).double().mean()))
+    want = float((net[3](h2).abs() <= 0.3).double().mean())
+    assert res.zero_output["3"] == pytest.approx(want)
+    assert res.zero_output["3"] > res.per_layer["3"]  # 0 < f(h) <= 0.3 counts as zero output
+
+
+def test_exact_zero_pre_activations_count_as_zero_derivative() -> None:
+    lin = nn.Linear(3, 8)
+    with torch.no_grad():
+        lin.weight[:3].zero_()
+        lin.bias[:3].zero_()  # units 0-2 have h == 0 exactly
+    net = nn.Sequential(lin, nn.ReLU())
+    x = torch.randn(30, 3)
+    res = activation_sparsity(net, (x, x))
+    h = lin(x)
+    assert res.per_layer["1"] == float((h <= 0).double().mean())
+    assert res.zero_output["1"] == float((torch.relu(h) == 0).double().mean())
+    with torch.no_grad():
+        res = activation_sparsity(net.double(), (x.double(), x))
+    assert res.per_layer["1"] == float((lin(x.double()) <= 0).double().mean())

@@ -100,7 +100,8 @@ class Phase:
     """One training phase: ``steps`` steps of ``method`` ("gd" | "usam" | "sam") at ``lr``.
 
     ``warmup > 0`` ramps rho linearly from 0 over that many steps
-    (:class:`flatlab.optim.schedules.LinearWarmup`); ``batch_size`` makes it minibatch SGD.
+    (:class:`flatlab.optim.schedules.LinearWarmup`); ``batch_size`` makes it minibatch SGD;
+    ``log_every`` logs the training loss that often (default: at the measurements only).
     """
 
     method: str
@@ -109,6 +110,7 @@ class Phase:
     rho: float = 0.0
     warmup: int = 0
     batch_size: int | None = None
+    log_every: int | None = None
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, tuple(EDGE_KEY))
@@ -128,6 +130,8 @@ class Phase:
             name += f"_w{self.warmup}"
         if self.batch_size:
             name += f"_b{self.batch_size}"
+        if self.log_every:
+            name += f"_l{self.log_every}"
         return name
 
 
@@ -214,7 +218,7 @@ class Lab:
                                    rho=0.0 if ph.method == "gd" else rho, tol=self.eig_tol)
         res = fit(model, opt, self.train, steps=ph.steps, loss_fn=self.loss_fn,
                   batch_size=ph.batch_size, callbacks=[monitor], run=self.run, tag=tag,
-                  log_every=self.eig_every, progress=False)
+                  log_every=ph.log_every or self.eig_every, progress=False)
         recs = []
         for rec in res.history:
             if index > 0 and rec["step"] == 0:

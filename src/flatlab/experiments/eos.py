@@ -263,23 +263,32 @@ def _switching(cfg: Config, lab: Lab) -> tuple[list[dict], dict, dict]:
                  "final median λ (last 25%)": f"{fmt(fin['lam'])} (edge {fmt(fin['thr'])})",
                  "pass": yes_no(hit is not None and dt <= 600) + " (<= 600)"})
     res["T7.late.steps_to_edge"] = dt
-    for name in ("USAM late, no warm-up", "USAM late, rho warm-up"):
+    loss_sw = trajs["GD throughout"].points(0)[-1][3]  # training loss just before the switch
+    for name, warm in (("USAM late, no warm-up", 0), ("USAM late, rho warm-up", cfg.rho_warmup)):
         tr = trajs[name]
         lam_sw = value_at(tr.points(), L)
         prod = cfg.lr * lam_sw * (1 + cfg.late_usam_rho * lam_sw)
+        # the first steps after the switch again, logging the loss at every step
+        probe = lab.trajectory([Phase("gd", lr, L), Phase("usam", lr, min(50, T - L),
+                                                          cfg.late_usam_rho, warm, log_every=1)])
+        spike = max((r["loss"] for r in probe.records if r["phase"] == 1 and "loss" in r),
+                    default=math.nan)
         fin = window_stats(tr.points(1), int(L + 0.75 * (T - L)))
         if tr.diverged_at is not None:
             outcome = f"diverged at step {tr.diverged_at} ({tr.diverged_at - L} after switch)"
         else:
-            outcome = f"stable; final median λ {fmt(fin['lam'])} vs λ* {fmt(fin['thr'])}"
-        want_div = "no warm-up" in name
-        ok = (tr.diverged_at is not None) if want_div else (tr.diverged_at is None)
-        rows.append({"run": name, "switch step": L, "λ at switch": fmt(value_at(tr.points(), L)),
-                     "target": f"η λ (1+ρλ) = {fmt(prod, 2)} at switch: "
-                               + ("diverges" if want_div else "tamed by warm-up"),
+            outcome = (f"no divergence; peak loss in 50 steps {spike:.3g} (before: "
+                       f"{loss_sw:.3g}); final median λ {fmt(fin['lam'])} vs λ* {fmt(fin['thr'])}")
+        if warm:
+            ok, target = tr.diverged_at is None and spike <= 2 * loss_sw, "tamed: peak loss <= 2x"
+        else:
+            ok, target = tr.diverged_at is not None, "diverges"
+        rows.append({"run": name, "switch step": L, "λ at switch": fmt(lam_sw),
+                     "target": f"η λ (1+ρλ) = {fmt(prod, 2)} at switch: {target}",
                      "steps to reach it": "", "final median λ (last 25%)": outcome,
                      "pass": yes_no(ok)})
         res[f"T7.{name}.diverged"] = tr.diverged_at is not None
+        res[f"T7.{name}.peak_loss_ratio"] = spike / loss_sw
     return rows, res, trajs
 
 

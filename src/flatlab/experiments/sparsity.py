@@ -115,6 +115,8 @@ def _train(run: Run, tag: str, model: torch.nn.Module, data: Any, *, seed: int, 
     res = fit(model, opt, train, steps=epochs * spe, batch_size=batch, callbacks=cbs, run=run,
               tag=tag, seed=seed, log_every=spe, progress=False)
     out: dict[str, Any] = {"tag": tag, "history": res.history, "diverged": res.diverged}
+    logged = [r["act_sparsity"] for r in res.history if "act_sparsity" in r]
+    out["history_final"] = logged[-1] if logged else float("nan")
     if res.diverged:
         return out
     final = activation_sparsity(model, test)
@@ -138,6 +140,14 @@ def _train(run: Run, tag: str, model: torch.nn.Module, data: Any, *, seed: int, 
         out["af"] = sum(af.value.values())
         out["af_gap"] = max(af.identity_gap.values())
     return out
+
+
+def _at_accuracy(history: list[dict], acc: float) -> float:
+    """Logged sparsity at the first evaluation whose test accuracy reaches ``acc`` (else NaN)."""
+    for rec in history:
+        if "act_sparsity" in rec and rec.get("test_acc", -1.0) >= acc:
+            return float(rec["act_sparsity"])
+    return float("nan")
 
 
 def _mlp(cfg: Config, seed: int, in_dim: int, classes: int, activation: Any = "relu"):
@@ -305,6 +315,11 @@ def run(cfg: Config, run: Run) -> dict:
     results["jsrelu_sparser_seeds"] = f"{js_wins}/{len(seeds)}"
     results["jsrelu_acc_gap_pts"] = round(100 * float(np.mean(gap)), 2) if gap else "n/a"
     results["modules_pass"] = bool(js_wins == len(seeds))
+    matched = [_at_accuracy(j["history"], r["acc"]) - r["history_final"]
+               for j, r in zip(mods["jsrelu"], mods["relu"])
+               if not (j["diverged"] or r["diverged"])]
+    matched = [m for m in matched if math.isfinite(m)]
+    results["jsrelu_matched_acc_pts"] = [round(100 * m, 2) for m in matched]
     fig = plots.bars({k: float(np.mean([r["delta_mean"] for r in v if not r["diverged"]] or [0]))
                       for k, v in mods.items()}, ylabel="sparsity change from init")
     run.add_section(
@@ -315,7 +330,10 @@ def run(cfg: Config, run: Run) -> dict:
         "variants built with flatlab.sparsity.sparsify (per-position zeroth bias, clip 0.1; "
         "restricted LayerNorm from scratch). Pass: J-SquaredReLU sparser than ReLU in every "
         f"seed: {js_wins}/{len(seeds)} -> {'PASS' if results['modules_pass'] else 'MISS'}; "
-        f"accuracy gap (jsrelu - relu) {results['jsrelu_acc_gap_pts']} points.",
+        f"accuracy gap (jsrelu - relu) {results['jsrelu_acc_gap_pts']} points. At matched "
+        "accuracy (J-SquaredReLU at the first epoch its test accuracy reaches ReLU's final "
+        "one, against ReLU's final; mean over all probed layers): "
+        f"{[_pts(m) for m in matched]} points.",
         table=rows, figures=[run.savefig(fig, "modules")])
 
     # 6 spectra and random labels -------------------------------------------------------

@@ -76,19 +76,27 @@ def frozen_norm_statistics(modules: Sequence[nn.Module] = ()) -> Iterator[None]:
                     buf.copy_(copy)
 
 
+_CLASSES: tuple[tuple[int, ...], list[type], list[type]] = ((), [], [])
+
+
 def _norm_classes() -> list[type]:
     """Every subclass of ``_NormBase`` (BatchNorm*, SyncBatchNorm, InstanceNorm*, user
-    subclasses) that defines its own ``forward``."""
-    out, stack, seen = [], [nn.modules.batchnorm._NormBase], set()
+    subclasses) that defines its own ``forward``. Cached; the cache is rebuilt when any class
+    of the tree gains a subclass (a new class defined by the user)."""
+    global _CLASSES
+    counts, tree, with_forward = _CLASSES
+    if tree and tuple(len(c.__subclasses__()) for c in tree) == counts:
+        return with_forward
+    tree, stack = [], [nn.modules.batchnorm._NormBase]
     while stack:
         cls = stack.pop()
-        if cls in seen:
+        if cls in tree:
             continue
-        seen.add(cls)
+        tree.append(cls)
         stack.extend(cls.__subclasses__())
-        if "forward" in cls.__dict__:
-            out.append(cls)
-    return out
+    with_forward = [c for c in tree if "forward" in c.__dict__]
+    _CLASSES = (tuple(len(c.__subclasses__()) for c in tree), tree, with_forward)
+    return with_forward
 
 
 def _allreduce_mean(tensors: list[torch.Tensor]) -> None:

@@ -69,6 +69,7 @@ sequence (the shell checks that it is a non-empty sequence of callables).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -333,28 +334,33 @@ class SharpnessAware(Optimizer):
     def _check_finite(self, loss: torch.Tensor | None, *values: torch.Tensor) -> list[float]:
         """One host sync: return ``values`` as floats, raising NonFiniteStep unless ``loss``
         and all ``values`` are finite (agreed over ranks in a distributed "local" run)."""
-        items = [v.detach().reshape(()).double() for v in values]
+        items = [v.detach().reshape(()) for v in values]
         if loss is not None:
-            items.append(loss.detach().reshape(()).double())
+            items.append(loss.detach().reshape(()))
+        out: list[float] = []
         if items:
-            items = [t.to(items[0].device) for t in items]
-        stacked = torch.stack(items) if items else torch.zeros(1, dtype=torch.float64)
-        finite = torch.isfinite(stacked).all().double()
+            device = items[0].device
+            out = torch.stack([t.to(device, torch.float64) for t in items]).tolist()
+        finite = all(math.isfinite(v) for v in out)
         if self._dist and self.sync == "local":
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        out = torch.cat([stacked, finite.reshape(1)]).tolist()
-        if out[-1] != 1.0:
+            flag = torch.tensor([float(finite)], device=items[0].device if items else "cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = bool(flag.item() == 1.0)
+        if not finite:
             raise NonFiniteStep(f"non-finite loss or gradient at step {self.steps}")
         return out[: len(values)]
 
     def _save_point(self, params: list[torch.Tensor]) -> None:
         """Copy ``params`` into the reusable snapshot buffer (one parameter-sized buffer)."""
-        key = tuple((id(p), p.shape, p.dtype, p.device) for p in params)
+        key = tuple(map(id, params))
+        if self._saved is not None and key == self._saved_key:
+            try:
+                _tree.restore_(self._saved, params)
+            except RuntimeError:  # a parameter changed shape since the last step
+                self._saved = None
         if self._saved is None or key != self._saved_key:
             self._saved = _tree.snapshot(params)
             self._saved_key = key
-        else:
-            _tree.restore_(self._saved, params)
         self._saved_for = params
 
     def _restore_point(self, params: list[torch.Tensor]) -> None:

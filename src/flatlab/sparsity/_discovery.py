@@ -47,6 +47,32 @@ def known_region(module: nn.Module) -> Region | None:
     return None
 
 
+def zero_derivative_below(module: nn.Module) -> float | None:
+    """``t`` if the zero-derivative region is exactly ``h <= t`` (ReLU family), else None.
+
+    The probe then counts with a faster kernel than a boolean mask. Modules declare it with a
+    ``zero_derivative_below`` attribute (J-SquaredReLU and the ReLU mix: 0).
+    """
+    value = getattr(module, "zero_derivative_below", None)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return 0.0 if type(module) is nn.ReLU else None
+
+
+def zero_output_threshold(module: nn.Module, tol: float) -> float | None:
+    """``t`` with ``|sigma(h)| <= tol  <=>  h <= t``, for activations where that holds, else None.
+
+    Lets the probe count zero outputs from ``h`` in its pre-hook (no output hook, one pass
+    less): ``nn.ReLU`` gives ``t = tol``; modules may declare ``zero_output_threshold(tol)``.
+    """
+    method = getattr(module, "zero_output_threshold", None)
+    if callable(method):
+        return method(tol)
+    if type(module) is nn.ReLU:
+        return tol
+    return None
+
+
 def autograd_region(module: nn.Module, deriv_tol: float) -> Region:
     """Mask ``|sigma'(h)| <= deriv_tol`` with ``sigma'`` by autograd (elementwise modules)."""
 

@@ -32,6 +32,8 @@ Shapes: every module here acts elementwise on ``(..., d)`` tensors; ``ZerothBias
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -58,6 +60,8 @@ class JSquaredReLU(nn.Module):
             slope ``cap + 1``), the authors' guarded variant. Default None.
     """
 
+    zero_derivative_below = 0.0  # the probe's fast path: zero derivative <=> h <= 0
+
     def __init__(self, cap: float | None = None) -> None:
         super().__init__()
         self.cap = None if cap is None else check_positive("cap", cap)
@@ -68,6 +72,10 @@ class JSquaredReLU(nn.Module):
     def zero_derivative(self, h: torch.Tensor) -> torch.Tensor:
         """Mask of the zero-derivative region (``h <= 0``, ReLU's convention)."""
         return h <= 0
+
+    def zero_output_threshold(self, tol: float) -> float:
+        """``f(h) <= tol  <=>  h <= sqrt(1 + 2 tol) - 1`` (f is increasing and >= 0)."""
+        return math.sqrt(1.0 + 2.0 * tol) - 1.0
 
     def extra_repr(self) -> str:
         return "" if self.cap is None else f"cap={self.cap}"
@@ -83,6 +91,8 @@ class ReLUToJSquaredReLU(nn.Module):
         ramp_steps: steps of the linear ramp from 0 to 1 (>= 1).
         mix: the starting ``k`` in ``[0, 1]`` (default 0).
     """
+
+    zero_derivative_below = 0.0
 
     def __init__(self, ramp_steps: int = 1000, mix: float = 0.0) -> None:
         super().__init__()

@@ -22,14 +22,18 @@ block's second matmul ``W2 a``, ``W2`` of shape ``(d_out, d_ff)``), i.e. ``2 d_o
 the dense cost is ``2 d_out`` per entry. ``flop_savings = sum_l 2 d_out_l Z_l / sum_l 2 d_out_l
 N_l`` over layers whose second matmul was found.
 
-The probe streams: forward hooks only add up counts, nothing is stored. ``activation_sparsity``
-runs under ``torch.no_grad``, puts the model in eval mode (``train_mode=True`` keeps it as is),
-and restores every module's mode and removes every hook in a ``finally`` block.
+The probe streams: forward hooks only add up counts, nothing is stored. For activations with
+``|sigma(h)| <= tol <=> h <= t`` (ReLU: ``t = tol``; J-SquaredReLU: ``t = sqrt(1 + 2 tol) - 1``)
+zero outputs are counted from ``h`` in the pre-hook, so there is no output hook.
+``activation_sparsity`` runs under ``torch.no_grad``, puts the model in eval mode
+(``train_mode=True`` keeps it as is), and restores every module's mode and removes every hook
+in a ``finally`` block.
 :class:`SparsityProbe` is the same probe as a context manager for a user's own loop.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +48,8 @@ from flatlab.sparsity._discovery import (
     known_region,
     neighbour_linear,
     resolve_modules,
+    zero_derivative_below,
+    zero_output_threshold,
 )
 
 Modules = Iterable[str | nn.Module] | Mapping[str, nn.Module] | None
@@ -80,6 +86,24 @@ class SparsityResult:
     flop_savings: float | None
 
 
+def _count_le(h: torch.Tensor, t: float) -> torch.Tensor:
+    """``#{h <= t}``; via ``sign`` (about 2x faster than a boolean mask on CPU) when exact.
+
+    ``sign(h - t)`` clamped at 0 is 1 exactly where ``h > t``; its float sum is exact while
+    the count stays below 2^24, hence the size and dtype guard.
+    """
+    if h.dtype in (torch.float32, torch.float64) and h.numel() < 2**24:
+        s = torch.sign(h - t) if t != 0 else torch.sign(h)
+        return h.numel() - s.clamp_(min=0).sum()
+    return torch.count_nonzero(h <= t)
+
+
+def _count(total: torch.Tensor | int) -> float:
+    """A count accumulated as a tensor, as a float (NaN if NaN activations poisoned it)."""
+    value = float(total)
+    return float(round(value)) if math.isfinite(value) else value
+
+
 class _Counter:
     """Running counts for one layer (tensors, so no device sync per batch)."""
 
@@ -108,7 +132,8 @@ class SparsityProbe:
             module. Default: every ``nn.ReLU``/``ReLU6``/``Hardtanh`` and every module with a
             ``zero_derivative`` method (J-SquaredReLU and the ReLU mix of
             :mod:`flatlab.sparsity.modules`).
-        output_tol: an output counts as zero when ``|a| <= output_tol`` (default 1e-6).
+        output_tol: an output counts as zero when ``|a| <= output_tol`` (default 0: exactly
+            zero; the authors log ``1e-6``).
         deriv_tol: for named modules without a declared region, ``|sigma'(h)| <= deriv_tol``
             (by autograd) counts as zero derivative (default 0).
         per_position: also count per position along dimension 1 of ``h``.
@@ -122,7 +147,7 @@ class SparsityProbe:
         model: nn.Module,
         modules: Modules = None,
         *,
-        output_tol: float = 1e-6,
+        output_tol: float = 0.0,
         deriv_tol: float = 0.0,
         per_position: bool = False,
     ) -> None:
@@ -135,6 +160,10 @@ class SparsityProbe:
         self.per_position = bool(per_position)
         self._regions = {
             n: known_region(m) or autograd_region(m, deriv_tol) for n, m in self.modules.items()
+        }
+        self._below = {n: zero_derivative_below(m) for n, m in self.modules.items()}
+        self._out_thresholds = {
+            n: zero_output_threshold(m, self.output_tol) for n, m in self.modules.items()
         }
         self._d_out: dict[str, int] = {}
         for name, module in self.modules.items():
@@ -149,12 +178,21 @@ class SparsityProbe:
     def _pre_hook(self, name: str):
         region = self._regions[name]
         counter = self._counters[name]
+        out_threshold = self._out_thresholds[name]
+        below = self._below[name]
 
         def hook(module: nn.Module, args: tuple) -> None:
-            h = args[0]
-            mask = region(h.detach())
+            h = args[0].detach()
             counter.entries += h.numel()
-            counter.zero_deriv = counter.zero_deriv + torch.count_nonzero(mask)
+            if below is not None and not (self.per_position and h.dim() >= 3):
+                counter.zero_deriv = counter.zero_deriv + _count_le(h, below)
+            else:
+                mask = region(h)
+                counter.zero_deriv = counter.zero_deriv + torch.count_nonzero(mask)
+            if out_threshold is not None and out_threshold == below:
+                counter.zero_out = counter.zero_deriv  # same set: ReLU family at output_tol=0
+            elif out_threshold is not None:  # zero outputs read off h: no output hook needed
+                counter.zero_out = counter.zero_out + _count_le(h, out_threshold)
             if self.per_position and h.dim() >= 3:
                 dims = [d for d in range(h.dim()) if d != 1]
                 zeros = mask.sum(dim=dims)
@@ -182,7 +220,8 @@ class SparsityProbe:
             return self
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
-            self._handles.append(module.register_forward_hook(self._hook(name)))
+            if self._out_thresholds[name] is None:
+                self._handles.append(module.register_forward_hook(self._hook(name)))
         return self
 
     def detach(self) -> None:
@@ -218,14 +257,14 @@ class SparsityProbe:
         per_layer, zero_out, entries, per_pos = {}, {}, {}, {}
         dense, skip = {}, {}
         for name, c in self._counters.items():
-            per_layer[name] = float(c.zero_deriv) / c.entries
-            zero_out[name] = float(c.zero_out) / c.entries
+            per_layer[name] = _count(c.zero_deriv) / c.entries
+            zero_out[name] = _count(c.zero_out) / c.entries
             entries[name] = int(c.entries)
             if c.pos_zero is not None:
                 per_pos[name] = tuple((c.pos_zero.double() / c.pos_entries.double()).tolist())
             if name in self._d_out:
                 dense[name] = 2 * self._d_out[name] * int(c.entries)
-                skip[name] = 2 * self._d_out[name] * int(c.zero_out)
+                skip[name] = 2 * self._d_out[name] * _count(c.zero_out)
         n = len(per_layer)
         return SparsityResult(
             mean=sum(per_layer.values()) / n,
@@ -246,7 +285,7 @@ def activation_sparsity(
     data: Data,
     modules: Modules = None,
     *,
-    output_tol: float = 1e-6,
+    output_tol: float = 0.0,
     deriv_tol: float = 0.0,
     per_position: bool = False,
     train_mode: bool = False,
@@ -258,7 +297,7 @@ def activation_sparsity(
         model: the network; called as ``model(inputs)``.
         data: a tensor pair ``(inputs, targets)``, a list of pairs or a DataLoader.
         modules: which activation modules (see :class:`SparsityProbe`); default: discovered.
-        output_tol: ``|a| <= output_tol`` counts as a zero output.
+        output_tol: ``|a| <= output_tol`` counts as a zero output (default 0).
         deriv_tol: threshold on ``|sigma'(h)|`` for named modules without a declared region.
         per_position: also report fractions per position (dimension 1 of ``h``).
         train_mode: measure in the model's current mode instead of eval mode.

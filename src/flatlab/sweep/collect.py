@@ -49,6 +49,8 @@ import numpy as np
 
 RECORDS_FILE = "dg_records.jsonl"
 SELECTIONS = ("training-domain validation", "oracle")
+#: Table and figure order of the methods (others follow alphabetically).
+METHOD_ORDER = ("erm", "sam", "gam", "sagm", "dgsam")
 
 
 def load_records(runs_dir: str | Path) -> list[dict[str, Any]]:
@@ -124,7 +126,12 @@ def aggregate(records: Sequence[dict[str, Any]], selection: str = SELECTIONS[0])
     for (dataset, method, domain, seed), group in groups.items():
         picked[(dataset, method)][domain][seed] = select(group, selection)
     rows = []
-    for (dataset, method), by_domain in sorted(picked.items()):
+    def order(item: tuple[tuple[str, str], Any]) -> tuple[str, int, str]:
+        (dataset, method), _ = item
+        rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+        return dataset, rank, method
+
+    for (dataset, method), by_domain in sorted(picked.items(), key=order):
         first = next(p["record"] for m in by_domain.values() for p in m.values())
         order = [d for d in first["domains"] if d in by_domain]
         per_domain = {d: mean_se(100 * p["acc"] for p in by_domain[d].values()) for d in order}
