@@ -118,6 +118,8 @@ def qrm_table(cfg: Any, run: Any) -> tuple[list[dict], dict[str, Trajectory]]:
         ok = band is not None and band[0] <= st["ratio"] <= band[1]
         if name.startswith("SAM"):  # the note's SAM target: λ within 2% of the median edge
             ok = band[0] <= st["lam"] / st["thr"] <= band[1]
+        if traj.diverged_at is not None:
+            name += f" (diverged at step {traj.diverged_at})"
         rows.append({"run": name, "median threshold": fmt(st["thr"]),
                      "median λ_max": fmt(st["lam"]),
                      "λ/threshold (median)": fmt(st["ratio"], 4),

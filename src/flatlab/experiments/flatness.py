@@ -327,6 +327,7 @@ def _seed_runs(cfg, run, task, splits, make_model, opt, lr, rho, best, seeds, me
 
 def _report(run, plots, chosen, rows, measured, curves) -> None:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     run.add_section(
         "Protocol",
@@ -347,6 +348,8 @@ def _report(run, plots, chosen, rows, measured, curves) -> None:
                    if m["tag"].split("/")[1:3] == [task, opt]]
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=opt, s=28)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.set_xlabel("λ_max (training loss Hessian)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(task)

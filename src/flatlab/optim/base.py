@@ -19,11 +19,14 @@ DGSAM and SAGM get it identically:
 * **exact undo**: perturbations are undone by copying a saved point back (``_tree.restore_``),
   never by subtracting, so with zero radii every method equals its base bit for bit;
 * **non-finite guard**: a non-finite loss or gradient skips the whole step (parameters and base
-  state untouched) and increments ``opt.skipped_steps``; ``on_nonfinite="raise"`` raises;
+  state untouched) and increments ``opt.skipped_steps``; ``on_nonfinite="raise"`` raises; any
+  other exception inside a closure (or Ctrl-C) restores the unperturbed parameters first;
 * **BatchNorm once per step**: during every pass after the first, the running statistics of
   every ``BatchNorm``/``InstanceNorm`` module that runs (found by wrapping the norm classes'
   ``forward`` for the duration of the pass, so no model is needed) are saved and copied back
-  afterwards, including ``num_batches_tracked``; only the unperturbed pass updates them;
+  afterwards, including ``num_batches_tracked``; only the unperturbed pass updates them
+  (a ``torch.compile``-d model bypasses those forwards: pass ``model=`` and the shell saves
+  the model's norm buffers directly);
 * **clipping**: ``clip_grad_norm`` (a max norm) and/or ``descent_hook(params)`` act on the
   descent gradient only, right before the base step (clipping the ascent gradient of
   normalized SAM would be a no-op);
