@@ -128,3 +128,47 @@ def test_eos_quick_end_to_end(tmp_path, one_thread):
     assert "T7.late.steps_to_edge" in results
     assert json.loads((run.path / "config.json").read_text())["config"]["quick"] is True
     assert "Lanczos" in (run.path / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_eos_full_reproduces_the_gated_targets(tmp_path, one_thread):
+    """The full run (about 30 min wall on a loaded 2-core machine): the targets that
+    docs/results/eos.md reports as reproduced. Misses reported there are not asserted."""
+    from flatlab.experiments import launch
+
+    res = launch("eos", out=tmp_path).results()
+    assert res["T1.all_as_predicted"] is True
+    assert 0.99 <= res["T2.GD η=2"] <= 1.01 and res["T2.GD η=1 (control)"] < 0.99
+    assert 0.97 <= res["T2.USAM η=1 ρ=1"] <= 1.03
+    for key in ("digits.GD η=0.2.ratio", "digits.GD η=0.15.ratio"):
+        assert 0.97 <= res[key] <= 1.08, key
+    for key in ("digits.USAM ρ=0.05.ratio", "digits.USAM ρ=0.2.ratio",
+                "digits.SAM ρ=0.005.ratio", "digits.SAM ρ=0.02.ratio"):
+        assert 0.95 <= res[key] <= 1.10, key
+    assert res["digits.USAM ρ=0.05.vs_gd"] < 0.9 and res["digits.USAM ρ=0.2.vs_gd"] < 0.9
+    assert res["T3.gf_time_gap"] < 0.05
+    for key in ("digits.T6.USAM ρ=0.2.loss_ratio", "digits.T6.SAM ρ=0.005.loss_ratio",
+                "digits.T6.SAM ρ=0.02.loss_ratio"):
+        assert res[key] >= 3, key
+    assert res["T7.early.steps_back"] <= 800 and res["T7.late.steps_to_edge"] <= 600
+
+
+def test_curvature_monitor_edge_follows_a_rho_warmup(one_thread):
+    # the monitor evaluates a rho schedule at the step the optimizer takes next
+    from flatlab.models import MLP
+    from flatlab.optim.schedules import LinearWarmup
+    from flatlab.optim.stability import edge_of_stability
+    from flatlab.train import CurvatureMonitor, build_optimizer, fit
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
+    model = MLP(4, 3, width=8, depth=1, activation="tanh").double()
+    rho = LinearWarmup(0.2, warmup_steps=10)
+    opt = build_optimizer("usam", model.parameters(), lr=0.1, rho=rho)
+    mon = CurvatureMonitor(every=5, method="usam", rho=rho, tol=1e-3)
+    hist = fit(model, opt, (x, y), steps=10, loss_fn=mse_onehot, callbacks=[mon],
+               progress=False).history
+    by_step = {r["step"]: r for r in hist if "lambda_max" in r}
+    assert "edge_usam" not in by_step[0]  # rho(0) = 0: no USAM line yet
+    assert by_step[5]["edge_usam"] == pytest.approx(edge_of_stability("usam", 0.1, 0.1))
+    assert by_step[10]["edge_usam"] == pytest.approx(edge_of_stability("usam", 0.1, 0.2))

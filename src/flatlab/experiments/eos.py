@@ -8,7 +8,7 @@ steps and compared with the edges of :func:`flatlab.optim.stability.edge_of_stab
 ``2/η``, ``λ* = (√(1+8ρ/η) − 1)/(2ρ)`` and the SAM edge with ``ρ/‖g_t‖`` in place of ρ
 (``‖g_t‖`` the full-batch unperturbed gradient norm at the same iterate).
 
-Parts (targets T1-T7 of ../shared/research/sam_eos.md):
+Parts (targets T1-T7 of the implementation note sam_eos.md):
 
 1. quadratics (T1): converge/diverge at 0.99/1.01 of each edge, SAM's period-2 bounce;
 2. the quadratic regression model (T2), window = the second half of the run;
@@ -19,7 +19,9 @@ Parts (targets T1-T7 of ../shared/research/sam_eos.md):
 4. the same MLP on MNIST-1D, and minibatch SGD vs SGD+SAM (shown, not gated).
 
 Plateau statistics are medians over a window starting ``window_offset`` steps after the first
-crossing of the threshold (the first crossing overshoots).
+crossing of the threshold (the first crossing overshoots). Shapes: digits inputs ``(N, 64)``,
+MNIST-1D ``(N, 40)``, standardized; outputs ``(N, 10)``; targets ``(N,)`` int64; N = n_train.
+Results and their discussion: docs/results/eos.md.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ from flatlab.report import plots
 
 
 class Config(ExperimentConfig):
+    """Settings of ``flatlab run eos`` (defaults: the note's digits protocol, CPU-sized)."""
+
     n_train: int = Field(1000, ge=10, description="examples of the fixed training subset")
     width: int = Field(128, ge=1, description="MLP hidden width")
     depth: int = Field(2, ge=1, description="MLP hidden layers")

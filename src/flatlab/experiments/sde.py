@@ -154,6 +154,9 @@ def run(cfg: Config, run: Run) -> dict:
         mono = all(a < b for a, b in zip(wd["measured"], wd["measured"][1:]))
         row("T4", "AdamW with decay: monotone, below bound", max(wd["measured"]), t4["bound"],
             "monotone and < bound", mono and max(wd["measured"]) < t4["bound"])
+        for s, m, p in zip(free["sigmas"], free["measured"], free["predicted"]):
+            row("T4", f"AdamW stationary loss (gamma=0, sigma={s})", m, p, "within 12%",
+                abs(m / p - 1) <= 0.12)
         row("T4", "AdamW without decay: log-log slope", free["slope"], 1.0, "+- 0.1",
             abs(free["slope"] - 1) <= 0.1)
         fig, ax = plt.subplots(figsize=(6.0, 4.2))

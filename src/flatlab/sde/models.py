@@ -178,8 +178,8 @@ class SignSGDSDE(OptimizerSDE):
     def _mean_and_spread(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         g = self.objective.grad(x)
         if self.form == "closed":
-            m = self.noise.sign_mean(g)
-            return m, torch.sqrt((1 - m * m).clamp_min(0))
+            m = self.noise.sign_mean(g)  # |m| <= 1 is guaranteed by the noise models
+            return m, torch.sqrt(1 - m * m)
         s = self._signs(g)
         m = s.mean(1)
         return m, (s - m.unsqueeze(1)) / math.sqrt(self.mc_samples - 1)
@@ -197,10 +197,13 @@ class SignSGDSDE(OptimizerSDE):
     def step(self, t, dt, state, z):
         x = state[0]
         m, spread = self._mean_and_spread(x)
-        noise = spread * z if self.form == "closed" else torch.einsum("pmd,pm->pd", spread, z)
         if self.weight_decay:
             m = m + self.weight_decay * x
-        return (x - dt * m + math.sqrt(self.lr * dt) * noise,)
+        c = math.sqrt(self.lr * dt)
+        if self.form == "closed":  # fused: x + c * spread * z - dt * m
+            return (torch.addcmul(x, spread, z, value=c).sub_(m, alpha=dt),)
+        noise = torch.einsum("pmd,pm->pd", spread, z)
+        return (x - dt * m + c * noise,)
 
 
 class RMSpropWSDE(OptimizerSDE):

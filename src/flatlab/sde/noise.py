@@ -62,8 +62,16 @@ class _Noise:
             )
 
     def _scale_like(self, x: torch.Tensor) -> torch.Tensor:
+        return self._cached("scale", lambda: self.scale, x)
+
+    def _cached(self, key: str, make, x: torch.Tensor) -> torch.Tensor:
+        """``make()`` converted to ``x``'s dtype and device, computed once per pair (hot loop)."""
         self.check_dim(x.shape[-1])
-        return self.scale.to(dtype=x.dtype, device=x.device)
+        cache = self.__dict__.setdefault("_cache", {})
+        k = (key, x.dtype, x.device)
+        if k not in cache:
+            cache[k] = make().to(dtype=x.dtype, device=x.device)
+        return cache[k]
 
     def sample(
         self,
@@ -133,8 +141,7 @@ class GaussianNoise(_Noise):
         """``Sigma^{1/2} z`` for each row of ``z`` ``(paths, d)``."""
         if self.chol is None:
             return z * self._scale_like(z)
-        self.check_dim(z.shape[-1])
-        return z @ self.chol.to(dtype=z.dtype, device=z.device).T
+        return z @ self._cached("chol_t", lambda: self.chol.T, z)
 
     def sample(self, paths, d, *, generator=None, dtype=torch.float64, device=None):
         self.check_dim(d)
@@ -143,8 +150,8 @@ class GaussianNoise(_Noise):
 
     def sign_mean(self, grad: torch.Tensor) -> torch.Tensor:
         # Exact per coordinate even for a full Sigma: the marginal of Z_i is N(0, sigma_i^2).
-        s = self._scale_like(grad)
-        return torch.erf(grad / (s * math.sqrt(2.0)))
+        inv = self._cached("inv_scale", lambda: 1 / (self.scale * math.sqrt(2.0)), grad)
+        return torch.erf(grad * inv)
 
     def with_batch_size(self, batch_size: int) -> GaussianNoise:
         """The noise of a batch of ``batch_size`` samples: ``Sigma_1 / B``."""
@@ -269,8 +276,10 @@ def _integer_nu_sign_mean(y: torch.Tensor, nu: int) -> torch.Tensor:
     if nu % 2:
         if nu == 1:
             return theta * (2 / math.pi)
-        return (2 / math.pi) * (theta + torch.sin(theta) * torch.cos(theta) * series)
-    return torch.sin(theta) * series
+        out = (2 / math.pi) * (theta + torch.sin(theta) * torch.cos(theta) * series)
+    else:
+        out = torch.sin(theta) * series
+    return out.clamp(-1, 1)  # rounding must not push |E sign| above 1 (sqrt(1 - m^2))
 
 
 # 64-point Gauss-Legendre rule on [0, 1], used by the t CDF below.
@@ -301,4 +310,4 @@ def student_t_sign_mean(y: torch.Tensor, nu: float) -> torch.Tensor:
     sinc = torch.where(psi > 0, torch.sin(psi) / psi, torch.ones_like(psi))
     tail = 2 * c * (a.squeeze(-1) ** nu / nu) * (sinc ** (nu - 1) * gw).sum(-1)
     value = torch.where(theta.squeeze(-1) <= math.pi / 4, direct, 1 - tail)
-    return torch.sign(y) * value
+    return torch.sign(y) * value.clamp(0, 1)

@@ -67,6 +67,7 @@ class Quadratic(Objective):
         if h.dim() == 2 and not torch.allclose(h, h.T):
             raise ValueError("hessian must be symmetric, got a non-symmetric matrix")
         self.hessian = h
+        self._h_cache: tuple = (None, None)
         self.diagonal = h.dim() == 1
         self.dim = int(h.shape[0])
         if minimum is not None and tuple(minimum.shape) != (self.dim,):
@@ -78,7 +79,10 @@ class Quadratic(Objective):
         return self.hessian if self.diagonal else torch.linalg.eigvalsh(self.hessian)
 
     def _h(self, x: torch.Tensor) -> torch.Tensor:
-        return self.hessian.to(dtype=x.dtype, device=x.device)
+        key = (x.dtype, x.device)
+        if self._h_cache[0] != key:  # converted once per dtype/device (hot loop)
+            self._h_cache = (key, self.hessian.to(dtype=x.dtype, device=x.device))
+        return self._h_cache[1]
 
     def _shift(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.minimum is None else x - self.minimum.to(dtype=x.dtype, device=x.device)

@@ -41,7 +41,8 @@ def per_domain_sharpness(
         for d, v in r["selected"]["sharpness"]["per_domain"].items():
             acc[r["method"]][d].append(v)
         acc[r["method"]]["pooled"].append(r["selected"]["sharpness"]["pooled"])
-    return {m: {d: float(np.mean(v)) for d, v in per.items()} for m, per in acc.items()}
+    names = list(records[0]["domains"]) + ["pooled"] if records else []
+    return {m: {d: float(np.mean(per[d])) for d in names if d in per} for m, per in acc.items()}
 
 
 def figures(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
