@@ -6,18 +6,8 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from flatlab.cli import main
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The quick runs are tiny: one thread avoids oversubscribing a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +15,7 @@ def quick_run(tmp_path_factory):
     from flatlab.experiments import launch
 
     out = tmp_path_factory.mktemp("dg")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run = launch("dg", quick=True, out=out)
-    finally:
-        torch.set_num_threads(before)
-    return out, run
+    return out, launch("dg", quick=True, out=out)
 
 
 def test_quick_run_end_to_end(quick_run):

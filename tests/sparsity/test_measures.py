@@ -112,3 +112,19 @@ def test_augmented_flatness_matches_per_sample_gradients() -> None:
     h1 = net[0](x)
     assert res.density["0"] == pytest.approx(float((h1 > 0).double().mean()))
     assert res.entries["0"] == 20 * 6
+
+
+@pytest.mark.parametrize("measure", [gradient_sparsity, augmented_flatness])
+def test_measures_clean_up_after_an_error(measure) -> None:
+    net = _net()
+    net.train()
+    x, y = _data()
+
+    def bad_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("bad loss")
+
+    with pytest.raises(RuntimeError, match="bad loss"):
+        measure(net, bad_loss, (x, y))
+    assert net.training and net[1].inplace
+    for m in net.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks

@@ -53,7 +53,7 @@ class Config(ExperimentConfig):
     sde_beta1s: list[float] = Field([0.9, 0.95, 0.98, 0.99], description="beta_1 values (T6)")
     sde_steps: int = Field(4000, ge=10, description="optimizer steps of T6")
     sde_paths: int = Field(500, ge=2, description="paths of T6 (dt = lr/4)")
-    network_steps: int = Field(400, ge=1, description="steps of the MLP comparison (0: skip)")
+    network_steps: int = Field(400, ge=0, description="steps of the MLP comparison (0: skip)")
     network_paths: int = Field(32, ge=2, description="copies of the MLP")
 
 

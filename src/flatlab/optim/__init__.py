@@ -13,6 +13,7 @@ name                   what
 ``RMSpropW``           RMSprop with decoupled weight decay
 ``SharpnessAware``     the shell every sharpness-aware optimizer subclasses
 schedules              ``Constant``, ``LinearWarmup``, ``CosineWarmup``, ``ProportionalToLR``
+``edge_of_stability``  stability thresholds of GD, USAM and SAM (``flatlab.optim.stability``)
 =====================  =====================================================================
 """
 
@@ -29,6 +30,7 @@ from flatlab.optim.schedules import (
     Schedule,
 )
 from flatlab.optim.sign import RMSpropW, SignSGD
+from flatlab.optim.stability import edge_of_stability
 
 __all__ = [
     "DGSAM",
@@ -45,5 +47,6 @@ __all__ = [
     "Schedule",
     "SharpnessAware",
     "SignSGD",
+    "edge_of_stability",
     "frozen_norm_statistics",
 ]
