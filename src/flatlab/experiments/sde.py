@@ -31,7 +31,7 @@ Target = Literal["t1", "t2", "t3", "t4", "t5", "t6", "network"]
 
 
 class Config(ExperimentConfig):
-    """Settings of ``flatlab run sde`` (full sizes by default: ~15-30 min on 1 CPU core)."""
+    """Settings of ``flatlab run sde`` (full sizes by default: ~7 min on 1 CPU core)."""
 
     targets: list[Target] = Field(["t1", "t2", "t3", "t4", "t5", "t6", "network"],
                                   description="which targets to run (e.g. [t3,t4])")
