@@ -14,12 +14,12 @@ full-data mean loss requires: ``L = sum_b n_b L_b / sum_b n_b``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any, Union
+from typing import Any
 
 import torch
 
 Batch = tuple[Any, torch.Tensor]
-Data = Union[Batch, Iterable[Batch]]
+Data = Batch | Iterable[Batch]
 
 
 def _is_pair(data: Any) -> bool:
@@ -36,10 +36,14 @@ def _size(inputs: Any) -> int:
         return int(inputs.shape[0]) if inputs.dim() > 0 else 1
     if isinstance(inputs, (tuple, list)) and inputs and isinstance(inputs[0], torch.Tensor):
         return int(inputs[0].shape[0])
-    raise TypeError(f"batch inputs must be a tensor or a tuple of tensors, got {type(inputs).__name__}")
+    raise TypeError(
+        f"batch inputs must be a tensor or a tuple of tensors, got {type(inputs).__name__}"
+    )
 
 
-def batches(data: Data, device: torch.device | None = None) -> Iterator[tuple[Any, torch.Tensor, int]]:
+def batches(
+    data: Data, device: torch.device | None = None
+) -> Iterator[tuple[Any, torch.Tensor, int]]:
     """Yield ``(inputs, targets, batch_size)`` for every batch of ``data``.
 
     Args:
@@ -59,7 +63,9 @@ def batches(data: Data, device: torch.device | None = None) -> Iterator[tuple[An
     count = 0
     for batch in items:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise TypeError(f"each batch must be an (inputs, targets) pair, got {type(batch).__name__}")
+            raise TypeError(
+                f"each batch must be an (inputs, targets) pair, got {type(batch).__name__}"
+            )
         inputs, targets = batch[0], batch[1]
         n = _size(inputs)
         if n == 0:

@@ -12,7 +12,7 @@ from typing import Any
 
 
 def check_real(name: str, value: Any) -> float:
-    """Return ``value`` as a float, or raise TypeError if it is not a real number (bools excluded)."""
+    """Return ``value`` as a float; TypeError unless it is a real number (bools excluded)."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
     value = float(value)

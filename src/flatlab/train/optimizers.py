@@ -13,7 +13,7 @@ usam        ``flatlab.optim.SAM(normalize=False)`` (Andriushchenko & Flammarion,
 gam         ``flatlab.optim.GAM`` (Zhang et al., arXiv 2303.03108)
 samgam      ``flatlab.optim`` SAM+GAM
 dgsam       ``flatlab.optim.DGSAM`` (per-domain closures; arXiv 2503.23430)
-sagm        ``flatlab.optim.SAGM`` (per-domain closures; Wang et al., arXiv 2303.03124)
+sagm        ``flatlab.optim.SAGM`` (per-domain closures; Wang et al., arXiv 2303.10353)
 ==========  =================================================================================
 
 The wrappers (sam ... sagm) take a ``base`` optimizer, given by name (``"sgd"``, ``"adamw"``,
