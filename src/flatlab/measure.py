@@ -20,8 +20,7 @@ Quantities (``what``), all on the full data, in eval mode, the model untouched:
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,23 +28,10 @@ import torch
 from torch import nn
 
 from flatlab import curvature
+from flatlab.experiments import load_factory
 from flatlab.train import ConfigError, load_checkpoint
 
 QUANTITIES = ("eig", "trace", "density", "sharpness")
-
-
-def _factory(spec: str, what: str) -> Callable[[], Any]:
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"{what} must look like 'package.module:function', got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"{what}: cannot import module {module_name!r} ({exc})") from exc
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError(f"{what}: {module_name!r} has no callable {attr!r}")
-    return fn
 
 
 def find_checkpoint(path: str | Path, tag: str | None = None) -> Path:
@@ -81,7 +67,7 @@ def load_model(checkpoint: str | Path, model: str = "", tag: str | None = None) 
     if not model:
         raise ConfigError("model must be given as 'package.module:function' when the "
                           "checkpoint holds a state_dict, got ''")
-    net = _factory(model, "model")()
+    net = load_factory(model, "model")()
     if not isinstance(net, nn.Module):
         raise ConfigError(f"model factory must return an nn.Module, got {type(net).__name__}")
     try:
@@ -95,7 +81,7 @@ def load_data(data: str) -> Any:
     """Call the data factory and return something :mod:`flatlab.curvature` accepts."""
     if not data:
         raise ConfigError("data must be given as 'package.module:function', got ''")
-    out = _factory(data, "data")()
+    out = load_factory(data, "data")()
     if hasattr(out, "train"):
         out = out.train
     if isinstance(out, torch.utils.data.TensorDataset):

@@ -101,6 +101,7 @@ from flatlab.experiments._registry import (
     describe_fields,
     discover,
     get,
+    load_factory,
     names,
     parse_overrides,
     register,
@@ -110,6 +111,6 @@ from flatlab.train.rundir import ConfigError, Run
 
 __all__ = [
     "ConfigError", "ExistingDir", "Experiment", "ExperimentConfig", "Run", "broken",
-    "describe_fields", "discover", "get", "launch", "names", "parse_overrides", "register",
-    "resolve_config",
+    "describe_fields", "discover", "get", "launch", "load_factory", "names", "parse_overrides",
+    "register", "resolve_config",
 ]

@@ -292,3 +292,27 @@ def _constraint(meta: Any) -> str:
         if getattr(meta, attr, None) is not None:
             return f"{sym} {getattr(meta, attr)}"
     return type(meta).__name__
+
+
+def load_factory(spec: str, what: str) -> Callable[..., Any]:
+    """Import ``"package.module:function"`` (a user's model or data factory) and return it.
+
+    Args:
+        spec: the dotted module path and the attribute, separated by ``:``.
+        what: the setting's name, used in error messages (e.g. ``"model"``).
+
+    Raises:
+        ConfigError: the spec is malformed, the module cannot be imported, or the attribute is
+            missing or not callable.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"{what} must look like 'package.module:function', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"{what}: cannot import module {module_name!r} ({exc})") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"{what}: {module_name!r} has no callable {attr!r}")
+    return fn

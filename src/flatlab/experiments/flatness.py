@@ -33,7 +33,6 @@ called as ``factory(input_shape, num_classes)`` and returns an ``nn.Module``.
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
 from typing import Any, Literal
@@ -43,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
-from flatlab.experiments._registry import ExperimentConfig, register
+from flatlab.experiments._registry import ExperimentConfig, load_factory, register
 from flatlab.report.summary import mean_se, summarize
 from flatlab.train import Run, build_optimizer, evaluate, fit
 from flatlab.train.rundir import ConfigError
@@ -115,25 +114,6 @@ class Config(ExperimentConfig):
 
 
 # ----------------------------------------------------------------------------- tasks
-
-
-def load_factory(spec: str, what: str) -> Callable[..., Any]:
-    """Import ``"package.module:function"`` and return the function.
-
-    Raises:
-        ConfigError: the spec is malformed, the module is missing, or the name is not callable.
-    """
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"{what} must look like 'package.module:function', got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"{what}: cannot import module {module_name!r} ({exc})") from exc
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError(f"{what}: {module_name!r} has no callable {attr!r}")
-    return fn
 
 
 def _tasks(cfg: Config) -> dict[str, tuple[Any, Callable[[], nn.Module]]]:
