@@ -204,6 +204,27 @@ def collect(runs_dir: Path = typer.Argument(..., help="folder holding finished d
     typer.echo(f"written: {runs_dir / 'results.md'}, {runs_dir / 'results.tex'}")
 
 
+@app.command()
+def measure(
+    checkpoint: Path = typer.Argument(..., help="checkpoint file, or a run folder"),
+    what: str = typer.Option("eig,trace,density,sharpness", "--what",
+                             help="comma list of eig, trace, density, sharpness"),
+    model: str = typer.Option("", "--model", help="module:function building the model "
+                              "(not needed when the checkpoint holds a pickled module)"),
+    data: str = typer.Option(..., "--data", help="module:function returning the data"),
+    tag: str = typer.Option("", "--tag", help="training phase, when the run has several"),
+    k: int = typer.Option(5, "--k", help="number of top eigenvalues"),
+    rho: float = typer.Option(0.05, "--rho", help="sharpness radius"),
+    loss: str = typer.Option("cross_entropy", "--loss", help="torch.nn.functional loss"),
+) -> None:
+    """Hessian eigenvalues, trace, spectral density and sharpness of a saved model."""
+    from flatlab.measure import format_results, measure_checkpoint
+
+    results = measure_checkpoint(checkpoint, model=model, data=data, what=what,
+                                 tag=tag or None, loss=loss, k=k, rho=rho)
+    typer.echo(format_results(results))
+
+
 def _error(message: str) -> int:
     first = (message.strip().splitlines() or ["unknown error"])[0]
     sys.stderr.write(f"error: {first}\n")

@@ -53,3 +53,17 @@ def test_measure_pickled_module_and_errors(tmp_path):
         measure_checkpoint(sd, data=f"{SPEC}:make_data")
     with pytest.raises(FileNotFoundError):
         find_checkpoint(tmp_path / "missing")
+
+
+def test_cli_measure(tmp_path, capsys):
+    from flatlab.cli import main
+
+    save_checkpoint(tmp_path / "checkpoints" / "fit" / "latest.pt",
+                    {"model": make_model().state_dict()})
+    code = main(["measure", str(tmp_path), "--model", f"{SPEC}:make_model", "--data",
+                 f"{SPEC}:make_data", "--what", "eig,trace", "--k", "2"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "lambda_2" in out.out and "trace" in out.out
+    assert main(["measure", str(tmp_path), "--data", f"{SPEC}:make_data"]) == 2
+    assert "model must be given" in capsys.readouterr().err
