@@ -10,6 +10,10 @@ Commands::
     flatlab report RUN_DIR         # (re)write report.html / report.md
     flatlab compare RUN_DIR...     # overlayed curves + final-metrics table
     flatlab demo [--quick]         # the README's main command
+    flatlab measure CHECKPOINT|RUN_DIR --data mod:fn [--model mod:fn]
+                    [--what eig,trace,density,sharpness] [--tag T]   # curvature of a model
+    flatlab sweep NAME --out DIR [--grid k=a,b] [--search k=spec] [--seeds 0,1,2] ...
+    flatlab collect RUNS_DIR       # DomainBed-style tables (Markdown, LaTeX) from run folders
 
 A configuration problem (unknown experiment or key, wrong type, out-of-range value, missing
 file or data directory) prints ONE line ``error: ...`` on stderr and exits with code 2; no
