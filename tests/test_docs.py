@@ -33,3 +33,14 @@ def test_page_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.Monke
         except Exception as exc:  # noqa: BLE001 - re-raised with the failing block named
             raise AssertionError(f"{page.name} block {i} failed:\n{code}") from exc
     assert os.getcwd() == str(tmp_path)
+
+
+LINK = re.compile(r"\]\(([^)#\s]+)")
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if p.exists()],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(page: Path) -> None:
+    missing = [t for t in LINK.findall(page.read_text())
+               if not t.startswith(("http://", "https://")) and not (page.parent / t).exists()]
+    assert not missing, f"{page.name} links to missing files: {missing}"
