@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from flatlab.report import plots
+from flatlab.report.summary import MEASURE_PREFIX
 from flatlab.train.rundir import ConfigError, Run, atomic_write_text
 
 __all__ = ["compare_runs", "write_report"]
@@ -97,10 +98,16 @@ def _paragraphs(text: str) -> str:
     return "".join(f"<p>{html.escape(p.strip())}</p>" for p in text.split("\n\n") if p.strip())
 
 
+def _training_records(run: Run) -> list[dict[str, Any]]:
+    """The run's records without per-model measurements (``measure/...`` tags), which are
+    summarized by :func:`experiment_summaries` rather than drawn as training curves."""
+    return [r for r in run.metrics() if not str(r.get("tag", "")).startswith(MEASURE_PREFIX)]
+
+
 def _auto_figures(run: Run) -> list[Path]:
     """Loss / accuracy curves (and λ_max when logged) of every fit tag, saved under plots/."""
     by_tag: dict[str, list[dict[str, Any]]] = {}
-    for rec in run.metrics():
+    for rec in _training_records(run):
         by_tag.setdefault(str(rec.get("tag", "train")), []).append(rec)
     if not by_tag:
         return []
@@ -127,7 +134,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     sections = run.sections()
     # automatic curves only when the experiment drew no figures itself (no duplicates)
     auto = [] if any(sec.get("figures") for sec in sections) else _auto_figures(run)
-    tags = sorted({str(r.get("tag")) for r in run.metrics() if "tag" in r})
+    tags = sorted({str(r.get("tag")) for r in _training_records(run) if "tag" in r})
 
     h = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
          f"<title>flatlab {html.escape(name)} report</title><style>{_CSS}</style></head><body>",
@@ -222,7 +229,7 @@ def compare_runs(
     histories: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
         by_tag: dict[str, list[dict[str, Any]]] = {}
-        for rec in run.metrics():
+        for rec in _training_records(run):
             by_tag.setdefault(str(rec.get("tag", "train")), []).append(rec)
         for tag, recs in by_tag.items():
             label = run.path.name if len(by_tag) == 1 else f"{run.path.name}/{tag}"
