@@ -68,6 +68,7 @@ def test_passes_count_closure_calls(k: int) -> None:
     assert res.passes_per_step == k
     assert [r["passes"] for r in res.history] == [k] * 4
     assert all(r["step_time"] > 0 for r in res.history)
+    assert all(r["step_cpu_time"] >= 0 for r in res.history) and res.cpu_time_per_step > 0
 
 
 def test_per_domain_optimizer_gets_one_closure_per_domain() -> None:

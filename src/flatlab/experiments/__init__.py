@@ -51,11 +51,12 @@ Training (:mod:`flatlab.train`)::
 ``train`` is an ``(x, y)`` pair / ``TensorDataset`` (``Splits.train``), or a list of them or a
 ``flatlab.data.Domains`` (one minibatch per domain per step; optimizers with
 ``per_domain = True`` get ``step([closure_per_domain])``). Records hold ``step, loss, lr,
-passes, step_time`` plus callback metrics. Callbacks: ``Evaluate({"val": pair}, every)``
-(``val_loss``, ``val_acc``), ``CurvatureMonitor(every, k, method, rho)`` (``lambda_max``,
-``edge_gd`` = 2/lr, ``edge_usam``/``edge_sam``), ``Sharpness(every, measure, rho)``
-(``sharpness_<measure>``), ``ActivationSparsity(every)`` (``act_sparsity``),
-``Checkpoint(every)``. ``build_optimizer(name, params, lr=..., **kw)`` maps "sgd", "adamw",
+passes, step_time, step_cpu_time`` plus callback metrics. Callbacks:
+``Evaluate({"val": pair}, every)`` (``val_loss``, ``val_acc``),
+``CurvatureMonitor(every, k, method, rho)`` (``lambda_max``, ``edge_gd`` = 2/lr,
+``edge_usam``/``edge_sam``), ``Sharpness(every, measure, rho)`` (``sharpness_<measure>``),
+``ActivationSparsity(every)`` (``act_sparsity``), ``Checkpoint(every)``.
+``build_optimizer(name, params, lr=..., **kw)`` maps "sgd", "adamw",
 "signsgd", "rmspropw", "sam", "asam", "usam", "gam", "samgam", "dgsam", "sagm".
 
 Minimal example (``src/flatlab/experiments/toy.py``)::

@@ -58,6 +58,8 @@ class FitResult:
         diverged: True if the loss became non-finite (training stopped there).
         passes_per_step: mean forward-backward passes (closure calls) per step.
         time_per_step: mean wall-clock seconds per optimizer step.
+        cpu_time_per_step: mean CPU seconds of this process per optimizer step (all threads;
+            robust to other jobs sharing the machine, unlike wall-clock time).
         resumed_from: the step a checkpoint was restored at, or None for a fresh start.
     """
 
@@ -67,6 +69,7 @@ class FitResult:
     diverged: bool = False
     passes_per_step: float = 0.0
     time_per_step: float = 0.0
+    cpu_time_per_step: float = 0.0
     resumed_from: int | None = None
 
     def last(self, key: str, default: Any = None) -> Any:
@@ -236,7 +239,7 @@ def fit(
             return closure
 
         lr = _lr(optimizer)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if per_domain:
             loss = optimizer.step([make_closure(x, y) for x, y in batches])
         else:
@@ -246,20 +249,21 @@ def fit(
                 x = torch.cat([b[0] for b in batches])
                 y = torch.cat([b[1] for b in batches])
             loss = optimizer.step(make_closure(x, y))
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         if scheduler is not None:
             scheduler.step()
         state.step = step + 1
         state.loss = _loss_value(loss)
         totals["passes"] += passes
         totals["time"] += elapsed
+        totals["cpu"] = totals.get("cpu", 0.0) + cpu  # older checkpoints lack "cpu"
         totals["steps"] += 1
         final = state.step == steps
         if not math.isfinite(state.loss) and stop_on_nonfinite:
             state.diverged = True
             final = True
         record = {"tag": tag, "step": state.step, "loss": state.loss, "lr": lr,
-                  "passes": passes, "step_time": elapsed}
+                  "passes": passes, "step_time": elapsed, "step_cpu_time": cpu}
         hit = False if state.diverged else measure(record, final)
         if hit or final or state.step % log_every == 0:
             if state.diverged:
@@ -283,4 +287,5 @@ def fit(
     n = max(totals["steps"], 1)
     return FitResult(tag=tag, steps=state.step, history=history, diverged=state.diverged,
                      passes_per_step=totals["passes"] / n, time_per_step=totals["time"] / n,
+                     cpu_time_per_step=totals.get("cpu", 0.0) / n,
                      resumed_from=resumed_from)
