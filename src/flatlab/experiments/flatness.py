@@ -74,6 +74,7 @@ MEASURES: dict[str, str] = {
     "grad_norm": "‖∇L‖",
     "act_sparsity": "act. sparsity",
     "time_per_step": "s / step",
+    "cpu_time_per_step": "CPU s / step",
     "passes_per_step": "passes / step",
 }
 
@@ -297,7 +298,8 @@ def _seed_runs(cfg, run, task, splits, make_model, opt, lr, rho, best, seeds, me
         runs.append((seed, model, res))
     for seed, model, res in runs:
         rec = measure(model, splits, cfg)
-        rec.update(time_per_step=res.time_per_step, passes_per_step=res.passes_per_step,
+        rec.update(time_per_step=res.time_per_step, cpu_time_per_step=res.cpu_time_per_step,
+                   passes_per_step=res.passes_per_step,
                    lr=lr, rho=rho if rho is not None else 0.0)
         rec["tag"] = f"measure/{task}/{opt}/seed{seed}"
         rec["_step"] = res.steps
