@@ -307,10 +307,35 @@ def _seed_runs(cfg, run, task, splits, make_model, opt, lr, rho, best, seeds, me
     curves.setdefault(task, {})[opt] = runs[0][2].history
 
 
-def _report(run, plots, chosen, rows, measured, curves) -> None:
+def accuracy_vs_lambda_figure(measured: list[dict[str, Any]]):
+    """One panel per task: test accuracy (%) against λ_max (log axis), a point per model,
+    one colour per optimizer, from ``measure/<task>/<optimizer>/seed<s>`` records."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
+    groups: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for m in measured:
+        _, task, opt, _ = m["tag"].split("/")
+        groups.setdefault(task, {}).setdefault(opt, []).append(
+            (m["lambda_max"], 100 * m["test_acc"]))
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 3.8), squeeze=False)
+    for ax, (task, by_opt) in zip(axes[0], groups.items()):
+        for opt, pts in by_opt.items():
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=opt, s=28)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("λ_max (training loss Hessian)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _report(run, plots, chosen, rows, measured, curves) -> None:
     run.add_section(
         "Protocol",
         "Learning rates of SGD / AdamW chosen on validation accuracy (seed 0), then each "
@@ -323,20 +348,7 @@ def _report(run, plots, chosen, rows, measured, curves) -> None:
                     table=rows)
     figures = []
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for opt in dict.fromkeys(r["optimizer"] for r in rows if r["task"] == task):
-            pts = [(m["lambda_max"], 100 * m["test_acc"]) for m in measured
-                   if m["tag"].split("/")[1:3] == [task, opt]]
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=opt, s=28)
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.set_xlabel("λ_max (training loss Hessian)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(task)
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8)
+    fig = accuracy_vs_lambda_figure(measured)
     figures.append(run.savefig(fig, "accuracy_vs_lambda_max"))
     for key in ("lambda_max", "trace", "sharpness_worst", "first_order_flatness", "test_acc"):
         for task in tasks:
