@@ -21,7 +21,8 @@ zeroth bias) stands for its Linear.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -159,3 +160,45 @@ def neighbour_linear(model: nn.Module, name: str, after: bool) -> nn.Linear | No
         if isinstance(inner, nn.Linear):
             return inner
     return None
+
+
+@contextlib.contextmanager
+def backward_measurement(
+    model: nn.Module, activations: Iterable[nn.Module], *, eval_mode: bool = True
+) -> Iterator[list]:
+    """Leave ``model`` as it was around measurements that run backward passes with hooks.
+
+    Inside the block: in-place activations are made out-of-place (their inputs must survive
+    for the hooks), the model is in eval mode when ``eval_mode``, and the caller appends its
+    hook handles to the yielded list. On exit, also after an error: every handle is removed,
+    in-place flags and every module's training flag are restored, and each parameter's
+    ``.grad`` is put back as it was before the block.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    inplace = [(a, a.inplace) for a in activations if getattr(a, "inplace", False)]
+    params = list(model.parameters())
+    saved = [p.grad for p in params]
+    handles: list = []
+    try:
+        for a, _ in inplace:
+            a.inplace = False
+        if eval_mode:
+            model.eval()
+        yield handles
+    finally:
+        for h in handles:
+            h.remove()
+        for a, flag in inplace:
+            a.inplace = flag
+        for m, mode in modes:
+            m.training = mode
+        for p, g in zip(params, saved):
+            p.grad = g
+
+
+def backward_batch(model: nn.Module, loss_fn: Callable, inputs, targets) -> None:
+    """One forward-backward pass of the mean loss on a batch, from cleared gradients."""
+    for p in model.parameters():
+        p.grad = None
+    with torch.enable_grad():
+        loss_fn(model(inputs), targets).backward()

@@ -35,6 +35,8 @@ from torch import nn
 from flatlab._batches import Data, batches
 from flatlab.sparsity._discovery import (
     autograd_region,
+    backward_batch,
+    backward_measurement,
     known_region,
     neighbour_linear,
     resolve_modules,
@@ -122,35 +124,15 @@ def augmented_flatness(
 
         return hook
 
-    modes = [(m, m.training) for m in model.modules()]
-    inplace = [(a, a.inplace) for _, a in pairs.values() if getattr(a, "inplace", False)]
-    params = list(model.parameters())
-    saved = [p.grad for p in params]
-    handles = []
     n_total = 0
-    try:
-        for a, _ in inplace:
-            a.inplace = False
-        model.eval()
+    with backward_measurement(model, [a for _, a in pairs.values()]) as handles:
         for k, (key, act) in pairs.items():
             handles.append(key.register_forward_hook(key_fwd(k)))
             handles.append(act.register_forward_pre_hook(act_pre(k)))
         for inputs, targets, n in batches(data):
             scale["n"] = float(n)  # n_b dL_b/dh; divided by the total n at the end
             n_total += n
-            for p in params:
-                p.grad = None
-            with torch.enable_grad():
-                loss_fn(model(inputs), targets).backward()
-    finally:
-        for h in handles:
-            h.remove()
-        for a, flag in inplace:
-            a.inplace = flag
-        for m, mode in modes:
-            m.training = mode
-        for p, g in zip(params, saved):
-            p.grad = g
+            backward_batch(model, loss_fn, inputs, targets)
     value, density, mean, entries, gap = {}, {}, {}, {}, {}
     for k, a in acc.items():
         value[k] = a["af"] / n_total**2

@@ -29,7 +29,13 @@ from torch import nn
 
 from flatlab._batches import Data, batches
 from flatlab._checks import check_positive
-from flatlab.sparsity._discovery import autograd_region, known_region, resolve_modules
+from flatlab.sparsity._discovery import (
+    autograd_region,
+    backward_batch,
+    backward_measurement,
+    known_region,
+    resolve_modules,
+)
 from flatlab.sparsity.probe import Modules
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -120,35 +126,13 @@ def gradient_sparsity(
 
         return hook
 
-    modes = [(m, m.training) for m in model.modules()]
-    inplace = [(m, m.inplace) for m in acts.values() if getattr(m, "inplace", False)]
-    params = [p for p in model.parameters()]
-    saved_grads = [p.grad for p in params]
-    handles = []
-    try:
-        for m, _ in inplace:
-            m.inplace = False
-        if not train_mode:
-            model.eval()
+    with backward_measurement(model, acts.values(), eval_mode=not train_mode) as handles:
         for name, m in acts.items():
             handles.append(m.register_forward_pre_hook(pre_hook(name)))
             handles.append(m.register_full_backward_hook(back_hook(name)))
         for inputs, targets, n in batches(data):
             state["n"] = n
-            for p in params:
-                p.grad = None
-            with torch.enable_grad():
-                loss = loss_fn(model(inputs), targets)
-                loss.backward()
-    finally:
-        for h in handles:
-            h.remove()
-        for m, flag in inplace:
-            m.inplace = flag
-        for m, mode in modes:
-            m.training = mode
-        for p, g in zip(params, saved_grads):
-            p.grad = g
+            backward_batch(model, loss_fn, inputs, targets)
     missing = [n for n, e in entries.items() if e == 0]
     if missing:
         raise RuntimeError(f"no gradient reached the activations {missing}")
