@@ -11,27 +11,32 @@ from numbers import Real
 from typing import Any
 
 
-def check_real(name: str, value: Any) -> float:
-    """Return ``value`` as a float; TypeError unless it is a real number (bools excluded)."""
+def check_real(name: str, value: Any, *, allow_inf: bool = False) -> float:
+    """Return ``value`` as a float; TypeError unless it is a real number (bools excluded),
+    ValueError if it is NaN or (unless ``allow_inf``) infinite."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
     value = float(value)
     if math.isnan(value):
         raise ValueError(f"{name} must not be NaN, got {value}")
+    if not allow_inf and math.isinf(value):
+        raise ValueError(f"{name} must be finite, got {value}")
     return value
 
 
-def check_nonnegative(name: str, value: Any) -> float:
-    """Return ``value`` as a float, raising unless it is a real number >= 0."""
-    value = check_real(name, value)
+def check_nonnegative(name: str, value: Any, *, allow_inf: bool = False) -> float:
+    """Return ``value`` as a float, raising unless it is a finite (or, with ``allow_inf``,
+    possibly infinite) real number >= 0."""
+    value = check_real(name, value, allow_inf=allow_inf)
     if not value >= 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return value
 
 
-def check_positive(name: str, value: Any) -> float:
-    """Return ``value`` as a float, raising unless it is a real number > 0."""
-    value = check_real(name, value)
+def check_positive(name: str, value: Any, *, allow_inf: bool = False) -> float:
+    """Return ``value`` as a float, raising unless it is a finite (or, with ``allow_inf``,
+    possibly infinite) real number > 0."""
+    value = check_real(name, value, allow_inf=allow_inf)
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value}")
     return value

@@ -33,10 +33,10 @@ def descent(make, loss_fn, x0: torch.Tensor) -> torch.Tensor:
     x = torch.nn.Parameter(x0.clone())
     opt = make([x])
 
-    def closure():
+    def closure(backward=torch.autograd.backward):
         opt.zero_grad()
         loss = loss_fn(x)
-        loss.backward()
+        backward(loss)
         return loss
 
     opt.step(closure)
@@ -62,11 +62,46 @@ def test_usam_descent_gradient():
 
 def test_asam_descent_gradient():
     a, x, rho, eta = spd(), start(), 0.3, 0.01
-    make = lambda p: SAM(p, torch.optim.SGD, rho=rho, adaptive=True, eta=eta, lr=1.0)  # noqa: E731
+    make = lambda p: SAM(  # noqa: E731
+        p, torch.optim.SGD, rho=rho, adaptive=True, eta=eta, adaptive_bias=True, lr=1.0
+    )
     d = descent(make, quadratic(a), x)
     t, g = x.abs() + eta, a @ x
     e = rho * t**2 * g / (t * g).norm()
     torch.testing.assert_close(d, a @ (x + e), **TOL)
+
+
+def test_asam_default_rescales_weights_only_like_the_authors_code():
+    """ASAM's code multiplies by T = |w| + eta only parameters named weight; biases get T = I."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    rho, eta = 0.4, 0.01
+    w0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
+    loss_fn = torch.nn.functional.mse_loss
+    gw, gb = torch.autograd.grad(loss_fn(model(x), y), [model.weight, model.bias])
+    tw = w0.abs() + eta
+    norm = torch.cat([(tw * gw).flatten(), gb]).norm()
+    ew, eb = rho * tw**2 * gw / norm, rho * gb / norm
+    wp, bp = (w0 + ew).requires_grad_(), (b0 + eb).requires_grad_()
+    dw, db = torch.autograd.grad(loss_fn(torch.nn.functional.linear(x, wp, bp), y), [wp, bp])
+    for by_name in (True, False):
+        m = torch.nn.Linear(3, 2).double()
+        with torch.no_grad():
+            m.weight.copy_(w0)
+            m.bias.copy_(b0)
+        opt = SAM(m.parameters(), torch.optim.SGD, rho=rho, adaptive=True, eta=eta, lr=1.0,
+                  model=m if by_name else None)
+
+        def closure(m=m, opt=opt):
+            opt.zero_grad()
+            loss = loss_fn(m(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        torch.testing.assert_close(w0 - m.weight.detach(), dw, **TOL)
+        torch.testing.assert_close(b0 - m.bias.detach(), db, **TOL)
 
 
 def test_clipping_acts_on_the_descent_gradient_only():

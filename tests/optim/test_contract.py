@@ -38,12 +38,12 @@ def make_problem(seed: int = 0, bn: bool = True, dtype: torch.dtype = torch.floa
 
 
 def make_closure(opt, model, x, y, counter=None):
-    def closure():
+    def closure(backward=torch.autograd.backward):
         if counter is not None:
             counter.append(1)
         opt.zero_grad()
         loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
+        backward(loss)
         return loss
 
     return closure
@@ -168,10 +168,10 @@ def test_zero_gradient_gives_a_finite_step(name):
     opt = ENTRIES[name].build(model.parameters(), torch.optim.SGD, lr=0.1)
     before = copy.deepcopy(model.state_dict())
 
-    def closure():
+    def closure(backward=torch.autograd.backward):
         opt.zero_grad()
         loss = (model(x) * 0.0).sum()
-        loss.backward()
+        backward(loss)
         return loss
 
     step(opt, closure)
@@ -182,14 +182,14 @@ def test_zero_gradient_gives_a_finite_step(name):
 def _corrupting_closure(opt, model, x, y, bad_call: int, kind: str):
     calls: list[int] = []
 
-    def closure():
+    def closure(backward=torch.autograd.backward):
         calls.append(1)
         opt.zero_grad()
         inputs = x.clone()
         if kind == "nan_loss" and len(calls) == bad_call:
             inputs[0, 0] = float("nan")
         loss = nn.functional.mse_loss(model(inputs), y)
-        loss.backward()
+        backward(loss)
         if kind == "inf_grad" and len(calls) == bad_call:
             with torch.no_grad():
                 next(model.parameters()).grad[0, 0] = float("inf")
@@ -267,12 +267,12 @@ def test_gradient_accumulation_through_the_closure(name):
         model, x, y = make_problem(bn=False, dtype=torch.float64)
         opt = ENTRIES[name].build(model.parameters(), torch.optim.SGD, lr=0.1)
 
-        def closure(opt=opt, model=model, x=x, y=y, micro=micro):
+        def closure(backward=torch.autograd.backward, opt=opt, model=model, x=x, y=y, micro=micro):
             opt.zero_grad()
             total = 0.0
             for xb, yb in zip(x.chunk(micro), y.chunk(micro)):
                 loss = nn.functional.mse_loss(model(xb), yb) / micro
-                loss.backward()  # accumulates into p.grad
+                backward(loss)  # accumulates into p.grad
                 total = total + loss.detach()
             return total
 
@@ -288,11 +288,11 @@ def test_bf16_autocast_trains(name):
     model, x, y = make_problem(bn=False)
     opt = ENTRIES[name].build(model.parameters(), torch.optim.SGD, lr=0.05)
 
-    def closure():
+    def closure(backward=torch.autograd.backward):
         opt.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = nn.functional.mse_loss(model(x).float(), y)
-        loss.backward()
+        backward(loss)
         return loss
 
     first = step(opt, closure).item()
@@ -307,11 +307,11 @@ def test_fp16_grad_scaler_trains_and_skips_overflow(name):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # overflows fp16 at first
     opt = ENTRIES[name].build(model.parameters(), torch.optim.SGD, lr=0.05, grad_scaler=scaler)
 
-    def closure():
+    def closure(backward=torch.autograd.backward):
         opt.zero_grad()
         with torch.autocast("cpu", dtype=torch.float16):
             loss = nn.functional.mse_loss(model(x).float(), y)
-        scaler.scale(loss).backward()
+        backward(scaler.scale(loss))
         return loss
 
     before = copy.deepcopy(model.state_dict())

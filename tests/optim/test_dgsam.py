@@ -314,7 +314,7 @@ def test_class_bad_step_arguments():
         opt.step(closures[:2])
     with pytest.raises(ValueError, match="one per"):
         opt.step([])
-    with pytest.raises(ValueError, match="one per"):
+    with pytest.raises(TypeError, match="one per training domain, got a single callable"):
         opt.step(closures[0])
 
 

@@ -47,10 +47,10 @@ def _worker(rank: int, port: int, out: str) -> None:
         opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, sync=sync,
                   model=net if use_ddp else None, lr=LR, momentum=0.9)
 
-        def closure(opt=opt, net=net):
+        def closure(backward=torch.autograd.backward, opt=opt, net=net):
             opt.zero_grad()
             loss = nn.functional.mse_loss(net(x), y)
-            loss.backward()
+            backward(loss)
             return loss
 
         for _ in range(STEPS):

@@ -17,7 +17,13 @@ schedules              ``Constant``, ``LinearWarmup``, ``CosineWarmup``, ``Propo
 =====================  =====================================================================
 """
 
-from flatlab.optim.base import NonFiniteStep, SharpnessAware, frozen_norm_statistics
+from flatlab.optim.base import (
+    ClosureError,
+    NonFiniteStep,
+    SharpnessAware,
+    TwoPass,
+    frozen_norm_statistics,
+)
 from flatlab.optim.dgsam import DGSAM
 from flatlab.optim.gam import GAM, SAMGAM
 from flatlab.optim.sagm import SAGM
@@ -34,6 +40,8 @@ from flatlab.optim.stability import edge_of_stability
 
 __all__ = [
     "DGSAM",
+    "ClosureError",
+    "TwoPass",
     "GAM",
     "SAGM",
     "SAM",

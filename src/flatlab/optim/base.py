@@ -6,98 +6,102 @@ optimizer (the *base*)::
 
     theta_{t+1} = base_step(theta_t, d(theta_t))      # e.g. SAM: d = grad L(theta + e(theta))
 
-The shell owns everything that is not the method's own math, so that SAM, ASAM, USAM, GAM,
-DGSAM and SAGM get it identically:
+The shell owns everything that is not the method's own math, so that every method gets it
+identically:
 
 * **base optimizer** as a class plus keyword arguments or as an instance; ``opt.param_groups``
   *is* ``opt.base.param_groups`` (and ``opt.state`` *is* ``opt.base.state``), so torch LR
-  schedulers attach to the wrapper;
+  schedulers attach to the wrapper. Every numeric hyperparameter of every group must be finite.
+* **per-group radii**: every radius (``rho``, GAM's ``fd_rho``, ...) can be set per parameter
+  group (``{"params": no_decay, "rho": 0.0}``); a group with radius 0 is never perturbed. Norms
+  are global over all parameters with a gradient, as in davda54/sam.
 * **closure protocol** (``loss = opt.step(closure)``, as for ``torch.optim.LBFGS``): the closure
-  zeroes the grads, runs forward and backward and returns the loss; the shell calls it for the
-  first gradient too, so the optimizer works in any generic loop and in PyTorch Lightning's
-  automatic optimization. ``step`` returns the loss at the unperturbed point;
-* **exact undo**: perturbations are undone by copying a saved point back (``_tree.restore_``),
-  never by subtracting, so with zero radii every method equals its base bit for bit;
+  runs forward and backward and returns the loss; ``step`` returns the detached loss at the
+  unperturbed point. The shell clears the gradients before every pass, so a closure that never
+  zeroes them still gives each pass its own gradient; gradients already in ``p.grad`` when
+  ``step`` is called (accumulated micro-batches) enter every pass as a fixed term
+  (:mod:`flatlab.optim._step`). Protocol mistakes (no backward, ``no_grad``, an unreduced loss,
+  ``None``) raise :class:`ClosureError` and do not advance the step counter.
+* **exact undo**: perturbations are undone by copying a saved point back (one reusable
+  parameter-sized buffer), never by subtracting, so with zero radii every method equals its
+  base bit for bit;
 * **non-finite guard**: a non-finite loss or gradient skips the whole step (parameters and base
-  state untouched) and increments ``opt.skipped_steps``; ``on_nonfinite="raise"`` raises; any
-  other exception inside a closure (or Ctrl-C) restores the unperturbed parameters first;
-* **BatchNorm once per step**: during every pass after the first, the running statistics of
-  every ``BatchNorm``/``InstanceNorm`` module that runs (found by wrapping the norm classes'
-  ``forward`` for the duration of the pass, so no model is needed) are saved and copied back
-  afterwards, including ``num_batches_tracked``; only the unperturbed pass updates them
-  (a ``torch.compile``-d model bypasses those forwards: pass ``model=`` and the shell saves
-  the model's norm buffers directly);
-* **clipping**: ``clip_grad_norm`` (a max norm) and/or ``descent_hook(params)`` act on the
-  descent gradient only, right before the base step (clipping the ascent gradient of
-  normalized SAM would be a no-op);
+  state untouched) and increments ``opt.skipped_steps``; after ``warn_after_skips`` skips in a
+  row a warning names the count (once); ``on_nonfinite="raise"`` raises; any other exception
+  inside a closure (or Ctrl-C) restores the unperturbed parameters first;
+* **BatchNorm once per step**: only the unperturbed pass updates running statistics. The norm
+  modules come from ``model=`` or are discovered in the first pass of the first step
+  (:mod:`flatlab.optim._norms`); nothing in torch is patched;
+* **clipping**: ``clip_grad_norm`` and/or ``descent_hook(params)`` act on the descent gradient
+  only, right before the base step;
 * **fp16 + GradScaler**: pass ``grad_scaler=scaler`` and call ``scaler.scale(loss).backward()``
-  in the closure; the shell unscales each pass before any norm is taken, re-scales the final
-  descent gradient and calls ``scaler.step(opt.base)`` (so one unscale and one inf check per
-  step; an overflow skips the step); the user calls ``scaler.update()`` once per step;
+  in the closure; each pass is unscaled before any norm is taken, the final descent gradient is
+  re-scaled and handed to ``scaler.step(opt.base)``; the user calls ``scaler.update()``;
 * **distributed sync**: ``sync="global"`` perturbs with the gradient averaged over ranks,
   ``sync="local"`` (m-sharpness) perturbs each rank with its own gradient and averages only the
-  final descent gradient (one all-reduce). With ``model=`` a ``DistributedDataParallel``
-  module, DDP's reducer averages the passes of ``"global"`` and the passes of ``"local"`` run
-  under ``model.no_sync()``; with a plain model in an initialized process group the shell does
-  the all-reduces itself;
-* **state_dict**: the base optimizer's full state (momenta, ...) plus the wrapper's under the
-  key ``"flatlab"`` (step counter = schedule position, skipped steps); loading re-links the
-  shared param groups, so a resumed run continues bit for bit.
+  final descent gradient. With ``model=`` a DDP module, DDP's reducer averages the passes of
+  ``"global"`` and the passes of ``"local"`` run under ``model.no_sync()``; with a plain model
+  in an initialized process group the shell does the all-reduces itself;
+* **state_dict**: the base optimizer's state plus the wrapper's under ``"flatlab"`` (step
+  counter = schedule position, skipped steps).
 
-Writing a method (how SAM, GAM, DGSAM, SAGM plug in)
-----------------------------------------------------
-Subclass :class:`SharpnessAware`, validate your hyperparameters in ``__init__`` and pass them
-on as ``super().__init__(params, base, radii={"rho": rho}, **options_and_base_kwargs)``;
-``radii`` values may be floats or :mod:`flatlab.optim.schedules` schedules, and the current
-value is read as ``self.radius("rho")``. Then implement one method::
+Writing a method
+----------------
+Subclass :class:`SharpnessAware`, validate the hyperparameters in ``__init__`` and pass the
+radii on as ``super().__init__(params, base, radii={"rho": rho}, **kwargs)``. Put the math in
+pure functions on lists of tensors (built on :mod:`flatlab.optim._tree`) and implement::
 
-    def _descent(self, closure) -> torch.Tensor:
-        loss = self._pass(closure, first=True)        # gradient at theta (BN updates here)
-        params, grads = self._params_and_grads()
-        norm = ...; self._check_finite(loss, norm)  # one host sync; raises NonFiniteStep
-        self._save_point(params)                    # the one parameter-sized snapshot
-        ... perturb params (functions of flatlab.optim._tree) ...
-        self._pass(closure)                         # BN frozen, DDP no_sync when "local"
-        self._restore_point(params)                 # params back to theta exactly
-        return loss                                 # p.grad now holds the descent gradient
+    def _descent(self, ctx, closure) -> torch.Tensor:
+        loss = ctx.gradient(closure, first=True)     # g at theta (norm statistics update here)
+        direction, norm = my_direction(ctx.params, ctx.grads())
+        (n,) = ctx.finite(loss, norm)                # one host sync; raises NonFiniteStep
+        ctx.perturb_(direction, "rho", 1 / (n + eps))  # per-group radius; saves theta once
+        ctx.gradient(closure)                        # norm statistics frozen
+        ctx.restore()                                # theta back exactly
+        return loss                                  # p.grad now holds the descent gradient
 
-The shell checks the final gradient, syncs it, clips it and steps the base. Raising
-:class:`NonFiniteStep` anywhere (``_check_finite`` does) skips the step; the shell restores
-the saved point first. Class attributes: ``closure_calls`` (closure calls per step, tested),
-``per_domain``. A *per-domain* method (DGSAM, SAGM) sets ``per_domain = True``; its ``step``
-then takes a sequence of closures, one per training domain, and ``_descent`` receives that
-sequence (the shell checks that it is a non-empty sequence of callables).
+``ctx`` (:class:`flatlab.optim._step.StepContext`) holds the step's facts; the shell checks the
+final gradient, syncs it, clips it and steps the base. A *per-domain* method sets
+``per_domain = True``; ``step`` then takes a sequence of closures (checked once, in
+:mod:`flatlab.optim._domains`). ``closure_calls`` is a read-only property.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
+import warnings
 from collections.abc import Callable, Sequence
+from numbers import Real
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
-from flatlab._checks import check_choice, check_positive
+from flatlab._checks import check_choice, check_nonnegative, check_positive, check_positive_int
 from flatlab.optim import _tree
-from flatlab.optim._passes import (
-    _allreduce_mean,
-    _backward_with_graph,
-    frozen_norm_statistics,
-    norm_modules,
-)
+from flatlab.optim._norms import NormStatistics, frozen_norm_statistics, norm_modules
+from flatlab.optim._step import ClosureError, NonFiniteStep, StepContext, allreduce_mean
 from flatlab.optim.schedules import Schedule, as_schedule
 
-__all__ = ["NonFiniteStep", "SharpnessAware", "frozen_norm_statistics"]
+__all__ = [
+    "ClosureError", "NonFiniteStep", "SharpnessAware", "TwoPass", "frozen_norm_statistics",
+]
 
 Closure = Callable[[], Any]
 
 
-class NonFiniteStep(RuntimeError):
-    """Raised inside a step when a loss or gradient is not finite (the step is skipped)."""
+def check_hyperparameters(group: dict[str, Any], where: str) -> None:
+    """Raise ValueError naming the key unless every numeric value of ``group`` is finite."""
+    for key, value in group.items():
+        if key == "params":
+            continue
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        for item in items:
+            if isinstance(item, torch.Tensor) and item.numel() == 1:
+                item = float(item)
+            if isinstance(item, Real) and not isinstance(item, bool) and not math.isfinite(item):
+                raise ValueError(f"{where} {key} must be finite, got {value!r}")
 
 
 class SharpnessAware(Optimizer):
@@ -105,15 +109,18 @@ class SharpnessAware(Optimizer):
 
     Args:
         params: parameters or parameter groups (ignored when ``base`` is an instance, except
-            that they must then be the base's parameters, or ``None``).
+            that they must then be the base's parameters, or ``None``). A group may set any
+            of the method's radii by name.
         base: a ``torch.optim.Optimizer`` subclass (built as ``base(params, **base_kwargs)``)
             or an instance.
-        radii: the method's radii by name, each a float >= 0 or a schedule.
+        radii: the method's radii by name, each a finite float >= 0 or a schedule (the default
+            of every group that does not set its own).
         sync: ``"global"`` or ``"local"`` (only matters in a distributed run).
-        model: optional, the model the closure runs: a ``DistributedDataParallel`` module
-            enables ``no_sync`` for ``sync="local"``; with ``torch.compile`` it is needed so
-            that BatchNorm statistics are restored (compiled code skips the Python forwards).
+        model: optional, the model the closure runs: its norm modules are used instead of
+            discovering them, and a ``DistributedDataParallel`` module enables ``no_sync`` for
+            ``sync="local"``.
         on_nonfinite: ``"skip"`` (default) or ``"raise"``.
+        warn_after_skips: warn (once) after this many non-finite skips in a row (default 3).
         grad_scaler: an optional ``torch.amp.GradScaler`` (fp16 recipe in the module docstring).
         clip_grad_norm: optional max global 2-norm of the descent gradient.
         descent_hook: optional ``hook(params)`` called on the descent gradient before the step.
@@ -121,11 +128,11 @@ class SharpnessAware(Optimizer):
 
     Attributes:
         base: the base optimizer. skipped_steps: steps skipped for non-finite values.
-        steps: calls of ``step`` so far (the schedules' position).
+        steps: steps taken or skipped so far (the schedules' position; refused steps do not
+        count).
     """
 
     per_domain: bool = False
-    closure_calls: int = 1
 
     def __init__(
         self,
@@ -136,11 +143,13 @@ class SharpnessAware(Optimizer):
         sync: str = "global",
         model: nn.Module | None = None,
         on_nonfinite: str = "skip",
+        warn_after_skips: int = 3,
         grad_scaler: Any = None,
         clip_grad_norm: float | None = None,
         descent_hook: Callable[[list[torch.Tensor]], None] | None = None,
         **base_kwargs: Any,
     ) -> None:
+        self._schedules = {name: as_schedule(name, value) for name, value in radii.items()}
         if isinstance(base, Optimizer):
             if isinstance(base, SharpnessAware):
                 raise TypeError(f"base must not be a sharpness-aware wrapper, got {base!r}")
@@ -158,14 +167,22 @@ class SharpnessAware(Optimizer):
                     )
             self.base = base
         elif isinstance(base, type) and issubclass(base, Optimizer):
+            for key, value in base_kwargs.items():
+                check_hyperparameters({key: value}, "base optimizer argument")
+            if not isinstance(params, torch.Tensor):
+                params = list(params)
+            for i, group in enumerate(params if _is_groups(params) else []):
+                self._check_group(group, f"param_groups[{i}]")
             self.base = base(params, **base_kwargs)
         else:
             raise TypeError(
                 f"base must be a torch.optim.Optimizer subclass or instance, got {base!r}"
             )
-        self._schedules = {name: as_schedule(name, value) for name, value in radii.items()}
+        for i, group in enumerate(self.base.param_groups):
+            self._check_group(group, f"param_groups[{i}]")
         self.sync = check_choice("sync", sync, ("global", "local"))
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ("skip", "raise"))
+        self.warn_after_skips = check_positive_int("warn_after_skips", warn_after_skips)
         if grad_scaler is not None and not hasattr(grad_scaler, "get_scale"):
             raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {grad_scaler!r}")
         self.grad_scaler = grad_scaler
@@ -178,15 +195,18 @@ class SharpnessAware(Optimizer):
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module or None, got {model!r}")
         self.model = model
-        self._norms = norm_modules(model) if model is not None else []
+        self._norm_stats: NormStatistics | None = (
+            NormStatistics(norm_modules(model)) if model is not None else None
+        )
         self.steps = 0
         self.skipped_steps = 0
-        self._radii = {name: s(0, self._lr()) for name, s in self._schedules.items()}
-        self._saved: list[torch.Tensor] | None = None
-        self._saved_key: tuple = ()
-        self._saved_for: list[torch.Tensor] | None = None
-        self._scale: float | None = None
-        self._dist = False
+        self._skips_in_a_row = 0
+        self._warned_skips = False
+        self._snapshot: list[torch.Tensor] = []
+        self._snapshot_key: tuple = ()
+        self._left_grads: dict[int, tuple[torch.Tensor, int]] = {}
+        self._pending: StepContext | None = None
+        self._radii_used: dict[str, list[float]] | None = None
         # Optimizer.__init__ sets up hooks and step patching; it is given the base's groups
         # and then the group list itself is shared, never copied.
         super().__init__(self.base.param_groups, {})
@@ -198,8 +218,20 @@ class SharpnessAware(Optimizer):
         self.state = self.base.state
         self.defaults = self.base.defaults
 
+    def _check_group(self, group: Any, where: str) -> None:
+        if not isinstance(group, dict):
+            return
+        check_hyperparameters(
+            {k: v for k, v in group.items() if k not in self._schedules}, where
+        )
+        for name in self._schedules:
+            if name in group:
+                group[name] = as_schedule(f"{where} {name}", group[name]) if isinstance(
+                    group[name], Schedule) else check_nonnegative(f"{where} {name}", group[name])
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if getattr(self, "base", None) is not None and self.param_groups is self.base.param_groups:
+            self._check_group(param_group, "param_group")
             self.base.add_param_group(param_group)
         else:  # during Optimizer.__init__, before the groups are shared
             super().add_param_group(param_group)
@@ -217,76 +249,126 @@ class SharpnessAware(Optimizer):
         self._link()
         self.steps = int(extra.get("steps", 0))
         self.skipped_steps = int(extra.get("skipped_steps", 0))
-        self._radii = {name: s(self.steps, self._lr()) for name, s in self._schedules.items()}
+        self._left_grads = {}
+        self._radii_used = None
 
-    def _lr(self) -> float:
-        return float(self.base.param_groups[0].get("lr", 0.0))
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
 
-    def radius(self, name: str) -> float:
-        """Current value of radius ``name`` (after the schedule of this step was applied)."""
-        return self._radii[name]
+    def _group_index(self) -> list[int]:
+        return [i for i, g in enumerate(self.param_groups) for _ in g["params"]]
+
+    def _current_radii(self) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for name, default in self._schedules.items():
+            values = []
+            for g in self.param_groups:
+                sched = g.get(name, default)
+                lr = float(g.get("lr", 0.0))
+                values.append(sched(self.steps, lr) if isinstance(sched, Schedule) else sched)
+            out[name] = values
+        return out
+
+    def radius(self, name: str, group: int = 0) -> float:
+        """Value of radius ``name`` in param group ``group`` used by the latest step (before
+        the first step: the value the first step will use)."""
+        if name not in self._schedules:
+            raise KeyError(f"{type(self).__name__} has no radius {name!r}")
+        radii = self._radii_used if self._radii_used is not None else self._current_radii()
+        return radii[name][group]
+
+    @property
+    def closure_calls(self) -> int:
+        """Closure calls per step."""
+        return self._closure_calls()
+
+    def _closure_calls(self) -> int:
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ the step
     def step(self, closure: Closure | Sequence[Closure] | None = None) -> torch.Tensor | None:
         """One step: calls ``closure`` ``closure_calls`` times and the base once; returns the
-        loss at the unperturbed point (a per-domain method takes a sequence of closures)."""
+        detached loss at the unperturbed point (a per-domain method takes a sequence of
+        closures). Returns None when the step was skipped for a non-finite value."""
+        if self._pending is not None:
+            raise RuntimeError(
+                "step() called between first_step() and second_step(); call second_step() first"
+            )
         closure = self._check_closure(closure)
-        self._radii = {name: s(self.steps, self._lr()) for name, s in self._schedules.items()}
-        self.steps += 1
-        self._saved_for = None
-        self._dist = self._distributed()
-        self._scale = float(self.grad_scaler.get_scale()) if self.grad_scaler else None
+        ctx = StepContext(self, self._current_radii())
+        self._radii_used = ctx.radii
         try:
-            loss = self._descent(closure)
-            params, grads = self._params_and_grads()
-            if self.sync == "local" and self._dist:
-                _allreduce_mean(grads)  # the one all-reduce of m-sharpness
-            # finite iff its 2-norm is (an overflowing norm also counts as non-finite); the
-            # inf-norm would be exact but costs 5x more on CPU
-            self._check_finite(None, _tree.global_norm(grads))
+            loss = self._descent(ctx, closure)
         except NonFiniteStep:
-            if self._saved_for is not None:
-                self._restore_point(self._saved_for)
-            self.skipped_steps += 1
-            if self.grad_scaler is not None:
-                self._scaler_skip()
-            elif self.on_nonfinite == "raise":
-                raise
-            return None
+            ctx.restore()
+            return self._skip(ctx)
         except BaseException:  # an error (or Ctrl-C) inside a closure: never leave theta perturbed
-            if self._saved_for is not None:
-                self._restore_point(self._saved_for)
+            ctx.restore()
             raise
+        return self._finish(ctx, loss)
+
+    def _finish(self, ctx: StepContext, loss: torch.Tensor | None) -> torch.Tensor | None:
+        """Sync, check, clip and apply the descent gradient in ``p.grad``; advance the step."""
+        params, grads = ctx.params, ctx.grads()
+        try:
+            if self.sync == "local" and ctx.distributed:
+                allreduce_mean(grads)  # the one all-reduce of m-sharpness
+            # finite iff its 2-norm is (an overflowing norm also counts as non-finite)
+            ctx.finite(None, _tree.global_norm(grads))
+        except NonFiniteStep:
+            return self._skip(ctx)
         if self.clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm, foreach=True)
         if self.descent_hook is not None:
             self.descent_hook(params)
         if self.grad_scaler is not None:
-            torch._foreach_mul_(grads, self._scale)
+            torch._foreach_mul_(grads, ctx.scale)
             self.grad_scaler.step(self.base)
         else:
             self.base.step()
+        self.steps += 1
+        self._skips_in_a_row = 0
+        self._remember_grads()
         return loss
 
-    def _descent(self, closure: Any) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must implement _descent(closure)")
+    def _skip(self, ctx: StepContext) -> None:
+        self.steps += 1
+        self.skipped_steps += 1
+        if self.grad_scaler is None:  # a GradScaler's overflow skips are its normal back-off
+            self._skips_in_a_row += 1
+        if self._skips_in_a_row >= self.warn_after_skips and not self._warned_skips:
+            self._warned_skips = True
+            warnings.warn(
+                f"{type(self).__name__} skipped {self._skips_in_a_row} steps in a row for "
+                f"non-finite losses or gradients ({self.skipped_steps} skipped in total); "
+                "check the learning rate, the radii and the data",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if self.grad_scaler is not None:
+            self._scaler_skip(ctx)
+        elif self.on_nonfinite == "raise":
+            self._remember_grads()
+            raise NonFiniteStep(f"non-finite loss or gradient at step {self.steps - 1}")
+        self._remember_grads()
+        return None
+
+    def _remember_grads(self) -> None:
+        """Record the gradients this step leaves behind, so the next step can tell them from
+        gradients accumulated since (identity and version of each tensor)."""
+        self._left_grads = {
+            i: (p.grad, p.grad._version)
+            for i, p in enumerate(self._all_params()) if p.grad is not None
+        }
+
+    def _descent(self, ctx: StepContext, closure: Any) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement _descent(ctx, closure)")
 
     def _check_closure(self, closure: Any) -> Any:
         if self.per_domain:
-            if (
-                closure is None
-                or callable(closure)
-                or not isinstance(closure, Sequence)
-                or len(closure) == 0
-            ):
-                raise ValueError(
-                    f"{type(self).__name__}.step needs a non-empty sequence of closures, one per "
-                    f"domain, got {closure!r}"
-                )
-            for i, c in enumerate(closure):
-                if not callable(c):
-                    raise TypeError(f"closures[{i}] must be callable, got {c!r}")
-            return list(closure)
+            from flatlab.optim._domains import check_closures
+
+            return check_closures(closure, owner=type(self).__name__)
         if closure is None:
             raise ValueError(
                 f"{type(self).__name__}.step needs a closure that zeroes grads, runs forward and "
@@ -296,79 +378,18 @@ class SharpnessAware(Optimizer):
             raise TypeError(f"closure must be callable, got {closure!r}")
         return closure
 
-    # ------------------------------------------------------------------ helpers for methods
-    def _pass(
-        self, closure: Closure, *, first: bool = False, create_graph: bool = False
-    ) -> torch.Tensor:
-        """Run ``closure`` once and return its loss; afterwards ``p.grad`` holds the gradient,
-        unscaled (GradScaler) and averaged over ranks when ``sync="global"`` needs it.
-        ``first=False`` freezes norm statistics; ``create_graph=True`` keeps the graph of the
-        gradient (for Hessian-vector products) by running ``backward`` with create_graph."""
-        with contextlib.ExitStack() as stack:
-            if not first:
-                stack.enter_context(frozen_norm_statistics(self._norms))
-            ddp = self._ddp()
-            if ddp is not None and self.sync == "local":
-                stack.enter_context(ddp.no_sync())
-            if create_graph:
-                stack.enter_context(_backward_with_graph())
-            stack.enter_context(torch.enable_grad())
-            loss = closure()
-        reduce = self.sync == "global" and self._dist and self._ddp() is None
-        if first or self._scale is not None or reduce:
-            _, grads = self._params_and_grads()
-            if first and any(gr.is_sparse for gr in grads):
-                raise ValueError(
-                    f"{type(self).__name__} does not support sparse gradients, got a sparse "
-                    "gradient"
-                )
-            if self._scale is not None:
-                torch._foreach_mul_(grads, 1.0 / self._scale)
-            if reduce:
-                _allreduce_mean(grads)
-        if loss is not None and not isinstance(loss, torch.Tensor):
-            loss = torch.as_tensor(loss)
-        return loss
-
-    def _params_and_grads(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        return params, [p.grad for p in params]
-
-    def _check_finite(self, loss: torch.Tensor | None, *values: torch.Tensor) -> list[float]:
-        """One host sync: return ``values`` as floats, raising NonFiniteStep unless ``loss``
-        and all ``values`` are finite (agreed over ranks in a distributed "local" run)."""
-        items = [v.detach().reshape(()) for v in values]
-        if loss is not None:
-            items.append(loss.detach().reshape(()))
-        out: list[float] = []
-        if items:
-            device = items[0].device
-            out = torch.stack([t.to(device, torch.float64) for t in items]).tolist()
-        finite = all(math.isfinite(v) for v in out)
-        if self._dist and self.sync == "local":
-            flag = torch.tensor([float(finite)], device=items[0].device if items else "cpu")
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            finite = bool(flag.item() == 1.0)
-        if not finite:
-            raise NonFiniteStep(f"non-finite loss or gradient at step {self.steps}")
-        return out[: len(values)]
-
-    def _save_point(self, params: list[torch.Tensor]) -> None:
+    # ------------------------------------------------------------------ shell-owned state
+    def _snapshot_into(self, params: list[torch.Tensor]) -> None:
         """Copy ``params`` into the reusable snapshot buffer (one parameter-sized buffer)."""
-        key = tuple(map(id, params))
-        if self._saved is not None and key == self._saved_key:
-            try:
-                _tree.restore_(self._saved, params)
-            except RuntimeError:  # a parameter changed shape since the last step
-                self._saved = None
-        if self._saved is None or key != self._saved_key:
-            self._saved = _tree.snapshot(params)
-            self._saved_key = key
-        self._saved_for = params
+        key = tuple((id(p), p.shape, p.dtype, p.device) for p in params)
+        if key == self._snapshot_key:
+            _tree.restore_(self._snapshot, params)
+        else:
+            self._snapshot = _tree.snapshot(params)
+            self._snapshot_key = key
 
-    def _restore_point(self, params: list[torch.Tensor]) -> None:
-        _tree.restore_(params, self._saved)
-        self._saved_for = None
+    def _set_norms(self, modules: list[nn.Module], compiled: bool) -> None:
+        self._norm_stats = NormStatistics(modules)
 
     def _ddp(self) -> nn.Module | None:
         m = self.model
@@ -376,17 +397,100 @@ class SharpnessAware(Optimizer):
             return m
         return None
 
-    def _distributed(self) -> bool:
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-    def _scaler_skip(self) -> None:
+    def _scaler_skip(self, ctx: StepContext) -> None:
         """Let the GradScaler see an overflow so ``scaler.update()`` backs off the scale."""
-        params, grads = self._params_and_grads()
+        grads = [p.grad for p in self._all_params() if p.grad is not None]
         if not grads:
             return
         if _tree.all_finite(grads):
             grads[0].fill_(float("nan"))
         self.grad_scaler.step(self.base)
+
+
+class TwoPass(SharpnessAware):
+    """A method of two passes per step (SAM and its variants), with davda54/sam's two-step API.
+
+    Subclasses implement ``_ascend(ctx, loss)`` (after the pass at theta: perturb with
+    ``ctx.perturb_``; may return data for the combine) and optionally ``_combine(ctx, data)``
+    (after the pass at the perturbed point: turn ``p.grad`` into the descent gradient).
+
+    ``step(closure)`` runs both passes. The two-step API does the same with the user's own
+    forward/backward passes::
+
+        loss_fn(model(x), y).backward(); opt.first_step(zero_grad=True)
+        loss_fn(model(x), y).backward(); opt.second_step(zero_grad=True)
+
+    and gives the same parameters as ``step(closure)`` (tested). With ``model=`` the norm
+    statistics of the second forward are put back, as in ``step``.
+    """
+
+    def _closure_calls(self) -> int:
+        return 2
+
+    def _ascend(self, ctx: StepContext, loss: torch.Tensor | None) -> Any:
+        raise NotImplementedError
+
+    def _combine(self, ctx: StepContext, data: Any) -> None:
+        """Default: the gradient at the perturbed point is the descent gradient."""
+
+    def _descent(self, ctx: StepContext, closure: Any) -> torch.Tensor:
+        loss = ctx.gradient(closure, first=True)
+        data = self._ascend(ctx, loss)
+        ctx.gradient(closure)
+        self._combine(ctx, data)
+        ctx.restore()
+        return loss
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> bool:
+        """Perturb theta with the gradient now in ``p.grad`` (computed by the user at theta).
+        Returns False (and leaves theta alone) when that gradient is not finite."""
+        if self._pending is not None:
+            raise RuntimeError("first_step() called twice; call second_step() in between")
+        ctx = StepContext(self, self._current_radii(), adopt=True)
+        self._radii_used = ctx.radii
+        try:
+            ctx.adopt(first=True)
+            data = self._ascend(ctx, None)
+        except NonFiniteStep:
+            ctx.restore()
+            self._skip(ctx)
+            return False
+        except BaseException:
+            ctx.restore()
+            raise
+        if self._norm_stats:
+            self._norm_stats.save()
+        self._pending = ctx
+        ctx.data = data
+        if zero_grad:
+            self.zero_grad()
+        return True
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore theta and step the base with the gradient now in ``p.grad`` (computed by the
+        user at the perturbed point)."""
+        ctx = self._pending
+        if ctx is None:
+            raise RuntimeError("second_step() called without first_step()")
+        self._pending = None
+        if self._norm_stats:
+            self._norm_stats.restore()
+        try:
+            ctx.adopt(first=False)
+            self._combine(ctx, ctx.data)
+        except BaseException:
+            ctx.restore()
+            raise
+        ctx.restore()
+        self._finish(ctx, None)
+        if zero_grad:
+            self.zero_grad()
+
+
+def _is_groups(params: Any) -> bool:
+    return isinstance(params, list) and bool(params) and isinstance(params[0], dict)
 
 
 def _flatten_params(params: Any) -> list[torch.Tensor]:

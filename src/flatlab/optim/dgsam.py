@@ -52,75 +52,61 @@ from typing import Any
 import torch
 
 from flatlab._checks import check_choice, check_nonnegative, check_positive, check_positive_int
-from flatlab.optim._tree import add_scaled_, global_norm, restore_, snapshot
+from flatlab.optim._domains import (
+    FreeContext,
+    check_closures,
+    check_order,
+    random_order,
+)
+from flatlab.optim._step import StepContext
+from flatlab.optim._tree import global_norm
 from flatlab.optim.base import SharpnessAware
 from flatlab.optim.schedules import Schedule
 
+__all__ = ["COMBINE_RULES", "DGSAM", "dgsam_combine", "dgsam_gradient", "random_order"]
+
 Closure = Callable[[], torch.Tensor]
-#: ``call(closure, first)`` runs one pass; ``first`` is True for a domain's first visit (the
-#: optimizer shell lets only such passes update BatchNorm statistics).
-PassFn = Callable[[Closure, bool], torch.Tensor]
 COMBINE_RULES = ("reuse_all", "perturbed_mean")
 
 
-def check_closures(closures: Sequence[Closure], num_domains: int | None = None) -> list[Closure]:
-    """Return ``closures`` as a list, raising unless it is a non-empty list of callables.
-
-    ``num_domains`` (when the optimizer was told the domain count) must equal ``len(closures)``.
-    """
-    if callable(closures):
-        raise TypeError(
-            "closures must be a list with one closure per training domain, got a single callable"
-        )
-    closures = list(closures)
-    if len(closures) == 0:
-        raise ValueError("closures must hold one closure per training domain, got an empty list")
-    for i, c in enumerate(closures):
-        if not callable(c):
-            raise TypeError(f"closures[{i}] must be callable, got {type(c).__name__}")
-    if num_domains is not None and len(closures) != num_domains:
-        raise ValueError(
-            f"len(closures) must equal num_domains={num_domains}, got {len(closures)}"
-        )
-    return closures
+def dgsam_combine(
+    first: list[torch.Tensor], rest: list[torch.Tensor], num_domains: int, combine: str
+) -> list[torch.Tensor]:
+    """The combined gradient ``G`` from ``g_1`` (``first``) and ``sum_{j>=2} g_j`` (``rest``):
+    ``S/(S+1) (g_1 + rest)`` for ``"reuse_all"``, ``rest / S`` for ``"perturbed_mean"``."""
+    if combine == "reuse_all":
+        out = torch._foreach_add(first, rest)
+        torch._foreach_mul_(out, num_domains / (num_domains + 1))
+        return out
+    return torch._foreach_mul(rest, 1.0 / num_domains)
 
 
-def check_radius(name: str, value: Any) -> float | Schedule:
-    """Return a radius: a schedule as is, else a real number >= 0 (raising otherwise)."""
-    return value if isinstance(value, Schedule) else check_nonnegative(name, value)
-
-
-def check_order(order: Sequence[int], num_domains: int) -> list[int]:
-    """Return ``order`` as a list, raising unless it is a permutation of ``range(num_domains)``."""
-    order = [int(i) for i in order]
-    if sorted(order) != list(range(num_domains)):
-        raise ValueError(f"order must be a permutation of range({num_domains}), got {order}")
-    return order
-
-
-def current_gradients(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The current ``.grad`` tensors themselves (not copies; zeros where a grad is None)."""
-    return [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params]
-
-
-def gradients_of(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Copy the current ``.grad`` of every parameter (zeros where it is None)."""
-    return [
-        torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params
-    ]
-
-
-def plain_call(closure: Closure, first: bool) -> torch.Tensor:
-    """Run ``closure`` with gradients enabled (``first`` is ignored): the kernels' default."""
-    with torch.enable_grad():
-        return closure()
-
-
-def _call(call: PassFn, closure: Closure, first: bool, index: int) -> torch.Tensor:
-    loss = call(closure, first)
-    if loss is None:
-        raise TypeError(f"closure {index} must return the loss, got None")
-    return loss.detach() if isinstance(loss, torch.Tensor) else torch.as_tensor(float(loss))
+def dgsam_sweep(
+    ctx: Any, closures: Sequence[Closure], order: Sequence[int], *, rho: str | float,
+    combine: str, eps: float,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The S+1 passes of one DGSAM step on a step context; returns ``(G, losses)`` with theta
+    restored. ``rho`` is a radius name (per-group radii) or a number."""
+    s = len(closures)
+    losses: list[torch.Tensor] = []
+    first: list[torch.Tensor] = []
+    rest: list[torch.Tensor] = []  # sum of g_2 .. g_{S+1}
+    for j in range(s + 1):
+        d = order[j % s]
+        loss = ctx.gradient(closures[d], first=j == 0)
+        losses.append(loss)
+        g = ctx.grads()  # valid until the next pass
+        (norm,) = ctx.finite(loss, global_norm(g))
+        if j == 0:
+            first = [t.clone() for t in g]
+        elif j == 1:
+            rest = [t.clone() for t in g]
+        else:
+            torch._foreach_add_(rest, g)
+        if j < s:  # the perturbation after g_{S+1} would be undone at once
+            ctx.perturb_(g, rho, 1.0 / (norm + eps))
+    ctx.restore()
+    return dgsam_combine(first, rest, s, combine), losses
 
 
 def dgsam_gradient(
@@ -131,72 +117,40 @@ def dgsam_gradient(
     rho: float,
     combine: str = "reuse_all",
     eps: float = 1e-12,
-    call: PassFn = plain_call,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Run one DGSAM sweep over the domains and return ``(G, losses)``; ``params`` end restored.
+    """One DGSAM sweep over plain tensors (outside an optimizer): ``(G, losses)``.
 
     Args:
         params: the parameters (list of tensors, any shapes), perturbed in place and restored
-            exactly from a saved copy before returning.
-        closures: one closure per domain; each zeroes the gradients, runs forward and backward
-            on that domain's minibatch and returns its loss.
+            exactly from a saved copy before returning (also when a closure raises).
+        closures: one closure per domain; each runs forward and backward on that domain's
+            minibatch and returns its loss.
         order: a permutation of ``range(S)``: ``order[0]`` is visited first and again last.
         rho: perturbation radius of each of the S single-domain ascent steps (>= 0).
         combine: ``"reuse_all"`` (authors' rule) or ``"perturbed_mean"`` (ERM at rho=0).
         eps: added to every gradient norm before dividing (> 0).
-        call: runs one pass, ``call(closure, first)`` (default: just call the closure).
 
     Returns:
-        ``G`` aligned with ``params`` (the combined gradient of the module docstring) and the
-        S+1 losses (0-d tensors) in visiting order (the first at the unperturbed point).
-
-    Raises:
-        ValueError / TypeError: bad closures, order, rho, combine or eps.
+        ``G`` aligned with ``params`` and the S+1 losses (0-d tensors) in visiting order.
     """
-    closures = check_closures(closures)
-    s = len(closures)
-    order = check_order(order, s)
-    check_nonnegative("rho", rho)
-    check_positive("eps", eps)
+    closures = check_closures(closures, owner="dgsam_gradient")
+    order = check_order(order, len(closures))
+    rho = check_nonnegative("rho", rho)
+    eps = check_positive("eps", eps)
     check_choice("combine", combine, COMBINE_RULES)
-    params = list(params)
-    saved = snapshot(params)
-    losses: list[torch.Tensor] = []
-    first: list[torch.Tensor] = []
-    rest: list[torch.Tensor] = []  # sum of g_2 .. g_{S+1}
+    ctx = FreeContext(params)
     try:
-        for j in range(s + 1):
-            d = order[j % s]
-            losses.append(_call(call, closures[d], j < s, d))
-            g = current_gradients(params)  # valid until the next closure zeroes them
-            if j == 0:
-                first = [t.clone() for t in g]
-            elif j == 1:
-                rest = [t.clone() for t in g]
-            else:
-                torch._foreach_add_(rest, g)
-            if j < s and rho > 0:  # the perturbation after g_{S+1} would be undone at once
-                add_scaled_(params, g, rho / (float(global_norm(g)) + eps))
+        return dgsam_sweep(ctx, closures, order, rho=rho, combine=combine, eps=eps)
     finally:
-        restore_(params, saved)
-    if combine == "reuse_all":
-        combined = torch._foreach_add(first, rest)
-        torch._foreach_mul_(combined, s / (s + 1))
-    else:
-        combined = torch._foreach_mul(rest, 1.0 / s)
-    return combined, losses
-
-
-def random_order(num_domains: int, generator: torch.Generator | None = None) -> list[int]:
-    """A uniformly random permutation of ``range(num_domains)`` drawn from ``generator``."""
-    return torch.randperm(num_domains, generator=generator).tolist()
+        ctx.restore()
 
 
 class DGSAM(SharpnessAware):
     """DGSAM on the shared shell: ``loss = opt.step([closure_1, ..., closure_S])``.
 
     Args:
-        params: parameters or parameter groups (see :class:`SharpnessAware`).
+        params: parameters or parameter groups (see :class:`SharpnessAware`; a group may set
+            its own ``rho``).
         base: base optimizer class (built with ``**base_kwargs``) or instance; the authors
             use Adam.
         rho: radius of each single-domain ascent step, a float >= 0 or a schedule
@@ -214,8 +168,8 @@ class DGSAM(SharpnessAware):
 
     ``step`` returns the mean of the S first-visit losses (the first one at ``theta_t``, the
     others at the progressively perturbed points); ``last_order`` and ``last_losses`` hold
-    the step's visiting order and its S+1 losses. BatchNorm statistics are updated on each
-    domain's first visit only. Example::
+    the step's visiting order and its S+1 losses. BatchNorm statistics are updated in the
+    first pass only. Gradients accumulated before ``step`` are refused. Example::
 
         opt = DGSAM(model.parameters(), torch.optim.Adam, rho=0.05, lr=1e-3)
         loss = opt.step([make_closure(x_d, y_d) for x_d, y_d in domain_batches])
@@ -227,7 +181,7 @@ class DGSAM(SharpnessAware):
         self,
         params: Any,
         base: Any,
-        rho: Any = 0.05,
+        rho: float | Schedule = 0.05,
         *,
         combine: str = "reuse_all",
         num_domains: int | None = None,
@@ -236,7 +190,6 @@ class DGSAM(SharpnessAware):
         eps: float = 1e-12,
         **kwargs: Any,
     ) -> None:
-        rho = check_radius("rho", rho)
         self.combine = check_choice("combine", combine, COMBINE_RULES)
         self.num_domains = None if num_domains is None else check_positive_int(
             "num_domains", num_domains
@@ -252,22 +205,24 @@ class DGSAM(SharpnessAware):
         self.last_losses: list[torch.Tensor] = []
         super().__init__(params, base, radii={"rho": rho}, **kwargs)
 
-    def _descent(self, closures: Sequence[Closure]) -> torch.Tensor:
-        closures = check_closures(closures, self.num_domains)
+    def _closure_calls(self) -> int:
+        s = self.num_domains or len(self.last_order)
+        if not s:
+            raise AttributeError("closure_calls is S + 1: give num_domains or take a step first")
+        return s + 1
+
+    def _descent(self, ctx: StepContext, closures: Sequence[Closure]) -> torch.Tensor:
+        closures = check_closures(closures, self.num_domains, owner=type(self).__name__)
+        _refuse_carried(ctx, self)
         s = len(closures)
-        self.closure_calls = s + 1
         order = self.domain_order or random_order(s, self.generator)
-        params = [p for g in self.param_groups for p in g["params"]]
-        combined, losses = dgsam_gradient(
-            params, closures, order, rho=self.radius("rho"), combine=self.combine,
-            eps=self.eps, call=lambda c, first: self._pass(c, first=first),
+        combined, losses = dgsam_sweep(
+            ctx, closures, order, rho="rho", combine=self.combine, eps=self.eps
         )
-        for p, g in zip(params, combined):
-            if p.grad is not None:
-                p.grad.copy_(g)
+        ctx.set_grads(combined)
         self.last_order, self.last_losses = order, losses
         loss = torch.stack(losses[:s]).mean()
-        self._check_finite(loss)
+        ctx.finite(loss)
         return loss
 
     def state_dict(self) -> dict[str, Any]:
@@ -282,3 +237,12 @@ class DGSAM(SharpnessAware):
         super().load_state_dict(state_dict)
         if gen is not None and self.generator is not None:
             self.generator.set_state(gen)
+
+
+def _refuse_carried(ctx: StepContext, opt: Any) -> None:
+    if ctx.carried:
+        raise ValueError(
+            f"{type(opt).__name__}.step found gradients accumulated before the step; per-domain "
+            "methods do not support gradient accumulation across steps: accumulate inside each "
+            "domain's closure instead"
+        )

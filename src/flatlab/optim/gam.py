@@ -38,16 +38,26 @@ closure calls), 3 for SAM+GAM. Zero radii (rho = rho' = 0, gamma = 0, alpha = 1 
 difference variant; rho = 0 and rho_sam = 0 for the exact one) give the base optimizer bit for
 bit.
 
-How the exact variant gets the graph: the closure contract is unchanged (zero grads, forward,
-``backward()``, return the loss). During the passes that need Hessian-vector products the
-shell runs the closure with ``backward`` scoped to ``create_graph=True``
-(:func:`flatlab.optim._passes._backward_with_graph`), so ``p.grad`` carries its graph; the HVP is
-``torch.autograd.grad(grads, params, v)`` and the graph is dropped right after. This does not
-work under DistributedDataParallel (use ``hvp="finite_difference"`` there).
+How the exact variant gets the graph, without patching torch: its closure takes one argument,
+a ``backward`` function, and calls ``backward(loss)`` instead of ``loss.backward()``::
+
+    def closure(backward=torch.autograd.backward):
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        backward(loss)
+        return loss
+
+The optimizer passes a function that computes the gradient with ``create_graph=True`` for the
+passes that need Hessian-vector products; the HVP is ``torch.autograd.grad(grads, params, v)``
+and the graph is dropped right after. The default argument keeps the closure usable with any
+other optimizer. A closure without the argument is refused with that recipe. Not for
+DistributedDataParallel or ``torch.compile``-d models (no double backward there; refused with a
+clear error): use ``hvp="finite_difference"``.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -55,7 +65,7 @@ from torch.optim import Optimizer
 
 from flatlab._checks import check_choice, check_in_range, check_nonnegative
 from flatlab.optim import _tree
-from flatlab.optim._passes import frozen_norm_statistics
+from flatlab.optim._step import StepContext
 from flatlab.optim.base import SharpnessAware
 from flatlab.optim.schedules import Schedule
 
@@ -72,10 +82,18 @@ def hessian_vector_product(
     keep = [i for i, g in enumerate(grads) if g.requires_grad]  # constant grads: H row is 0
     out: list[torch.Tensor | None] = [None] * len(params)
     if keep:
-        found = torch.autograd.grad(
-            [grads[i] for i in keep], params, grad_outputs=[vector[i] for i in keep],
-            allow_unused=True,
-        )
+        try:
+            found = torch.autograd.grad(
+                [grads[i] for i in keep], params, grad_outputs=[vector[i] for i in keep],
+                allow_unused=True,
+            )
+        except RuntimeError as err:
+            if "double backward" in str(err):
+                raise RuntimeError(
+                    "GAM(hvp='exact') needs double backward, which torch.compile-d models do "
+                    "not support; use hvp='finite_difference' or an uncompiled model"
+                ) from err
+            raise
         out = list(found)
     return [torch.zeros_like(p) if o is None else o.detach() for o, p in zip(out, params)]
 
@@ -140,93 +158,102 @@ class GAM(SharpnessAware):
                 )
         elif sam_rho is not None:
             radii["sam_rho"] = sam_rho
-        self.closure_calls = 4 if self.hvp == "finite_difference" else 2 + (sam_rho is not None)
         super().__init__(params, base, radii=radii, **kwargs)
 
-    def _descent(self, closure: Any) -> torch.Tensor:
+    def _closure_calls(self) -> int:
+        if self.hvp == "finite_difference":
+            return 4
+        return 2 + ("sam_rho" in self._schedules)
+
+    def _descent(self, ctx: StepContext, closure: Any) -> torch.Tensor:
         if self.hvp == "exact":
-            return self._exact(closure)
-        return self._finite_difference(closure)
+            return self._exact(ctx, closure)
+        return self._finite_difference(ctx, closure)
 
-    def _unit_scale(self, norm: float, radius: float) -> float:
-        return radius / (norm + self.xi)
-
-    def _exact(self, closure: Any) -> torch.Tensor:
-        loss = self._pass(closure, first=True, create_graph=True)
-        params, graph_grads = self._params_and_grads()
+    def _exact(self, ctx: StepContext, closure: Any) -> torch.Tensor:
+        _check_takes_backward(closure)
+        xi = self.xi
+        loss = ctx.gradient(closure, first=True, graph=True)
+        graph_grads = ctx.grads()
         g0 = [g.detach() for g in graph_grads]
-        (n0,) = self._check_finite(loss, _tree.global_norm(g0))
-        unit = torch._foreach_div(g0, n0 + self.xi)
-        f = hessian_vector_product(graph_grads, params, unit)  # H g^ = grad ||grad L||
+        (n0,) = ctx.finite(loss, _tree.global_norm(g0))
+        unit = torch._foreach_div(g0, n0 + xi)
+        f = hessian_vector_product(graph_grads, ctx.params, unit)  # H g^ = grad ||grad L||
+        ctx.set_grads(g0)  # drop the graph
         del graph_grads, unit
-        for p, g in zip(params, g0):
-            p.grad = g  # drop the graph
-        (nf,) = self._check_finite(None, _tree.global_norm(f))
-        self._save_point(params)
-        if "sam_rho" in self._radii:
-            with torch.no_grad():
-                torch._foreach_add_(params, g0, alpha=self._unit_scale(n0, self.radius("sam_rho")))
-            self._pass(closure)
-            base_grad = [g.clone() for g in self._params_and_grads()[1]]
-            _tree.restore_(params, self._saved)
+        (nf,) = ctx.finite(None, _tree.global_norm(f))
+        if "sam_rho" in self._schedules:
+            ctx.perturb_(g0, "sam_rho", 1.0 / (n0 + xi))
+            ctx.gradient(closure)
+            base_grad = [g.clone() for g in ctx.grads()]
+            ctx.restore(keep=True)
         else:
             base_grad = _tree.snapshot(g0)
-        with torch.no_grad():
-            torch._foreach_add_(params, f, alpha=self._unit_scale(nf, self.radius("rho")))
+        ctx.perturb_(f, "rho", 1.0 / (nf + xi))
         del f
-        # the graph saves BatchNorm's running statistics, so they are put back only after the
-        # HVP: the enclosing block freezes them and the pass itself must not restore them
-        with frozen_norm_statistics(self._norms):
-            self._pass(closure, first=True, create_graph=True)
-            _, graph_grads = self._params_and_grads()
-            g_adv = [g.detach() for g in graph_grads]
-            (n_adv,) = self._check_finite(None, _tree.global_norm(g_adv))
-            unit = torch._foreach_div(g_adv, n_adv + self.xi)
-            h = hessian_vector_product(graph_grads, params, unit)
-            for p, g in zip(params, g_adv):
-                p.grad = g
-            del graph_grads, unit, g_adv
-        self._restore_point(params)
-        torch._foreach_add_(base_grad, h, alpha=self.alpha * self.radius("rho"))
-        for p, d in zip(params, base_grad):
-            p.grad = d
+        # autograd saved the norm statistics for the HVP: they are put back after it
+        ctx.gradient(closure, graph=True, keep_norms_frozen=True)
+        graph_grads = ctx.grads()
+        g_adv = [g.detach() for g in graph_grads]
+        (n_adv,) = ctx.finite(None, _tree.global_norm(g_adv))
+        unit = torch._foreach_div(g_adv, n_adv + xi)
+        h = hessian_vector_product(graph_grads, ctx.params, unit)
+        ctx.set_grads(g_adv)
+        del graph_grads, unit, g_adv
+        ctx.release_norms()
+        ctx.restore()
+        ctx.set_grads(base_grad)
+        ctx.add_to_grads_(h, "rho", self.alpha)  # d = g_0 + alpha rho_g h
         return loss
 
-    def _finite_difference(self, closure: Any) -> torch.Tensor:
-        rho, fd_rho = self.radius("rho"), self.radius("fd_rho")
-        loss = self._pass(closure, first=True)
-        params, grads = self._params_and_grads()
-        (n0,) = self._check_finite(loss, _tree.global_norm(grads))
+    def _finite_difference(self, ctx: StepContext, closure: Any) -> torch.Tensor:
+        xi = self.xi
+        loss = ctx.gradient(closure, first=True)
+        grads = ctx.grads()
+        (n0,) = ctx.finite(loss, _tree.global_norm(grads))
         h_minus = _tree.snapshot(grads)  # g0 now, beta g0 + (1 - beta) g2 later
-        self._save_point(params)
-        with torch.no_grad():
-            torch._foreach_add_(params, grads, alpha=self._unit_scale(n0, fd_rho))
-        self._pass(closure)  # g1 at theta + rho' g0^
-        params, grads = self._params_and_grads()
+        ctx.perturb_(grads, "fd_rho", 1.0 / (n0 + xi))
+        ctx.gradient(closure)  # g1 at theta + rho' g0^
+        grads = ctx.grads()
         h_plus = torch._foreach_mul(grads, self.alpha)  # alpha g1
         torch._foreach_sub_(grads, h_minus)  # h0 = g1 - g0, in p.grad
-        (nh,) = self._check_finite(None, _tree.global_norm(grads))
+        (nh,) = ctx.finite(None, _tree.global_norm(grads))
         torch._foreach_mul_(h_minus, self.beta)
-        _tree.restore_(params, self._saved)
-        with torch.no_grad():
-            torch._foreach_add_(params, grads, alpha=self._unit_scale(nh, rho))
-        self._pass(closure)  # g2 at t2 = theta + rho h0^
-        params, grads = self._params_and_grads()
+        ctx.restore(keep=True)
+        ctx.perturb_(grads, "rho", 1.0 / (nh + xi))
+        ctx.gradient(closure)  # g2 at t2 = theta + rho h0^
+        grads = ctx.grads()
         torch._foreach_add_(h_minus, grads, alpha=1.0 - self.beta)
-        (n2,) = self._check_finite(None, _tree.global_norm(grads))
-        with torch.no_grad():
-            torch._foreach_add_(params, grads, alpha=self._unit_scale(n2, fd_rho))
-        self._pass(closure)  # g3 at t2 + rho' g2^
-        params, grads = self._params_and_grads()
+        (n2,) = ctx.finite(None, _tree.global_norm(grads))
+        ctx.perturb_(grads, "fd_rho", 1.0 / (n2 + xi))
+        ctx.gradient(closure)  # g3 at t2 + rho' g2^
+        grads = ctx.grads()
         torch._foreach_mul_(grads, 1.0 - self.alpha)
         torch._foreach_add_(grads, h_plus)  # h+ in p.grad
         del h_plus
-        dot, sq = self._check_finite(None, _dot(h_minus, grads), _dot(grads, grads))
-        c = dot / (sq + self.xi)
+        dot, sq = ctx.finite(None, _dot(h_minus, grads), _dot(grads, grads))
+        c = dot / (sq + xi)
         torch._foreach_mul_(grads, 1.0 + self.gamma * c)
         torch._foreach_add_(grads, h_minus, alpha=-self.gamma)  # d = (1 + gamma c) h+ - gamma h-
-        self._restore_point(params)
+        ctx.restore()
         return loss
+
+
+def _check_takes_backward(closure: Any) -> None:
+    """Exact GAM hands the closure a graph-keeping ``backward``: it must accept one."""
+    try:
+        params = inspect.signature(closure).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: let the call decide
+        return
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD,
+                                                  p.VAR_POSITIONAL)]
+    if not positional:
+        raise TypeError(
+            "GAM(hvp='exact') needs Hessian-vector products, so its closure must take the "
+            "backward function it is given and call it instead of loss.backward(): "
+            "def closure(backward=torch.autograd.backward): ...; backward(loss); return loss "
+            "(or use hvp='finite_difference', which takes any closure)"
+        )
 
 
 class SAMGAM(GAM):

@@ -30,37 +30,35 @@ from typing import Any
 import torch
 
 from flatlab._checks import check_nonnegative, check_positive, check_real
-from flatlab.optim._tree import add_scaled_, global_norm, restore_, snapshot
+from flatlab.optim._domains import Closure, FreeContext, check_closures, mean_domain_gradient
+from flatlab.optim._step import StepContext
+from flatlab.optim._tree import global_norm
 from flatlab.optim.base import SharpnessAware
-from flatlab.optim.dgsam import (
-    Closure,
-    PassFn,
-    _call,
-    check_closures,
-    check_radius,
-    gradients_of,
-    plain_call,
-)
+from flatlab.optim.dgsam import _refuse_carried
+from flatlab.optim.schedules import Schedule
+
+__all__ = ["SAGM", "sagm_combine", "sagm_gradient"]
 
 
-def mean_domain_gradient(
-    params: Sequence[torch.Tensor],
-    closures: Sequence[Closure],
-    call: PassFn = plain_call,
-    first: bool = True,
+def sagm_combine(g: list[torch.Tensor], g_p: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``G = (g + g_p) / 2``."""
+    out = torch._foreach_add(g, g_p)
+    torch._foreach_mul_(out, 0.5)
+    return out
+
+
+def sagm_sweep(
+    ctx: Any, closures: Sequence[Closure], *, rho: str | float, alpha: float, eps: float
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Run every closure once at the current point; return the mean gradient and the losses."""
-    total: list[torch.Tensor] = []
-    losses: list[torch.Tensor] = []
-    for d, closure in enumerate(closures):
-        losses.append(_call(call, closure, first, d))
-        g = gradients_of(params)
-        if d == 0:
-            total = g
-        else:
-            torch._foreach_add_(total, g)
-    torch._foreach_mul_(total, 1.0 / len(closures))
-    return total, losses
+    """The 2S passes of one SAGM step on a step context; ``(G, losses at theta)``, theta
+    restored. The perturbation is ``rho_g g/(||g|| + eps) - alpha g`` per group ``g``."""
+    g, losses = mean_domain_gradient(ctx, closures, first=True)
+    (norm,) = ctx.finite(torch.stack(losses).sum(), global_norm(g))
+    ctx.perturb_(g, rho, 1.0 / (norm + eps))
+    ctx.perturb_(g, 1.0, -alpha)
+    g_p, _ = mean_domain_gradient(ctx, closures, first=False)
+    ctx.restore()
+    return sagm_combine(g, g_p), losses
 
 
 def sagm_gradient(
@@ -70,9 +68,8 @@ def sagm_gradient(
     rho: float,
     alpha: float,
     eps: float = 1e-12,
-    call: PassFn = plain_call,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Return SAGM's combined gradient ``G`` and the S losses at the unperturbed point.
+    """SAGM's combined gradient ``G`` and the S losses at theta, over plain tensors.
 
     Args:
         params: parameters (perturbed in place, restored exactly before returning).
@@ -81,35 +78,27 @@ def sagm_gradient(
         alpha: gradient-matching shift of the perturbation (a real number; 0 gives SAM's
             perturbation and ``G = (g + g_SAM) / 2``).
         eps: added to the gradient norm before dividing (> 0).
-        call: runs one pass, ``call(closure, first)``; ``first`` is False for the perturbed
-            passes (the optimizer shell freezes BatchNorm statistics there).
 
     Raises:
         ValueError / TypeError: bad closures, rho, alpha or eps.
     """
-    closures = check_closures(closures)
-    check_nonnegative("rho", rho)
-    check_real("alpha", alpha)
-    check_positive("eps", eps)
-    params = list(params)
-    saved = snapshot(params)
+    closures = check_closures(closures, owner="sagm_gradient")
+    rho = check_nonnegative("rho", rho)
+    alpha = check_real("alpha", alpha)
+    eps = check_positive("eps", eps)
+    ctx = FreeContext(params)
     try:
-        g, losses = mean_domain_gradient(params, closures, call, True)
-        scale = rho / (float(global_norm(g)) + eps) - alpha
-        add_scaled_(params, g, scale)
-        g_p, _ = mean_domain_gradient(params, closures, call, False)
+        return sagm_sweep(ctx, closures, rho=rho, alpha=alpha, eps=eps)
     finally:
-        restore_(params, saved)
-    combined = torch._foreach_add(g, g_p)
-    torch._foreach_mul_(combined, 0.5)
-    return combined, losses
+        ctx.restore()
 
 
 class SAGM(SharpnessAware):
     """SAGM on the shared shell: ``loss = opt.step([closure_1, ..., closure_S])``.
 
     Args:
-        params: parameters or parameter groups (see :class:`SharpnessAware`).
+        params: parameters or parameter groups (see :class:`SharpnessAware`; a group may set
+            its own ``rho``).
         base: base optimizer class (built with ``**base_kwargs``) or instance (authors: Adam).
         rho: ascent radius, float >= 0 or a schedule (default 0.05, the authors' value).
         alpha: gradient-matching coefficient >= 0 (default 1e-3; the authors tune it in
@@ -118,32 +107,31 @@ class SAGM(SharpnessAware):
         **kwargs: the shell's options and the base optimizer's keyword arguments.
 
     Costs 2S single-domain passes per step (2 pooled passes' worth, like SAM); BatchNorm
-    statistics are updated by the S unperturbed passes only. ``step`` returns the mean of the
-    S domain losses at the unperturbed point.
+    statistics are updated by the first pass only. ``step`` returns the mean of the S domain
+    losses at the unperturbed point.
     """
 
     per_domain = True
 
     def __init__(
-        self, params: Any, base: Any, rho: Any = 0.05, *, alpha: float = 1e-3,
+        self, params: Any, base: Any, rho: float | Schedule = 0.05, *, alpha: float = 1e-3,
         eps: float = 1e-12, **kwargs: Any,
     ) -> None:
-        rho = check_radius("rho", rho)
         self.alpha = check_nonnegative("alpha", alpha)
         self.eps = check_positive("eps", eps)
+        self._domains = 0
         super().__init__(params, base, radii={"rho": rho}, **kwargs)
 
-    def _descent(self, closures: Sequence[Closure]) -> torch.Tensor:
-        closures = check_closures(closures)
-        self.closure_calls = 2 * len(closures)
-        params = [p for g in self.param_groups for p in g["params"]]
-        combined, losses = sagm_gradient(
-            params, closures, rho=self.radius("rho"), alpha=self.alpha, eps=self.eps,
-            call=lambda c, first: self._pass(c, first=first),
-        )
-        for p, g in zip(params, combined):
-            if p.grad is not None:
-                p.grad.copy_(g)
+    def _closure_calls(self) -> int:
+        if not self._domains:
+            raise AttributeError("closure_calls is 2 S: take a step first")
+        return 2 * self._domains
+
+    def _descent(self, ctx: StepContext, closures: Sequence[Closure]) -> torch.Tensor:
+        _refuse_carried(ctx, self)
+        self._domains = len(closures)
+        combined, losses = sagm_sweep(ctx, closures, rho="rho", alpha=self.alpha, eps=self.eps)
+        ctx.set_grads(combined)
         loss = torch.stack(losses).mean()
-        self._check_finite(loss)
+        ctx.finite(loss)
         return loss

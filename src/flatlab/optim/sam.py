@@ -18,7 +18,7 @@ arXiv 2102.11600 (``eta`` as in the authors' code, default 0.01). Unnormalized S
 Andriushchenko & Flammarion, ICML 2022, arXiv 2206.06232, and the analysis of Agarwala &
 Dauphin, "SAM operates far from home", ICML 2023.
 
-Cost per step: 2 closure calls (``closure_calls = 2``), one base step, one persistent
+Cost per step: 2 closure calls (``closure_calls == 2``), one base step, one persistent
 parameter-sized buffer (the snapshot; ASAM also allocates two transient ones for T g and
 T^2 g). All options of the shell (schedules, GradScaler, clipping, sync, state_dict) are in
 :mod:`flatlab.optim.base`.
@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -45,7 +46,7 @@ from torch.optim import Optimizer
 
 from flatlab._checks import check_nonnegative
 from flatlab.optim import _tree
-from flatlab.optim.base import SharpnessAware
+from flatlab.optim.base import TwoPass
 from flatlab.optim.schedules import Schedule
 
 __all__ = ["SAM", "sam_direction"]
@@ -57,30 +58,41 @@ def sam_direction(
     *,
     adaptive: bool,
     eta: float,
+    rescaled: Sequence[bool] | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Return ``(T^2 g, ||T g||)``: the ascent direction before scaling and the norm that
     normalizes it (a 0-d tensor). ``T = I`` (the grads themselves are returned, not copied)
-    unless ``adaptive``, where ``T = diag(|theta| + eta)``."""
+    unless ``adaptive``, where ``T_i = diag(|theta_i| + eta)`` for every tensor ``i`` with
+    ``rescaled[i]`` (all when None) and ``T_i = I`` for the others."""
     if not adaptive:
         return list(grads), _tree.global_norm(grads)
-    t = torch._foreach_abs(params)
+    t = list(torch._foreach_abs(params))
     torch._foreach_add_(t, eta)
+    if rescaled is not None:
+        for i, keep in enumerate(rescaled):
+            if not keep:
+                t[i] = torch.ones_like(t[i])
     tg = torch._foreach_mul(t, grads)
     norm = _tree.global_norm(tg)
     torch._foreach_mul_(tg, t)
     return tg, norm
 
 
-class SAM(SharpnessAware):
+class SAM(TwoPass):
     """Sharpness-Aware Minimization; ``adaptive=True`` is ASAM, ``normalize=False`` is USAM.
 
     Args:
-        params: parameters or parameter groups.
+        params: parameters or parameter groups (a group may set its own ``rho``; 0 leaves the
+            group unperturbed, e.g. BatchNorm and bias parameters).
         base: base optimizer class (built with ``**base_kwargs``) or instance.
         rho (float or Schedule): perturbation radius, >= 0 (default: 0.05).
         adaptive (bool): ASAM's scale-invariant perturbation (default: False).
         normalize (bool): divide by the gradient norm (default: True).
         eta (float): ASAM's offset in ``T = |theta| + eta`` (default: 0.01).
+        adaptive_bias (bool): ASAM only: rescale biases too (default False, the authors' code,
+            which rescales only parameters named ``weight``). Biases are the parameters named
+            ``*.bias`` in ``model=`` when it is given, else the 1-D tensors (so then 1-D norm
+            weights count as biases).
         perturb_eps (float): added to the norm so a zero gradient gives ``e = 0`` (default 1e-12).
         **kwargs: shell options (``sync``, ``model``, ``on_nonfinite``, ``grad_scaler``,
             ``clip_grad_norm``, ``descent_hook``; see :class:`SharpnessAware`) and the base's
@@ -88,10 +100,8 @@ class SAM(SharpnessAware):
 
     Raises:
         TypeError: rho/eta not a number, base not an optimizer.
-        ValueError: rho, eta or perturb_eps negative.
+        ValueError: rho, eta or perturb_eps negative or not finite.
     """
-
-    closure_calls = 2
 
     def __init__(
         self,
@@ -101,30 +111,37 @@ class SAM(SharpnessAware):
         adaptive: bool = False,
         normalize: bool = True,
         eta: float = 0.01,
+        adaptive_bias: bool = False,
         perturb_eps: float = 1e-12,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(adaptive, bool):
-            raise TypeError(f"adaptive must be a bool, got {adaptive!r}")
-        if not isinstance(normalize, bool):
-            raise TypeError(f"normalize must be a bool, got {normalize!r}")
+        for name, flag in (("adaptive", adaptive), ("normalize", normalize),
+                           ("adaptive_bias", adaptive_bias)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
         self.adaptive = adaptive
         self.normalize = normalize
+        self.adaptive_bias = adaptive_bias
         self.eta = check_nonnegative("eta", eta)
         self.perturb_eps = check_nonnegative("perturb_eps", perturb_eps)
         super().__init__(params, base, radii={"rho": rho}, **kwargs)
+        self._bias_ids: set[int] | None = None
+        if self.model is not None:
+            self._bias_ids = {
+                id(p) for n, p in self.model.named_parameters() if n.split(".")[-1] == "bias"
+            }
 
-    def _descent(self, closure: Any) -> torch.Tensor:
-        loss = self._pass(closure, first=True)
-        params, grads = self._params_and_grads()
-        direction, norm = sam_direction(params, grads, adaptive=self.adaptive, eta=self.eta)
-        (norm_value,) = self._check_finite(loss, norm)
-        rho = self.radius("rho")
-        scale = rho / (norm_value + self.perturb_eps) if self.normalize else rho
-        self._save_point(params)
-        with torch.no_grad():
-            torch._foreach_add_(params, direction, alpha=scale)
-        del direction, grads  # let pass 2 reuse the memory of the first gradient
-        self._pass(closure)
-        self._restore_point(params)
-        return loss
+    def _rescaled(self, params: list[torch.Tensor]) -> list[bool] | None:
+        if not self.adaptive or self.adaptive_bias:
+            return None
+        if self._bias_ids is not None:
+            return [id(p) not in self._bias_ids for p in params]
+        return [p.ndim != 1 for p in params]
+
+    def _ascend(self, ctx: Any, loss: torch.Tensor | None) -> None:
+        direction, norm = sam_direction(
+            ctx.params, ctx.grads(), adaptive=self.adaptive, eta=self.eta,
+            rescaled=self._rescaled(ctx.params),
+        )
+        (n,) = ctx.finite(loss, norm)
+        ctx.perturb_(direction, "rho", 1.0 / (n + self.perturb_eps) if self.normalize else 1.0)

@@ -182,7 +182,7 @@ class StudentTNoise(_Noise):
     independent = True
 
     def __init__(self, nu: float, scale: float | torch.Tensor = 1.0) -> None:
-        self.nu = check_positive("nu", nu)
+        self.nu = check_positive("nu", nu, allow_inf=True)
         if math.isinf(self.nu):
             raise ValueError(f"nu must be finite (use GaussianNoise for nu = inf), got {nu}")
         self.scale = _as_vector("scale", scale, allow_zero=True)

@@ -226,15 +226,13 @@ def fit(
         passes = 0
 
         def make_closure(x: torch.Tensor, y: torch.Tensor) -> Callable[..., torch.Tensor]:
-            def closure(create_graph: bool = False) -> torch.Tensor:
+            def closure(backward: Callable[..., Any] = torch.autograd.backward) -> torch.Tensor:
+                # ``backward`` is the optimizer's graph-keeping one for exact GAM's HVP passes
                 nonlocal passes
                 passes += 1
                 optimizer.zero_grad()
                 loss = loss_fn(model(x), y)
-                if create_graph:
-                    loss.backward(create_graph=True)
-                else:
-                    loss.backward()
+                backward(loss)
                 return loss.detach()
             return closure
 

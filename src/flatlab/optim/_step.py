@@ -1,0 +1,353 @@
+"""One sharpness-aware step's facts and the operations a method uses: :class:`StepContext`.
+
+The shell (:class:`flatlab.optim.base.SharpnessAware`) builds one ``StepContext`` per step and
+hands it to the method's ``_descent(ctx, closure)``. Everything a step needs to know (the
+current radius of every parameter group, the GradScaler's scale, whether the run is
+distributed, the gradients carried in from before the step, whether the parameters are
+perturbed) lives here, never on the optimizer. The context alone owns the passes, the
+snapshot and the restore, so a method is only its math:
+
+* ``loss = ctx.gradient(closure, first=...)``: one pass. Every pass starts from cleared
+  gradients, so ``p.grad`` afterwards is this pass's own gradient, plus the *carried* gradient
+  ``c`` (gradients already in ``p.grad`` when ``step`` was called, e.g. the earlier
+  micro-batches of Lightning's ``accumulate_grad_batches``). The closure is validated here:
+  no backward, a loss that does not require grad, an unreduced loss or ``None`` each get their
+  own error.
+* ``ctx.perturb_(direction, radius, scale)``: ``theta_g += radius_g * scale * direction`` for
+  every parameter group ``g`` whose radius is non-zero (a zero-radius group is never touched);
+  the first call saves theta into the optimizer's one reusable snapshot buffer.
+* ``ctx.restore()``: theta copied back exactly (never by subtraction).
+* ``ctx.finite(loss, *values)``: one host sync; raises :class:`NonFiniteStep` unless all are
+  finite (agreed over ranks where ranks may disagree).
+
+Gradient accumulation semantics: the carried gradient ``c`` is the gradient of micro-batches
+that can no longer be re-evaluated, so it enters every pass as a fixed term, taken at theta:
+pass ``k`` sees ``c + grad L_own(theta_k)``. For SAM this means the ascent uses the
+accumulated gradient ``c + g(theta)`` and the descent gradient is ``c + g(theta + e)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from flatlab.optim import _tree
+from flatlab.optim._norms import discover_norm_modules
+
+__all__ = ["ClosureError", "NonFiniteStep", "StepContext", "allreduce_mean"]
+
+
+class NonFiniteStep(RuntimeError):
+    """Raised inside a step when a loss or gradient is not finite (the step is skipped)."""
+
+
+class ClosureError(ValueError):
+    """The closure broke the protocol (no backward, no_grad, unreduced loss, None)."""
+
+
+def allreduce_mean(tensors: list[torch.Tensor]) -> None:
+    """Average ``tensors`` over all ranks with one all-reduce of a flat buffer."""
+    if not tensors:
+        return
+    flat = torch._utils._flatten_dense_tensors(tensors)
+    dist.all_reduce(flat)
+    flat.div_(dist.get_world_size())
+    for t, f in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
+        t.copy_(f)
+
+
+_NOT_SCALAR = "grad can be implicitly created only for scalar outputs"
+_NO_GRAD = "does not require grad and does not have a grad_fn"
+
+
+class StepContext:
+    """The facts and operations of one step (module docstring).
+
+    Attributes:
+        params: the parameters that take part in this step (those with a gradient after the
+            first pass, or with a carried gradient), in param-group order.
+        carried: True when gradients were carried into the step (accumulation).
+        scale: the GradScaler's scale for this step, or None.
+        distributed: True in an initialized process group of more than one rank.
+        passes: closure calls so far.
+    """
+
+    def __init__(self, opt: Any, radii: dict[str, list[float]], adopt: bool = False) -> None:
+        self.opt = opt
+        self.radii = radii  # name -> current value per param group
+        self.scale: float | None = (
+            float(opt.grad_scaler.get_scale()) if opt.grad_scaler is not None else None
+        )
+        self.distributed = dist.is_available() and dist.is_initialized() and (
+            dist.get_world_size() > 1
+        )
+        self.all_params: list[torch.Tensor] = opt._all_params()
+        self.group_of: list[int] = opt._group_index()
+        self.params: list[torch.Tensor] = []
+        self._group: list[int] = []
+        self._carried: dict[int, torch.Tensor] = {} if adopt else self._take_carried()
+        self.carried = bool(self._carried)
+        self.perturbed = False
+        self.passes = 0
+        self._norms_frozen = False
+        self.data: Any = None  # what a two-step method keeps between its steps
+
+    # ------------------------------------------------------------------ carried gradients
+    def _take_carried(self) -> dict[int, torch.Tensor]:
+        """Gradients present at the start of the step that are not the previous step's own
+        (the shell records those by identity and version); then every ``p.grad`` is cleared."""
+        left = self.opt._left_grads
+        carried: dict[int, torch.Tensor] = {}
+        for i, p in enumerate(self.all_params):
+            g = p.grad
+            if g is None:
+                continue
+            mark = left.get(i) if left else None
+            if mark is None or mark[0] is not g or mark[1] != g._version:
+                carried[i] = g.detach()
+            p.grad = None
+        if carried:
+            values = list(carried.values())
+            if self.scale is not None:
+                torch._foreach_mul_(values, 1.0 / self.scale)
+        return carried
+
+    # ------------------------------------------------------------------ passes
+    def gradient(
+        self, closure: Callable[..., Any], *, first: bool = False, graph: bool = False,
+        keep_norms_frozen: bool = False,
+    ) -> torch.Tensor:
+        """Run ``closure`` once and return its loss (detached, 0-d); afterwards ``p.grad`` of
+        every parameter in :attr:`params` is ``c + grad L(theta_now)``, unscaled and averaged
+        over ranks when ``sync="global"`` needs it.
+
+        ``first=True`` is the unperturbed pass: it may update norm statistics and it fixes
+        :attr:`params`. ``graph=True`` hands the closure a backward function that keeps the
+        gradient's graph (``p.grad`` then carries it, for Hessian-vector products); with
+        ``keep_norms_frozen`` the norm statistics are restored only by :meth:`release_norms`
+        (after the graph is used, since autograd saved them).
+        """
+        opt = self.opt
+        if self.passes:
+            for p in self.all_params:
+                p.grad = None
+        self.passes += 1
+        norms = opt._norm_stats
+        freeze = not first and norms is not None and bool(norms)
+        if freeze:
+            norms.save()
+        try:
+            with contextlib.ExitStack() as stack:
+                ddp = opt._ddp()
+                if ddp is not None and opt.sync == "local":
+                    stack.enter_context(ddp.no_sync())
+                stack.enter_context(torch.enable_grad())
+                if first and norms is None:
+                    loss, found, compiled = discover_norm_modules(
+                        lambda: self._call(closure, graph)
+                    )
+                    opt._set_norms(found, compiled)
+                else:
+                    loss = self._call(closure, graph)
+        finally:
+            if freeze and not keep_norms_frozen:
+                norms.restore()
+        self._norms_frozen = freeze and keep_norms_frozen
+        loss = self._check_loss(loss)
+        self._collect(first)
+        return loss
+
+    def adopt(self, *, first: bool) -> None:
+        """Take the gradients the user computed (two-step API) as this pass's gradient."""
+        self.passes += 1
+        self._collect(first)
+
+    def release_norms(self) -> None:
+        """Restore norm statistics kept frozen by ``gradient(..., keep_norms_frozen=True)``."""
+        if self._norms_frozen:
+            self.opt._norm_stats.restore()
+            self._norms_frozen = False
+
+    def _call(self, closure: Callable[..., Any], graph: bool) -> Any:
+        try:
+            if graph:
+                return closure(self._graph_backward)
+            return closure()
+        except RuntimeError as err:
+            text = str(err)
+            if _NOT_SCALAR in text:
+                raise ClosureError(
+                    "the closure called backward on an unreduced loss (a tensor with more than "
+                    "one element); reduce it, e.g. loss.mean(), and return that scalar"
+                ) from err
+            if _NO_GRAD in text:
+                raise ClosureError(
+                    "the closure's loss does not require grad, so backward failed: did the "
+                    "closure compute it under torch.no_grad() or torch.inference_mode()?"
+                ) from err
+            raise
+
+    def _graph_backward(self, loss: torch.Tensor) -> None:
+        """``backward`` that keeps the graph: ``p.grad += dL/dp`` with ``create_graph=True``,
+        assigned out of place (so no parameter-gradient reference cycle)."""
+        found = torch.autograd.grad(loss, self.all_params, create_graph=True, allow_unused=True)
+        for p, g in zip(self.all_params, found):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
+
+    def _check_loss(self, loss: Any) -> torch.Tensor:
+        if loss is None:
+            raise ClosureError(
+                "the closure returned None; it must zero the grads, run forward and backward "
+                "and return the loss"
+            )
+        if not isinstance(loss, torch.Tensor):
+            try:
+                loss = torch.as_tensor(float(loss))
+            except (TypeError, ValueError):
+                raise ClosureError(
+                    f"the closure must return the loss as a tensor or a number, got "
+                    f"{type(loss).__name__}"
+                ) from None
+        if loss.numel() != 1:
+            raise ClosureError(
+                f"the closure returned an unreduced loss of shape {tuple(loss.shape)}; return a "
+                "scalar, e.g. loss.mean()"
+            )
+        return loss.detach().reshape(())
+
+    def _collect(self, first: bool) -> None:
+        """Align ``p.grad`` with :attr:`params`, add the carried gradient, unscale, reduce."""
+        if first:
+            self.params, self._group = [], []
+            for i, p in enumerate(self.all_params):
+                if p.grad is not None or i in self._carried:
+                    self.params.append(p)
+                    self._group.append(self.group_of[i])
+            own = [p.grad for p in self.params if p.grad is not None]
+            if not own:
+                raise ClosureError(
+                    "the closure ran no backward: no parameter received a gradient (call "
+                    "loss.backward() inside the closure)"
+                )
+            if any(g.is_sparse for g in own):
+                raise ValueError(
+                    f"{type(self.opt).__name__} does not support sparse gradients, got a sparse "
+                    "gradient"
+                )
+        elif all(p.grad is None for p in self.params):
+            raise ClosureError(
+                f"the closure ran no backward in pass {self.passes}: no parameter received a "
+                "gradient (call loss.backward() inside the closure)"
+            )
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = self.grads()
+        if self.scale is not None:
+            torch._foreach_mul_(grads, 1.0 / self.scale)
+        if self._carried:
+            index = {id(p): i for i, p in enumerate(self.all_params)}
+            pairs = [(p.grad, self._carried[index[id(p)]]) for p in self.params
+                     if index[id(p)] in self._carried]
+            torch._foreach_add_([a for a, _ in pairs], [b for _, b in pairs])
+        if self.opt.sync == "global" and self.distributed and self.opt._ddp() is None:
+            allreduce_mean(grads)
+
+    def grads(self) -> list[torch.Tensor]:
+        """The current ``p.grad`` of :attr:`params` (the tensors themselves, not copies)."""
+        return [p.grad for p in self.params]
+
+    def set_grads(self, grads: Sequence[torch.Tensor]) -> None:
+        """Make ``grads`` (aligned with :attr:`params`) the gradients, e.g. the descent one."""
+        for p, g in zip(self.params, grads):
+            p.grad = g
+
+    # ------------------------------------------------------------------ radii
+    def radius(self, name: str) -> float:
+        """The radius ``name`` of the first parameter group (the constructor's by default)."""
+        return self.radii[name][0]
+
+    def radius_groups(self, name: str) -> list[tuple[float, list[int] | None]]:
+        """``[(radius, indices into params), ...]`` for each distinct radius value (indices
+        None: every parameter)."""
+        values = self.radii[name]
+        if len(set(values)) == 1:
+            return [(values[0], None)]
+        out: dict[float, list[int]] = {}
+        for i, g in enumerate(self._group):
+            out.setdefault(values[g], []).append(i)
+        return list(out.items())
+
+    def any_radius(self, name: str) -> bool:
+        return any(v != 0.0 for v in self.radii[name])
+
+    # ------------------------------------------------------------------ perturb / restore
+    def perturb_(
+        self, direction: Sequence[torch.Tensor], radius: str | float, scale: float = 1.0
+    ) -> None:
+        """``theta_g += r_g * scale * direction`` per group, ``r_g`` the group's value of radius
+        ``radius`` (or the number ``radius`` for every group); zero-radius groups untouched.
+        The first call of a step saves theta."""
+        self.save()
+        with torch.no_grad():
+            self._add_by_radius(self.params, direction, radius, scale)
+
+    def add_to_grads_(
+        self, vector: Sequence[torch.Tensor], radius: str | float, scale: float = 1.0
+    ) -> None:
+        """``p.grad += r_g * scale * vector`` per group (e.g. GAM's ``alpha rho h`` term)."""
+        self._add_by_radius(self.grads(), vector, radius, scale)
+
+    def _add_by_radius(
+        self, dst: list[torch.Tensor], src: Sequence[torch.Tensor], radius: str | float,
+        scale: float,
+    ) -> None:
+        groups = (
+            [(float(radius), None)] if not isinstance(radius, str) else self.radius_groups(radius)
+        )
+        for r, idx in groups:
+            if r == 0.0 or scale == 0.0:
+                continue
+            if idx is None or len(idx) == len(dst):
+                torch._foreach_add_(dst, list(src), alpha=r * scale)
+            else:
+                torch._foreach_add_([dst[i] for i in idx], [src[i] for i in idx], alpha=r * scale)
+
+    def save(self) -> None:
+        """Save theta into the optimizer's snapshot buffer (once per step)."""
+        if not self.perturbed:
+            self.opt._snapshot_into(self.params)
+            self.perturbed = True
+
+    def restore(self, *, keep: bool = False) -> None:
+        """Copy the saved theta back exactly; ``keep=True`` stays ready for another perturbation
+        from theta (the snapshot stays valid)."""
+        if self.perturbed:
+            _tree.restore_(self.params, self.opt._snapshot)
+            self.perturbed = keep
+
+    # ------------------------------------------------------------------ checks
+    def finite(self, loss: torch.Tensor | None, *values: torch.Tensor) -> list[float]:
+        """One host sync: return ``values`` as floats, raising :class:`NonFiniteStep` unless
+        ``loss`` and all ``values`` are finite (agreed over ranks in a "local" run)."""
+        items = [v.detach().reshape(()) for v in values]
+        if loss is not None:
+            items.append(loss.detach().reshape(()))
+        out: list[float] = []
+        if items:
+            device = items[0].device
+            out = torch.stack([t.to(device, torch.float64) for t in items]).tolist()
+        ok = all(math.isfinite(v) for v in out)
+        if self.distributed and self.opt.sync == "local":
+            flag = torch.tensor([float(ok)], device=items[0].device if items else "cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            ok = bool(flag.item() == 1.0)
+        if not ok:
+            raise NonFiniteStep(f"non-finite loss or gradient at step {self.opt.steps}")
+        return out[: len(values)]
