@@ -5,7 +5,8 @@ pairs, float32 inputs, int64 labels) for single-distribution data, or a :class:`
 (named per-domain ``(x, y)`` pairs) for domain generalization.
 
 * Generated: :func:`digits` (scikit-learn's bundled 8x8 digits), :func:`mnist1d` (MNIST-1D via
-  the ``mnist1d`` package, cached), :func:`teacher_student_regression`,
+  the ``mnist1d`` package, cached; :func:`mnist1d_standard` on its published 4,000 / 1,000
+  split), :func:`teacher_student_regression`,
   :func:`teacher_student_classification`, :class:`Quadratic` / :func:`quadratic`.
 * Domains (DomainBed protocols): :func:`rotated`, :func:`colored`, :func:`mnist1d_domains`,
   :func:`image_folder` (PACS, VLCS, OfficeHome, TerraIncognita, DomainNet on disk).
@@ -19,7 +20,7 @@ from flatlab.data.domains import Domains, colored, rotate_images, rotated
 from flatlab.data.idx import fashion_mnist, mnist, read_idx
 from flatlab.data.image_folder import image_folder
 from flatlab.data.mnist1d_domains import mnist1d_domains
-from flatlab.data.mnist1d_gen import cache_root, generate_mnist1d, mnist1d
+from flatlab.data.mnist1d_gen import cache_root, generate_mnist1d, mnist1d, mnist1d_standard
 from flatlab.data.registry import DATASETS, load
 from flatlab.data.splits import (
     Pair,
@@ -40,7 +41,7 @@ from flatlab.data.tabular import digits, digits_images
 __all__ = [
     "DATASETS", "Domains", "Pair", "Quadratic", "Splits", "cache_root", "cifar10", "cifar100",
     "colored", "digits", "digits_images", "fashion_mnist", "generate_mnist1d", "image_folder",
-    "in_out_split", "load", "mnist", "mnist1d", "mnist1d_domains", "quadratic", "read_cifar_batch",
-    "read_idx", "rotate_images", "rotated", "split_indices", "subset",
+    "in_out_split", "load", "mnist", "mnist1d", "mnist1d_domains", "mnist1d_standard", "quadratic",
+    "read_cifar_batch", "read_idx", "rotate_images", "rotated", "split_indices", "subset",
     "teacher_student_classification", "teacher_student_regression", "train_val_test_split",
 ]

@@ -39,7 +39,12 @@ import torch
 from flatlab._checks import check_positive_int
 from flatlab.data.splits import Splits, train_val_test_split
 
-__all__ = ["cache_root", "generate_mnist1d", "mnist1d", "MNIST1D_ARG_NAMES"]
+__all__ = ["cache_root", "generate_mnist1d", "mnist1d", "mnist1d_standard", "MNIST1D_ARG_NAMES",
+           "MNIST1D_STANDARD"]
+
+#: the published split: ``get_dataset_args()`` defaults (5,000 examples, seed 42,
+#: ``train_split=0.8``): the first 4,000 examples train, the last 1,000 test
+MNIST1D_STANDARD = {"n": 5000, "seed": 42, "n_train": 4000}
 
 # Generator arguments a caller may override (the rest, e.g. ``url``, are not used here).
 MNIST1D_ARG_NAMES = (
@@ -156,3 +161,33 @@ def mnist1d(
         (x, y), val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
     )
     return Splits(train, val, test, num_classes=10, input_shape=(int(x.shape[1]),), name="mnist1d")
+
+
+def mnist1d_standard(
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    cache_dir: str | os.PathLike | None = None,
+) -> Splits:
+    """MNIST-1D on the split its authors publish results on (Greydanus & Kobak 2020).
+
+    The reference generator's default draw (``get_dataset_args()``: 5,000 examples, seed 42,
+    ``train_split=0.8``): its 4,000 training examples and its 1,000 test examples, exactly
+    the arrays of ``make_dataset(get_dataset_args())`` (``x``/``y`` and ``x_test``/``y_test``).
+    The test part is never touched by ``seed``; validation is ``floor(val_fraction * 4000)``
+    examples carved out of the training part by a permutation seeded with ``seed``.
+
+    With the defaults the splits hold 3,600 / 400 / 1,000 examples.
+
+    Example:
+        >>> s = mnist1d_standard()  # doctest: +SKIP
+        >>> s.sizes()  # doctest: +SKIP
+        {'train': 3600, 'val': 400, 'test': 1000}
+    """
+    from flatlab.data.splits import split_indices, subset
+
+    x, y = generate_mnist1d(MNIST1D_STANDARD["n"], MNIST1D_STANDARD["seed"], cache_dir)
+    k = MNIST1D_STANDARD["n_train"]
+    train_all, test = (x[:k], y[:k]), (x[k:], y[k:])
+    val_idx, train_idx = split_indices(k, (val_fraction,), seed)
+    return Splits(subset(train_all, train_idx), subset(train_all, val_idx), test,
+                  num_classes=10, input_shape=(int(x.shape[1]),), name="mnist1d_standard")

@@ -22,7 +22,7 @@ from flatlab.data.domains import Domains, colored, rotated
 from flatlab.data.idx import fashion_mnist, mnist
 from flatlab.data.image_folder import DOMAINBED_FOLDERS, image_folder
 from flatlab.data.mnist1d_domains import mnist1d_domains
-from flatlab.data.mnist1d_gen import mnist1d
+from flatlab.data.mnist1d_gen import mnist1d, mnist1d_standard
 from flatlab.data.splits import Splits
 from flatlab.data.synthetic import teacher_student_classification, teacher_student_regression
 from flatlab.data.tabular import digits
@@ -49,6 +49,7 @@ def _colored_mnist(root: str, **kw: Any) -> Domains:
 DATASETS: dict[str, Callable[..., Splits | Domains]] = {
     "digits": digits,
     "mnist1d": mnist1d,
+    "mnist1d_standard": mnist1d_standard,
     "teacher_student_regression": teacher_student_regression,
     "teacher_student_classification": teacher_student_classification,
     "mnist": mnist,

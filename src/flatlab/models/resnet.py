@@ -8,6 +8,12 @@ convolution + BN where the shape changes (option B of the paper). ``depth=8`` (n
 ``width=16`` give ~78k parameters, small enough for CPU experiments; ``depth=20`` is the
 paper's ResNet-20.
 
+``blocks`` overrides ``depth`` with an explicit number of blocks per stage, stage ``i`` at
+``width * 2**i`` channels: ``blocks=(2, 2, 2, 2), width=64`` is the CIFAR ResNet-18 (Kuang
+Liu's ``ResNet18`` layout used by SAM/GAM code), ``blocks=(4, 4, 4), width=160`` has
+WRN-28-10's depth and widths (post-activation, no dropout: not Zagoruyko & Komodakis' exact
+pre-activation block).
+
 BatchNorm makes outputs depend on the batch in training mode; measure curvature in eval mode
 (flatlab.curvature's default). Each activation is its own module.
 """
@@ -57,6 +63,7 @@ class ResNet(nn.Module):
         depth: ``6n + 2`` (8, 14, 20, 32, ...).
         width: channels of the first stage.
         activation: name or module class.
+        blocks: blocks per stage (overrides ``depth``), e.g. ``(2, 2, 2, 2)`` for ResNet-18.
 
     Example:
         >>> ResNet((3, 32, 32), 10, depth=8, width=4)(torch.zeros(2, 3, 32, 32)).shape
@@ -70,25 +77,32 @@ class ResNet(nn.Module):
         depth: int = 8,
         width: int = 16,
         activation: ActivationSpec = "relu",
+        blocks: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         c_in, _, _ = self.input_shape = _image_shape(input_shape)
         check_positive_int("num_classes", num_classes)
         check_positive_int("depth", depth)
         check_positive_int("width", width)
-        if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"depth must be 6n + 2 with n >= 1 (8, 14, 20, ...), got {depth}")
-        n = (depth - 2) // 6
+        if blocks is None:
+            if depth < 8 or (depth - 2) % 6:
+                raise ValueError(f"depth must be 6n + 2 with n >= 1 (8, 14, 20, ...), got {depth}")
+            blocks = (depth - 2) // 6, (depth - 2) // 6, (depth - 2) // 6
+        blocks = tuple(blocks)
+        if not blocks or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
+                             for b in blocks):
+            raise ValueError(f"blocks must be a non-empty tuple of positive ints, got {blocks}")
         self.stem = nn.Sequential(nn.Conv2d(c_in, width, 3, padding=1, bias=False),
                                   nn.BatchNorm2d(width), make_activation(activation))
-        blocks: list[nn.Module] = []
+        layers: list[nn.Module] = []
         c = width
-        for stage, c_out in enumerate((width, 2 * width, 4 * width)):
+        for stage, n in enumerate(blocks):
+            c_out = width * 2**stage
             for i in range(n):
                 stride = 2 if stage > 0 and i == 0 else 1
-                blocks.append(BasicBlock(c, c_out, stride, activation))
+                layers.append(BasicBlock(c, c_out, stride, activation))
                 c = c_out
-        self.blocks = nn.Sequential(*blocks)
+        self.blocks = nn.Sequential(*layers)
         self.classifier = nn.Linear(c, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -96,5 +110,5 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.stem(x)  # (B, width, H, W)
-        h = self.blocks(h)  # (B, 4 width, H/4, W/4)
-        return self.classifier(h.mean(dim=(2, 3)))  # (B, 4 width) -> (B, num_classes)
+        h = self.blocks(h)  # (B, width 2^(S-1), H / 2^(S-1), W / 2^(S-1)), S stages
+        return self.classifier(h.mean(dim=(2, 3)))  # (B, C_last) -> (B, num_classes)
