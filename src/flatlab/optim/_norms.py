@@ -58,6 +58,7 @@ def discover_norm_modules(run: Callable[[], Any]) -> tuple[Any, list[nn.Module],
             compiled[0] = True
             for m in norm_modules(orig):
                 found.setdefault(id(m), m)
+            handle.remove()  # compiled code must not trace this hook; its modules are known
         elif isinstance(module, _NormBase) and module.track_running_stats:
             found.setdefault(id(module), module)
 

@@ -117,6 +117,15 @@ class StepContext:
                 torch._foreach_mul_(values, 1.0 / self.scale)
         return carried
 
+    def put_back_carried(self) -> None:
+        """After a refused step: ``p.grad`` is the carried gradient again (None elsewhere), so
+        the gradients of a failed pass are never mistaken for accumulated ones."""
+        for i, p in enumerate(self.all_params):
+            c = self._carried.get(i)
+            if c is not None and self.scale is not None:
+                c = c * self.scale
+            p.grad = c
+
     # ------------------------------------------------------------------ passes
     def gradient(
         self, closure: Callable[..., Any], *, first: bool = False, graph: bool = False,

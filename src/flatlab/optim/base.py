@@ -304,6 +304,7 @@ class SharpnessAware(Optimizer):
             return self._skip(ctx)
         except BaseException:  # an error (or Ctrl-C) inside a closure: never leave theta perturbed
             ctx.restore()
+            ctx.put_back_carried()
             raise
         return self._finish(ctx, loss)
 
