@@ -111,7 +111,7 @@ def test_closure_that_never_zeroes_gradients_equals_one_that_does(entry):
         model, x, y = linear_problem(seed=1)
         opt = entry.build(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
 
-        def closure(backward=torch.autograd.backward, opt=opt, model=model, zero=zero):
+        def closure(backward=torch.autograd.backward, opt=opt, model=model, zero=zero, x=x, y=y):
             if zero:
                 opt.zero_grad()
             loss = F.mse_loss(model(x), y)
@@ -196,7 +196,7 @@ def test_all_groups_at_zero_equal_the_base_bit_for_bit(name):
         x = torch.randn(16, 3, generator=g, dtype=torch.float64)
         y = torch.randn(16, 1, generator=g, dtype=torch.float64)
 
-        def closure(backward=torch.autograd.backward, opt=opt, model=model):
+        def closure(backward=torch.autograd.backward, opt=opt, model=model, x=x, y=y):
             opt.zero_grad()
             loss = F.mse_loss(model(x), y)
             backward(loss)
@@ -224,7 +224,8 @@ def test_per_group_schedule_and_bad_group_radius():
 @pytest.mark.parametrize(
     ("make", "match"),
     [
-        (lambda p: SAM(p, torch.optim.SGD, rho=float("inf"), lr=0.1), "rho must be finite, got inf"),
+        (lambda p: SAM(p, torch.optim.SGD, rho=float("inf"), lr=0.1),
+         "rho must be finite, got inf"),
         (lambda p: SAM(p, torch.optim.SGD, rho=float("nan"), lr=0.1), "rho must not be NaN"),
         (lambda p: SAM(p, torch.optim.SGD, lr=float("inf")), "lr must be finite, got inf"),
         (lambda p: SAM(p, torch.optim.SGD, lr=0.1, momentum=float("nan")),
@@ -485,7 +486,7 @@ def test_two_step_api_equals_step_with_closure(kwargs):
                 F.mse_loss(model(x), y).backward()
                 opt.second_step(zero_grad=True)
             else:
-                def closure(opt=opt, model=model):
+                def closure(opt=opt, model=model, x=x, y=y):
                     opt.zero_grad()
                     loss = F.mse_loss(model(x), y)
                     loss.backward()
@@ -507,3 +508,24 @@ def test_two_step_api_misuse_is_refused():
     opt.first_step()
     with pytest.raises(RuntimeError, match="called twice"):
         opt.first_step()
+
+
+def test_gradients_present_when_the_optimizer_is_built_are_stale_not_carried():
+    """Switching optimizers (SGD warm-up, then SAM) must not add SGD's last gradient."""
+    finals = []
+    for leftover in (False, True):
+        model, x, y = linear_problem(seed=5)
+        if leftover:
+            F.mse_loss(model(x[:3]), y[:3]).backward()  # e.g. the last step of another optimizer
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+
+        def closure(opt=opt, model=model):
+            opt.zero_grad()
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        finals.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*finals):
+        assert torch.equal(a, b)

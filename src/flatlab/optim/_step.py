@@ -99,8 +99,10 @@ class StepContext:
 
     # ------------------------------------------------------------------ carried gradients
     def _take_carried(self) -> dict[int, torch.Tensor]:
-        """Gradients present at the start of the step that are not the previous step's own
-        (the shell records those by identity and version); then every ``p.grad`` is cleared."""
+        """Gradients present at the start of the step that were written since the previous
+        step (or since the optimizer was built): the shell records the gradients it leaves
+        behind, and those present at construction, by identity and version. Then every
+        ``p.grad`` is cleared."""
         left = self.opt._left_grads
         carried: dict[int, torch.Tensor] = {}
         for i, p in enumerate(self.all_params):

@@ -211,6 +211,7 @@ class SharpnessAware(Optimizer):
         # and then the group list itself is shared, never copied.
         super().__init__(self.base.param_groups, {})
         self._link()
+        self._remember_grads()  # gradients that exist already are stale, never "carried"
 
     # ------------------------------------------------------------------ torch.optim plumbing
     def _link(self) -> None:
