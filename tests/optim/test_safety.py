@@ -519,7 +519,7 @@ def test_gradients_present_when_the_optimizer_is_built_are_stale_not_carried():
             F.mse_loss(model(x[:3]), y[:3]).backward()  # e.g. the last step of another optimizer
         opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
 
-        def closure(opt=opt, model=model):
+        def closure(opt=opt, model=model, x=x, y=y):
             opt.zero_grad()
             loss = F.mse_loss(model(x), y)
             loss.backward()
