@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import textwrap
 from pathlib import Path
@@ -10,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from flatlab.experiments import ConfigError, launch
-from flatlab.experiments.flatness import load_factory, summary_rows
+from flatlab.experiments.flatness import (
+    claim_rows,
+    claim_verdicts,
+    load_factory,
+    summary_rows,
+    val_change_last20,
+)
 from flatlab.report.summary import mean_se, summarize
 
 
@@ -54,15 +61,19 @@ def test_quick_study_end_to_end_and_compare_rebuilds_table(tmp_path: Path) -> No
     recs = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     measures = [r for r in recs if r.get("tag", "").startswith("measure/")]
     assert {r["tag"] for r in measures} == {"measure/mnist1d_mlp/sgd/seed0",
-                                            "measure/mnist1d_mlp/gam/seed0"}
+                                            "measure/mnist1d_mlp/gam/seed0",
+                                            "measure/mnist1d_mlp/sgd@gam/seed0"}
     by_opt = {r["tag"].split("/")[2]: r for r in measures}
     assert by_opt["sgd"]["passes_per_step"] == 1.0
     assert by_opt["gam"]["passes_per_step"] == 4.0  # accelerated GAM: 4 passes
+    # the equal-CPU-time baseline: SGD for GAM's CPU time, i.e. more steps than GAM
+    assert by_opt["sgd@gam"]["steps"] > by_opt["gam"]["steps"] == 30
     for r in measures:
         assert r["lambda_max"] > 0 and r["trace"] > 0 and r["grad_norm"] >= 0
         assert 0 <= r["test_acc"] <= 1 and r["sharpness_worst"] >= 0
     html = (run.path / "report.html").read_text()
     assert "Results (mean ± s.e. over seeds)" in html and "gam" in html
+    assert "Baselines against the published reference" in html and "mnist1d README" in html
     assert (run.path / "plots" / "accuracy_vs_lambda_max.png").exists()
 
     from typer.testing import CliRunner
@@ -102,3 +113,86 @@ def test_user_model_and_data_factories(tmp_path: Path, monkeypatch: pytest.Monke
 def test_model_without_data_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="together"):
         launch("flatness", quick=True, out=tmp_path, overrides=["model=math:sqrt"])
+
+
+def _records(task: str, opt: str, key: str, values: list[float]) -> list[dict]:
+    return [{"tag": f"measure/{task}/{opt}/seed{i}", key: v} for i, v in enumerate(values)]
+
+
+def test_claims_pair_seeds_and_render_verdicts() -> None:
+    recs = (_records("t", "sgd", "lambda_max", [8.0, 7.6, 8.6, 7.9, 8.1])
+            + _records("t", "gam", "lambda_max", [4.1, 3.5, 4.4, 4.0, 4.3])
+            + _records("t", "sgd", "test_acc", [0.60, 0.62, 0.61, 0.63, 0.60])
+            + _records("t", "gam", "test_acc", [0.61, 0.61, 0.62, 0.62, 0.61]))
+    verdicts = {v.gate.claim: v for _, v in claim_verdicts(recs)}
+    lam = verdicts["GAM(SGD) lowers λ_max vs SGD"]
+    assert lam.passed and lam.interval.n == 5
+    assert lam.interval.estimate == pytest.approx(-3.98)
+    acc = verdicts["GAM(SGD) raises test accuracy vs SGD"]
+    # differences in points: +1, -1, +1, -1, +1 -> mean 0.2, CI straddles 0
+    assert acc.interval.estimate == pytest.approx(0.2) and not acc.passed
+    assert acc.cell().startswith("not shown at this scale")
+    rows = claim_rows(recs)
+    assert {r["claim"] for r in rows} == set(verdicts)  # claims with missing optimizers skipped
+
+
+def test_val_change_last20() -> None:
+    hist = [{"step": s, "val_acc": a} for s, a in [(0, 0.1), (40, 0.5), (80, 0.6), (100, 0.65)]]
+    assert val_change_last20(hist) == pytest.approx(0.05)
+    assert math.isnan(val_change_last20([{"step": 1, "loss": 1.0}]))
+
+
+def _write_cifar(root: Path, n: int, classes: int) -> None:
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def batch(k: int, key: str) -> dict:
+        return {b"data": rng.integers(0, 256, (k, 3072), dtype=np.uint8),
+                key.encode(): rng.integers(0, classes, k).tolist()}
+
+    if classes == 10:
+        d = root / "cifar-10-batches-py"
+        d.mkdir(parents=True)
+        for i in range(1, 6):
+            (d / f"data_batch_{i}").write_bytes(pickle.dumps(batch(n, "labels")))
+        (d / "test_batch").write_bytes(pickle.dumps(batch(n, "labels")))
+    else:
+        d = root / "cifar-100-python"
+        d.mkdir(parents=True)
+        for name in ("train", "test"):
+            b = batch(5 * n, "fine_labels")
+            b[b"coarse_labels"] = [y % 20 for y in b[b"fine_labels"]]
+            (d / name).write_bytes(pickle.dumps(b))
+
+
+@pytest.mark.parametrize(("task", "classes", "opts"),
+                         [("cifar10_resnet18", 10, ["sgd", "sam"]), ("cifar100_wrn", 100, ["sgd"])])
+def test_cifar_tasks_end_to_end_on_a_tiny_fixture(tmp_path: Path, task: str, classes: int,
+                                                   opts: list[str]) -> None:
+    _write_cifar(tmp_path / "data", n=8, classes=classes)
+    run = launch("flatness", quick=True, out=tmp_path / "runs",
+                 overrides=[f"tasks=[{task}]", f"data_dir={tmp_path / 'data'}",
+                            f"optimizers=[{','.join(opts)}]", "equal_cpu=[]", "batch_size=16",
+                            "trace_probes=3"])
+    recs = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
+    tags = {r["tag"] for r in recs if r.get("tag", "").startswith("measure/")}
+    assert tags == {f"measure/{task}/{o}/seed0" for o in opts}
+    assert (run.path / "done").exists()
+
+
+def test_cifar_task_needs_data_dir(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="data_dir"):
+        launch("flatness", quick=True, out=tmp_path, overrides=["tasks=[cifar10_resnet18]"])
+
+
+def test_cifar_models_are_the_papers_sizes() -> None:
+    from flatlab.models import build
+
+    def count(**kw) -> int:
+        return sum(p.numel() for p in build("resnet", (3, 32, 32), 10, **kw).parameters())
+
+    assert count(blocks=(2, 2, 2, 2), width=64) == 11_173_962  # CIFAR ResNet-18
+    assert count(depth=8, width=4) == count(blocks=(1, 1, 1), width=4)  # depth = 6n + 2

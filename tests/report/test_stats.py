@@ -116,3 +116,11 @@ def test_gate_boundary_and_margin() -> None:
 def test_bad_input(call, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_docstring_examples() -> None:
+    import doctest
+
+    import flatlab.report.stats as stats
+
+    assert doctest.testmod(stats).failed == 0
