@@ -204,3 +204,30 @@ def test_finite_difference_term_converges_linearly():
     ratios = [e0 / e1 for e0, e1 in zip(errors, errors[1:])]
     assert errors[-1] < 1e-2 * exact.norm().item()
     assert all(ratio == pytest.approx(2.0, rel=0.05) for ratio in ratios), ratios
+
+
+def test_gam_adaptive_finite_difference_matches_the_formulas():
+    """GAM(adaptive=True): every ascent v becomes T^2 v / ||T v||, T = |theta_now| (eta=0), as
+    the authors' code's adaptive flag does (the h- weighting follows the paper, see gam.py)."""
+    a, x = spd(), start()
+    rho, fd_rho, alpha, beta, gamma = 0.3, 0.05, 0.6, 0.5, 0.1
+    make = lambda p: GAM(  # noqa: E731
+        p, torch.optim.SGD, rho=rho, fd_rho=fd_rho, alpha=alpha, beta=beta, gamma=gamma,
+        adaptive=True, lr=1.0,
+    )
+    d = descent(make, quadratic(a), x)
+
+    def ascent(point, v, r):
+        t = point.abs()
+        return r * t**2 * v / (t * v).norm()
+
+    g0 = a @ x
+    g1 = a @ (x + ascent(x, g0, fd_rho))
+    t2 = x + ascent(x, g1 - g0, rho)
+    g2 = a @ t2
+    g3 = a @ (t2 + ascent(t2, g2, fd_rho))
+    h_plus, h_minus = alpha * g1 + (1 - alpha) * g3, beta * g0 + (1 - beta) * g2
+    expected = h_plus - gamma * (h_minus - (h_minus @ h_plus) / (h_plus @ h_plus) * h_plus)
+    torch.testing.assert_close(d, expected, **TOL)
+    with pytest.raises(ValueError, match="finite_difference"):
+        GAM([torch.nn.Parameter(x.clone())], torch.optim.SGD, hvp="exact", adaptive=True, lr=0.1)

@@ -67,6 +67,7 @@ from flatlab._checks import check_choice, check_in_range, check_nonnegative
 from flatlab.optim import _tree
 from flatlab.optim._step import StepContext
 from flatlab.optim.base import SharpnessAware
+from flatlab.optim.sam import sam_direction
 from flatlab.optim.schedules import Schedule
 
 __all__ = ["GAM", "SAMGAM", "hessian_vector_product"]
@@ -123,6 +124,11 @@ class GAM(SharpnessAware):
         sam_rho (float, Schedule or None): exact variant only: None is GAM, a radius makes it
             SAM+GAM (descent gradient taken at theta + sam_rho g^) (default: None).
         xi (float): added to every norm so zero vectors stay finite (default: 1e-12).
+        adaptive (bool): finite-difference variant only: ASAM-style scale-invariant ascents,
+            as the authors' code's ``adaptive`` flag: every ascent direction ``v`` becomes
+            ``T^2 v / ||T v||`` with ``T = diag(|theta_now| + eta)`` at the point it starts
+            from (default: False).
+        eta (float): the offset in ``T`` (default 0.0, the authors' code).
         **kwargs: shell options (see :class:`SharpnessAware`) and the base's keywords.
 
     Raises:
@@ -141,9 +147,20 @@ class GAM(SharpnessAware):
         gamma: float = 0.03,
         sam_rho: float | Schedule | None = None,
         xi: float = 1e-12,
+        adaptive: bool = False,
+        eta: float = 0.0,
         **kwargs: Any,
     ) -> None:
         self.hvp = check_choice("hvp", hvp, ("exact", "finite_difference"))
+        if not isinstance(adaptive, bool):
+            raise TypeError(f"adaptive must be a bool, got {adaptive!r}")
+        if adaptive and self.hvp == "exact":
+            raise ValueError(
+                "adaptive=True is defined (by the authors' code) for hvp='finite_difference' "
+                "only, got hvp='exact'"
+            )
+        self.adaptive = adaptive
+        self.eta = check_nonnegative("eta", eta)
         self.alpha = check_nonnegative("alpha", alpha)
         self.beta = check_in_range("beta", beta, 0.0, 1.0, closed="[]")
         self.gamma = check_nonnegative("gamma", gamma)
@@ -206,26 +223,39 @@ class GAM(SharpnessAware):
         ctx.add_to_grads_(h, "rho", self.alpha)  # d = g_0 + alpha rho_g h
         return loss
 
+    def _direction(
+        self, ctx: StepContext, v: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The ascent direction of ``v`` and the norm that normalizes it (adaptive: T^2 v and
+        ||T v||, T = |theta_now| + eta)."""
+        return sam_direction(ctx.params, v, adaptive=self.adaptive, eta=self.eta)
+
     def _finite_difference(self, ctx: StepContext, closure: Any) -> torch.Tensor:
         xi = self.xi
         loss = ctx.gradient(closure, first=True)
         grads = ctx.grads()
-        (n0,) = ctx.finite(loss, _tree.global_norm(grads))
         h_minus = _tree.snapshot(grads)  # g0 now, beta g0 + (1 - beta) g2 later
-        ctx.perturb_(grads, "fd_rho", 1.0 / (n0 + xi))
+        direction, norm = self._direction(ctx, grads)
+        (n0,) = ctx.finite(loss, norm)
+        ctx.perturb_(direction, "fd_rho", 1.0 / (n0 + xi))
+        del direction
         ctx.gradient(closure)  # g1 at theta + rho' g0^
         grads = ctx.grads()
         h_plus = torch._foreach_mul(grads, self.alpha)  # alpha g1
         torch._foreach_sub_(grads, h_minus)  # h0 = g1 - g0, in p.grad
-        (nh,) = ctx.finite(None, _tree.global_norm(grads))
         torch._foreach_mul_(h_minus, self.beta)
         ctx.restore(keep=True)
-        ctx.perturb_(grads, "rho", 1.0 / (nh + xi))
+        direction, norm = self._direction(ctx, grads)
+        (nh,) = ctx.finite(None, norm)
+        ctx.perturb_(direction, "rho", 1.0 / (nh + xi))
+        del direction
         ctx.gradient(closure)  # g2 at t2 = theta + rho h0^
         grads = ctx.grads()
         torch._foreach_add_(h_minus, grads, alpha=1.0 - self.beta)
-        (n2,) = ctx.finite(None, _tree.global_norm(grads))
-        ctx.perturb_(grads, "fd_rho", 1.0 / (n2 + xi))
+        direction, norm = self._direction(ctx, grads)
+        (n2,) = ctx.finite(None, norm)
+        ctx.perturb_(direction, "fd_rho", 1.0 / (n2 + xi))
+        del direction
         ctx.gradient(closure)  # g3 at t2 + rho' g2^
         grads = ctx.grads()
         torch._foreach_mul_(grads, 1.0 - self.alpha)
