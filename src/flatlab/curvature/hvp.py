@@ -15,7 +15,13 @@ the operator on their concatenation. Each per-batch product is computed with
 the ``R{}`` operator) or with double backward
 (``autograd.grad(autograd.grad(L_b, w, create_graph=True), w, v)``), which is faster for small
 models on CPU and the fallback for modules without forward-mode support. No autograd graph
-lives beyond one batch of one product.
+lives beyond one batch of one product on the *streamed* path.
+
+On the *cached* path (the default for a tensor pair or a list of batches whose gradient
+graphs fit ``memory_budget``), the graph of ``g_b = grad L_b`` (``create_graph=True``) is
+built once per batch and kept, and every product is one backward pass through it:
+``H_b v = grad_w <g_b, v>`` (see :mod:`flatlab.curvature._graph`). Both paths compute the
+same matrix; ``op.path`` says which one was used.
 
 The generalized Gauss-Newton matrix (Schraudolph 2002) replaces the Hessian of the network
 by its linearization:  ``G v = sum_b (n_b / N) J_b^T H_{ell,b} J_b v``, with ``J_b`` the
@@ -38,7 +44,13 @@ from torch import nn
 from torch.func import grad, jvp, vjp, vmap
 
 from flatlab._batches import batches
-from flatlab._checks import check_choice
+from flatlab._checks import check_choice, check_positive
+from flatlab.curvature._graph import (
+    GradientGraphs,
+    backward_through,
+    double_backward_columns,
+    gradient_graph,
+)
 from flatlab.curvature._model import (
     FunctionalLoss,
     LossFn,
@@ -51,6 +63,8 @@ from flatlab.curvature._model import (
 from flatlab.curvature.operator import LinearOperator
 
 _METHODS = ("auto", "forward_ad", "func", "double_backward")
+_PATHS = ("auto", "cached", "streamed")
+DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes of saved activations the cached path may hold
 
 
 class _ModelOperator(LinearOperator):
@@ -169,15 +183,75 @@ class HessianOperator(_ModelOperator):
             ``torch.func.grad``) or ``"double_backward"``. ``"auto"`` resolves at the first
             product to double backward on CPU (small models are dispatch-bound and it has the
             least overhead) and forward-over-reverse elsewhere, falling back to double
-            backward for modules without forward-mode rules. ``matmat`` always uses
-            ``torch.func.vmap`` over the columns (one batched pass), column by column if that
-            fails.
+            backward for modules without forward-mode rules. A streamed ``matmat`` builds
+            one gradient graph per batch and back-propagates every column through it
+            (double backward), or uses ``torch.func.vmap`` over the columns (the other
+            kernels), column by column if that fails.
+        path: ``"cached"`` (gradient graphs kept, one backward pass per product) or
+            ``"streamed"`` (every product re-runs forward and backward per batch). Requested
+            ``"auto"`` resolves at the first product: cached when ``data`` is a tensor pair
+            or a list, ``eval_mode`` is on, the kernel is double backward, and the saved
+            tensors fit ``memory_budget`` bytes (default 2 GiB); streamed otherwise.
+        cache_nbytes: bytes held by the kept graphs (measured while building them).
     """
 
     def __init__(self, model, loss_fn, data, params=None, eval_mode=True, method="auto",
-                 check_deterministic=True):
+                 check_deterministic=True, path="auto", memory_budget=None):
         super().__init__(model, loss_fn, data, params, eval_mode, check_deterministic)
         self.method = check_choice("method", method, _METHODS)
+        self.path = check_choice("path", path, _PATHS)
+        if path == "cached" and method in ("func", "forward_ad"):
+            raise ValueError(f"path='cached' needs method 'auto' or 'double_backward' (the "
+                             f"graph kept is the gradient's), got method={method!r}")
+        self.memory_budget = float(DEFAULT_MEMORY_BUDGET if memory_budget is None else
+                                   check_positive("memory_budget", memory_budget))
+        self._graphs: GradientGraphs | None = None
+        self.cache_nbytes = 0
+
+    def _resolve_method(self) -> str:
+        if self.method == "auto":
+            # small CPU models are dispatch-bound, where double backward is fastest; on an
+            # accelerator forward-over-reverse needs less memory (no graph of the gradient)
+            self.method = "double_backward" if self.device.type == "cpu" else "forward_ad"
+            self._fallback = True
+        return self.method
+
+    def _cache(self) -> GradientGraphs | None:
+        """The kept gradient graphs, built at the first product (``None``: streamed)."""
+        if self.path == "streamed":
+            return None
+        if self._graphs is not None and not self._graphs.stale(self.params):
+            return self._graphs
+        if self.path == "auto" and not (
+                isinstance(self.data, (tuple, list)) and self.eval_mode
+                and self.method in ("auto", "double_backward")):
+            self.path = "streamed"
+            return None
+        forced = self.path == "cached"
+        with measurement_mode(self.model, self.eval_mode):
+            graphs = GradientGraphs(self.floss, self.params, batches(self.data, self.device),
+                                    float("inf") if forced else self.memory_budget)
+        self.cache_nbytes = graphs.nbytes
+        if not graphs.fits:
+            self.path = "streamed"
+            return None
+        self.path, self._graphs = "cached", graphs
+        if self.method == "auto":
+            self.method = "double_backward"
+        return graphs
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        graphs = self._cache()
+        if graphs is None:
+            return self._accumulate(v, batched=False)
+        return flatten(graphs.products(self.unflatten(v)))
+
+    def _matmat(self, V: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+        graphs = self._cache()
+        if graphs is None:
+            return super()._matmat(V, chunk)
+        cols = [flatten(graphs.products(self.unflatten(V[:, j]))) for j in range(V.shape[1])]
+        return torch.stack(cols, dim=1)
 
     def _func(self, primals, tangents, inputs, targets, batched):
         argnums = tuple(range(len(primals)))
@@ -209,32 +283,18 @@ class HessianOperator(_ModelOperator):
 
     def _double_backward(self, primals, tangents, inputs, targets, batched):
         if batched:
-            raise NotImplementedError("double backward has no batched product")
-        leaves = [p.detach().requires_grad_() for p in primals]
-        with torch.enable_grad():
-            loss = self.floss(leaves, inputs, targets)
-            g = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-            used = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
-            hv = [torch.zeros_like(p) for p in primals]
-            if used:
-                out = torch.autograd.grad(
-                    [g[i] for i in used], [leaves[i] for i in used],
-                    grad_outputs=[tangents[i] for i in used], allow_unused=True,
-                )
-                for i, o in zip(used, out):
-                    if o is not None:
-                        hv[i] = o.detach()
-        return hv
+            return double_backward_columns(self.floss, primals, tangents, inputs, targets)
+        leaves, g, used = gradient_graph(self.floss, primals, inputs, targets)
+        return backward_through(leaves, g, used, tangents, primals, retain=False)
 
     def _batch_products(self, primals, tangents, inputs, targets, batched=False):
-        if batched:  # matmat: torch.func transforms, vmapped over the columns
+        method = self._resolve_method()
+        if batched:
+            if method == "double_backward":  # one gradient graph, a backward per column
+                return double_backward_columns(self.floss, primals, tangents, inputs, targets)
+            # torch.func transforms, vmapped over the columns
             return self._func(primals, tangents, inputs, targets, batched)
-        if self.method == "auto":
-            # small CPU models are dispatch-bound, where double backward is fastest; on an
-            # accelerator forward-over-reverse needs less memory (no graph of the gradient)
-            self.method = "double_backward" if self.device.type == "cpu" else "forward_ad"
-            self._fallback = True
-        kernel = getattr(self, "_" + self.method)
+        kernel = getattr(self, "_" + method)
         try:
             return kernel(primals, tangents, inputs, targets, batched)
         except (RuntimeError, NotImplementedError):
@@ -275,6 +335,8 @@ def hessian_operator(
     eval_mode: bool = True,
     method: str = "auto",
     check_deterministic: bool = True,
+    path: str = "auto",
+    memory_budget: float | None = None,
 ) -> HessianOperator:
     """Return the Hessian of the full-data mean loss of ``model`` as an operator.
 
@@ -295,10 +357,15 @@ def hessian_operator(
         check_deterministic: when ``data`` is an iterable other than a tuple or list (a
             DataLoader), iterate it twice now and raise if the batches differ (shuffling,
             augmentation), since every product re-reads it.
+        path: ``"auto"`` (default), ``"cached"`` or ``"streamed"``: keep the gradient graph
+            of every batch and back-propagate through it for each product, or recompute it
+            (see :class:`HessianOperator`; ``op.path`` reports the choice).
+        memory_budget: bytes the cached path may hold (default 2 GiB); over it, ``"auto"``
+            streams.
 
     Raises:
-        ValueError: for empty data, parameters not in the model, or a non-scalar loss
-            (at the first product).
+        ValueError: for empty data, parameters not in the model, a non-scalar loss
+            (at the first product), or ``path="cached"`` with a forward-mode ``method``.
         RuntimeError: data that does not repeat (see ``check_deterministic``).
 
     Example:
@@ -308,7 +375,8 @@ def hessian_operator(
         >>> H.shape
         (4, 4)
     """
-    return HessianOperator(model, loss_fn, data, params, eval_mode, method, check_deterministic)
+    return HessianOperator(model, loss_fn, data, params, eval_mode, method, check_deterministic,
+                           path, memory_budget)
 
 
 def ggn_operator(
