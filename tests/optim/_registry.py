@@ -13,6 +13,7 @@ from typing import Any
 from flatlab.optim import GAM, SAM, SAMGAM
 from flatlab.optim.dgsam import DGSAM
 from flatlab.optim.sagm import SAGM
+from flatlab.optim.variants import GSAM, WSAM, FriendlySAM, LookSAM
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,13 @@ REGISTRY: list[Entry] = [
     ),
     Entry("gam_exact", GAM, {"rho": 0.1, "hvp": "exact"}, {"rho": 0.0}),
     Entry("samgam", SAMGAM, {"rho": 0.1, "sam_rho": 0.05}, {"rho": 0.0, "sam_rho": 0.0}),
+    Entry("gsam", GSAM, {"rho": 0.05, "alpha": 0.4}, {"rho": 0.0}),
+    Entry("wsam", WSAM, {"rho": 0.05, "gamma": 0.9}, {"rho": 0.0}),
+    Entry("wsam_coupled", WSAM, {"rho": 0.05, "gamma": 0.7, "decouple": False}, {"rho": 0.0}),
+    # k=1 keeps closure_calls constant; k > 1 is tested in tests/optim/test_variants.py
+    Entry("looksam", LookSAM, {"rho": 0.05, "k": 1}, {"rho": 0.0}),
+    Entry("fsam", FriendlySAM, {"rho": 0.05, "sigma": 1.0, "lmbda": 0.9},
+          {"rho": 0.0, "sigma": 0.0}),
     # per-domain methods, stepped with one domain ([closure])
     Entry("dgsam", DGSAM, {"rho": 0.05, "combine": "perturbed_mean"}, {"rho": 0.0}),
     Entry("sagm", SAGM, {"rho": 0.05, "alpha": 1e-3}, {"rho": 0.0, "alpha": 0.0}),

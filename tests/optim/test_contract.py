@@ -19,6 +19,7 @@ IDS = list(ENTRIES)
 DOCUMENTED_CLOSURE_CALLS = {
     "sam": 2, "asam": 2, "usam": 2, "gam_fd": 4, "gam_exact": 2, "samgam": 3,
     "dgsam": 2, "sagm": 2,  # with one domain
+    "gsam": 2, "wsam": 2, "wsam_coupled": 2, "looksam": 2, "fsam": 2,
 }
 BASES = {
     "sgd_nesterov_wd": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True,

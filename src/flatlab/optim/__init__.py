@@ -8,6 +8,9 @@ name                   what
 =====================  =====================================================================
 ``SAM``                SAM / ASAM (``adaptive=True``) / USAM (``normalize=False``)
 ``GAM``, ``SAMGAM``    Gradient norm Aware Minimization (exact HVP or finite differences)
+``GSAM``, ``WSAM``     surrogate-gap guided SAM; weighted-sharpness SAM
+``LookSAM``            SAM gradient every k steps, its orthogonal part reused in between
+``FriendlySAM``        SAM with the gradient EMA removed from the ascent
 ``DGSAM``, ``SAGM``    per-domain methods for domain generalization (one closure per domain)
 ``SignSGD``            SignSGD and signum (momentum), decoupled weight decay
 ``RMSpropW``           RMSprop with decoupled weight decay
@@ -37,12 +40,17 @@ from flatlab.optim.schedules import (
 )
 from flatlab.optim.sign import RMSpropW, SignSGD
 from flatlab.optim.stability import edge_of_stability
+from flatlab.optim.variants import GSAM, WSAM, FriendlySAM, LookSAM
 
 __all__ = [
     "DGSAM",
     "ClosureError",
     "TwoPass",
     "GAM",
+    "GSAM",
+    "WSAM",
+    "FriendlySAM",
+    "LookSAM",
     "SAGM",
     "SAM",
     "SAMGAM",
