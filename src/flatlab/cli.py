@@ -76,6 +76,22 @@ def _finish(run_path: Path) -> None:
         typer.echo(f"report: {run_path / 'report.html'}")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from flatlab import __version__
+
+        typer.echo(f"flatlab {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="print flatlab's version and exit"),
+) -> None:
+    """Train toward flat minima and measure why it works: run experiments, write reports."""
+
+
 @app.command(add_help_option=False)
 def run(
     name: str | None = typer.Argument(None, help="experiment name (see: flatlab list)"),
@@ -222,7 +238,14 @@ def measure(
     loss: str = typer.Option("cross_entropy", "--loss", help="torch.nn.functional loss"),
 ) -> None:
     """Hessian eigenvalues, trace, spectral density and sharpness of a saved model."""
+    import math
+
     from flatlab.measure import format_results, measure_checkpoint
+
+    if k < 1:
+        raise ConfigError(f"--k must be >= 1, got {k}")
+    if not (math.isfinite(rho) and rho >= 0):
+        raise ConfigError(f"--rho must be a finite number >= 0, got {rho}")
 
     results = measure_checkpoint(checkpoint, model=model, data=data, what=what,
                                  tag=tag or None, loss=loss, k=k, rho=rho)

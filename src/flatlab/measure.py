@@ -60,7 +60,12 @@ def find_checkpoint(path: str | Path, tag: str | None = None) -> Path:
 
 def load_model(checkpoint: str | Path, model: str = "", tag: str | None = None) -> nn.Module:
     """The model of a checkpoint: pickled in it, or built by ``model`` and loaded."""
-    payload = load_checkpoint(find_checkpoint(checkpoint, tag))
+    path = find_checkpoint(checkpoint, tag)
+    try:
+        payload = load_checkpoint(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is one user-facing line
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"not a readable checkpoint: {path} ({why})") from None
     state = payload.get("model") if isinstance(payload, dict) else payload
     if isinstance(state, nn.Module):
         return state

@@ -7,16 +7,15 @@ the original one.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from flatlab.experiments._registry import get, resolve_config
+from flatlab.experiments._registry import check_factories, check_finite, get, resolve_config
 from flatlab.train.checkpoint import seed_everything
-from flatlab.train.rundir import ConfigError, Run
+from flatlab.train.rundir import ConfigError, Run, read_config_json
 
 
 def _tensorboard_class() -> Any:
@@ -64,10 +63,7 @@ def launch(
         if config_file is not None or overrides or quick:
             raise ConfigError("--resume continues a run with its saved config; "
                               "drop --config/--set/--quick")
-        saved = json.loads((Path(resume) / "config.json").read_text()) if (
-            Path(resume) / "config.json").is_file() else None
-        if saved is None:
-            raise ConfigError(f"not a run folder (no config.json): {resume}")
+        saved = read_config_json(resume)
         if name is not None and name != saved["experiment"]:
             raise ConfigError(f"--resume folder holds experiment {saved['experiment']!r}, "
                               f"not {name!r}")
@@ -76,13 +72,17 @@ def launch(
         try:
             cfg = exp.config_cls.model_validate(saved["config"])
         except Exception as exc:  # noqa: BLE001 - reported as one line
-            raise ConfigError(f"saved config of {resume} no longer validates: {exc}") from None
+            msg = str(exc).splitlines()[0]
+            raise ConfigError(f"saved config of {resume} no longer validates: {msg}") from None
+        check_finite(cfg)
+        check_factories(cfg)
         run = Run.open(resume, resume=True)
     else:
         if name is None:
             raise ConfigError("an experiment name is needed (see: flatlab list)")
         exp = get(name)
         cfg = resolve_config(name, config_file=config_file, overrides=overrides, quick=quick)
+        check_factories(cfg)  # everything is checked before the run folder exists
         run = Run.create(out, name, cfg.model_dump(mode="json"))
     if writer_cls is not None:
         run.tensorboard = writer_cls(log_dir=str(run.path / "tensorboard"))

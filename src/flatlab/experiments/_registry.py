@@ -13,6 +13,7 @@ Unknown keys and badly typed values raise :class:`ConfigError` with one line nam
 from __future__ import annotations
 
 import importlib
+import math
 import pkgutil
 import sys
 import types
@@ -250,9 +251,67 @@ def resolve_config(
     data = _merge(data, parse_overrides(overrides))
     _check_keys(exp.config_cls, data, "", name)
     try:
-        return exp.config_cls.model_validate(data)
+        cfg = exp.config_cls.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc)) from None
+    check_finite(cfg)
+    return cfg
+
+
+def check_finite(cfg: BaseModel) -> None:
+    """Raise :class:`ConfigError` naming the first NaN or infinite number anywhere in ``cfg``.
+
+    No experiment setting means anything at ``inf`` or ``nan`` (``lr=inf`` would "run" and
+    diverge), so every float, in nested settings and lists too, must be finite.
+    """
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config {key}: must be a finite number, got {value}")
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(v, f"{key}[{i}]")
+
+    walk(cfg.model_dump(), "")
+
+
+def is_factory_field(field: Any) -> bool:
+    """A string setting naming a user's ``module:function`` (its description starts so)."""
+    return (field.description or "").startswith("module:function")
+
+
+def check_factories(cfg: BaseModel) -> None:
+    """Import every ``module:function`` setting of ``cfg`` and, for a data factory, call it.
+
+    Run before the run folder is made, so a missing module or a factory that returns the wrong
+    thing stops the run with one line and leaves nothing behind. A data factory (a factory
+    setting named ``data``) must return a :class:`flatlab.data.Splits` or an object with the
+    same attributes; its result is kept and handed to the experiment's own
+    :func:`load_factory` call, so the data is built once.
+    """
+    _PRELOADED.clear()
+    for key, field in type(cfg).model_fields.items():
+        spec = getattr(cfg, key)
+        if not (is_factory_field(field) and isinstance(spec, str) and spec):
+            continue
+        fn = load_factory(spec, key)
+        if key == "data":
+            out = fn()
+            missing = [a for a in _SPLITS_ATTRS if not hasattr(out, a)]
+            if missing:
+                raise ConfigError(
+                    f"data factory {spec!r} must return flatlab.data.Splits (train, val, test, "
+                    f"num_classes, input_shape), got {type(out).__name__} without "
+                    f"{', '.join(missing)}")
+            _PRELOADED[spec] = out
+
+
+_SPLITS_ATTRS = ("train", "val", "test", "num_classes", "input_shape")
+#: data factory results computed by :func:`check_factories`, by spec (one launch at a time)
+_PRELOADED: dict[str, Any] = {}
 
 
 def describe_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
@@ -288,10 +347,20 @@ def _type_name(ann: Any) -> str:
 
 
 def _constraint(meta: Any) -> str:
+    """``> 0``, ``len >= 1``, ``one of float32|float64``: a field constraint in words."""
     for attr, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
         if getattr(meta, attr, None) is not None:
             return f"{sym} {getattr(meta, attr)}"
-    return type(meta).__name__
+    for attr, sym in (("min_length", "len >="), ("max_length", "len <=")):
+        if getattr(meta, attr, None) is not None:
+            return f"{sym} {getattr(meta, attr)}"
+    pattern = getattr(meta, "pattern", None)
+    if pattern:
+        alternatives = str(pattern).removeprefix("^(").removesuffix(")$")
+        if all(c.isalnum() or c in "_|-." for c in alternatives):
+            return "one of " + alternatives
+        return f"matching {pattern}"
+    return str(meta).replace("_Pydantic", "")
 
 
 def load_factory(spec: str, what: str) -> Callable[..., Any]:
@@ -305,6 +374,9 @@ def load_factory(spec: str, what: str) -> Callable[..., Any]:
         ConfigError: the spec is malformed, the module cannot be imported, or the attribute is
             missing or not callable.
     """
+    if spec in _PRELOADED:  # already called (and checked) by check_factories
+        out = _PRELOADED.pop(spec)
+        return lambda: out
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"{what} must look like 'package.module:function', got {spec!r}")

@@ -20,7 +20,7 @@ from typing import Any
 
 from flatlab.report import plots
 from flatlab.report.summary import MEASURE_PREFIX
-from flatlab.train.rundir import ConfigError, Run, atomic_write_text
+from flatlab.train.rundir import ConfigError, Run, atomic_write_text, read_config_json
 
 __all__ = ["compare_runs", "write_report"]
 
@@ -127,7 +127,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         ConfigError: ``run_dir`` is not a run folder.
     """
     run = Run.open(run_dir)
-    meta = json.loads((run.path / "config.json").read_text())
+    meta = read_config_json(run.path)
     name = meta.get("experiment", "?")
     status = "finished" if run.done else "incomplete (no done marker)"
     results = run.results()

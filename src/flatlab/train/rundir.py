@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -58,6 +59,47 @@ def atomic_write_text(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of run folder ``path``.
+
+    Raises:
+        ConfigError: no such file, or it is damaged (truncated, not JSON, missing keys).
+    """
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise ConfigError(f"not a run folder (no config.json): {path}")
+    try:
+        saved = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file} is damaged (not valid JSON: {exc})") from None
+    if not (isinstance(saved, dict) and isinstance(saved.get("config"), dict)
+            and isinstance(saved.get("experiment"), str)):
+        raise ConfigError(f"{file} is damaged (no 'experiment' and 'config' entries)")
+    return saved
+
+
+def _read_json(path: Path, missing: Any, *, empty_ok: bool = False) -> Any:
+    """JSON from ``path`` (``missing`` if absent); :class:`ConfigError` if it is damaged."""
+    if not path.exists():
+        return missing
+    text = path.read_text(errors="replace")
+    if empty_ok and not text.strip():
+        return missing
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is damaged (not valid JSON: {exc})") from None
+
+
+def _checkpoint_meta(path: Path) -> tuple[int, int] | None:
+    """``(saved_ns, metrics_offset)`` of a checkpoint, or None if it cannot be read."""
+    try:
+        meta = torch.load(path, map_location="cpu", weights_only=False)["meta"]
+        return int(meta["saved_ns"]), int(meta["metrics_offset"])
+    except Exception:  # noqa: BLE001 - an unreadable file is never trusted
+        return None
 
 
 class Run:
@@ -107,9 +149,7 @@ class Run:
     def open(cls, path: str | Path, *, resume: bool = False) -> Run:
         """Open an existing run folder; ``resume=True`` prepares it to continue training."""
         path = Path(path)
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"not a run folder (no config.json): {path}")
-        run = cls(path, json.loads((path / "config.json").read_text())["config"], resumed=resume)
+        run = cls(path, read_config_json(path)["config"], resumed=resume)
         if resume:
             run._truncate_to_newest_checkpoint()
             (path / "done").unlink(missing_ok=True)
@@ -117,7 +157,7 @@ class Run:
 
     @property
     def experiment(self) -> str:
-        return json.loads((self.path / "config.json").read_text()).get("experiment", "")
+        return read_config_json(self.path)["experiment"]
 
     @property
     def plots_dir(self) -> Path:
@@ -158,15 +198,39 @@ class Run:
         return self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
 
     def _truncate_to_newest_checkpoint(self) -> None:
-        newest: tuple[int, int] | None = None  # (saved_ns, metrics_offset)
-        for ckpt in self.checkpoints_dir.glob("*/latest.pt"):
-            try:
-                meta = torch.load(ckpt, map_location="cpu", weights_only=False)["meta"]
-            except Exception:  # noqa: BLE001 - an unreadable file is skipped, never trusted
-                continue
-            key = (int(meta["saved_ns"]), int(meta["metrics_offset"]))
-            newest = key if newest is None or key > newest else newest
-        offset = newest[1] if newest is not None else 0
+        """Cut ``metrics.jsonl`` back to the newest valid checkpoint.
+
+        A damaged checkpoint (truncated, unreadable) is set aside as ``latest.pt.damaged``,
+        any checkpoint written after it as ``latest.pt.stale``, and the run continues from the
+        newest valid checkpoint before it (phases run one after another, so the phases after that
+        one are trained again). One line on stderr says so. With no valid checkpoint before
+        the damage, :class:`ConfigError` is raised and nothing is changed.
+        """
+        valid: list[tuple[int, int, Path]] = []  # (saved_ns, metrics_offset, path)
+        damaged: list[tuple[int, Path]] = []  # (mtime_ns, path)
+        for ckpt in sorted(self.checkpoints_dir.glob("*/latest.pt")):
+            meta = _checkpoint_meta(ckpt)
+            if meta is None:
+                damaged.append((ckpt.stat().st_mtime_ns, ckpt))
+            else:
+                valid.append((*meta, ckpt))
+        if damaged:
+            first_damage = min(t for t, _ in damaged)
+            later = [p for t, _, p in valid if t >= first_damage]
+            valid = [v for v in valid if v[0] < first_damage]
+            names = ", ".join(str(p.relative_to(self.path)) for _, p in damaged)
+            if not valid:
+                raise ConfigError(f"cannot resume {self.path}: {names} is damaged and there is "
+                                  "no earlier valid checkpoint; start the run again")
+            prev = max(valid)
+            sys.stderr.write(f"warning: {names} is damaged; resuming from the previous valid "
+                             f"checkpoint {prev[2].relative_to(self.path)} (later phases "
+                             "are trained again)\n")
+            for _, p in damaged:
+                os.replace(p, p.with_name(p.name + ".damaged"))
+            for p in later:  # valid, but newer than the damage: retrained, kept beside
+                os.replace(p, p.with_name(p.name + ".stale"))
+        offset = max(valid)[1] if valid else 0
         if self.metrics_path.exists() and self.metrics_path.stat().st_size > offset:
             with open(self.metrics_path, "r+b") as fh:
                 fh.truncate(offset)
@@ -215,8 +279,7 @@ class Run:
 
     def sections(self) -> list[dict[str, Any]]:
         """The report sections added so far, in order."""
-        path = self.path / "sections.json"
-        return json.loads(path.read_text()) if path.exists() else []
+        return _read_json(self.path / "sections.json", [])
 
     # ------------------------------------------------------------------ completion
     def mark_done(self, results: Mapping[str, Any] | None = None) -> None:
@@ -229,8 +292,7 @@ class Run:
 
     def results(self) -> dict[str, Any]:
         """The results stored in the ``done`` marker ({} if the run has not finished)."""
-        path = self.path / "done"
-        return json.loads(path.read_text() or "{}") if path.exists() else {}
+        return _read_json(self.path / "done", {}, empty_ok=True)
 
     def close(self) -> None:
         if self.tensorboard is not None:
