@@ -75,6 +75,7 @@ class StepContext:
         scale: the GradScaler's scale for this step, or None.
         distributed: True in an initialized process group of more than one rank.
         passes: closure calls so far.
+        staged: method state staged with :meth:`stage_state`, written after a taken step.
     """
 
     def __init__(self, opt: Any, radii: dict[str, list[float]], adopt: bool = False) -> None:
@@ -96,6 +97,19 @@ class StepContext:
         self.passes = 0
         self._norms_frozen = False
         self.data: Any = None  # what a two-step method keeps between its steps
+        self.after: Any = None  # what a method hands to its own _after_step
+        self.staged: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+
+    # ------------------------------------------------------------------ method state
+    def stage_state(self, key: str, values: Sequence[torch.Tensor]) -> None:
+        """Stage ``opt.state[p][key] = value`` for each of :attr:`params` (``values`` aligned
+        with them). The shell writes staged state after the base step of a step that was
+        taken, so a skipped or refused step leaves the method's state untouched."""
+        if len(values) != len(self.params):
+            raise ValueError(
+                f"stage_state({key!r}) got {len(values)} tensors for {len(self.params)} params"
+            )
+        self.staged[key] = (list(self.params), list(values))
 
     # ------------------------------------------------------------------ carried gradients
     def _take_carried(self) -> dict[int, torch.Tensor]:

@@ -61,7 +61,10 @@ pure functions on lists of tensors (built on :mod:`flatlab.optim._tree`) and imp
         return loss                                  # p.grad now holds the descent gradient
 
 ``ctx`` (:class:`flatlab.optim._step.StepContext`) holds the step's facts; the shell checks the
-final gradient, syncs it, clips it and steps the base. A *per-domain* method sets
+final gradient, syncs it, clips it and steps the base. State a method keeps across steps (an
+EMA, a stored component) is staged with ``ctx.stage_state(key, values)`` and written into
+``opt.state[p][key]`` by the shell after a taken step only; a term applied after the base step
+goes into ``_after_step(ctx)``, called only for a taken step. A *per-domain* method sets
 ``per_domain = True``; ``step`` then takes a sequence of closures (checked once, in
 :mod:`flatlab.optim._domains`). ``closure_calls`` is a read-only property.
 """
@@ -330,8 +333,16 @@ class SharpnessAware(Optimizer):
             self.base.step()
         self.steps += 1
         self._skips_in_a_row = 0
+        for key, (ps, values) in ctx.staged.items():
+            for p, v in zip(ps, values):
+                self.state[p][key] = v
+        self._after_step(ctx)
         self._remember_grads()
         return loss
+
+    def _after_step(self, ctx: StepContext) -> None:
+        """Called after the base step of a step that was taken (after staged state is
+        written); a method's post-update term goes here (WSAM's decoupled sharpness)."""
 
     def _skip(self, ctx: StepContext) -> None:
         self.steps += 1

@@ -59,9 +59,10 @@ not at 0 (the authors' code, nblt/F-SAM; pytorch_optimizer does the same). ``lmb
 ``lmbda = 0`` makes ``m`` the previous step's gradient). ``sigma = 0`` is SAM bit for bit for
 every ``lmbda`` and then keeps no EMA. ``m`` is in ``opt.state[p]["fsam_ema"]``.
 
-State written by a method (LookSAM's ``g_v``, FriendlySAM's ``m``) is committed after the base
-step of a step that was taken, so a skipped step leaves it untouched and a base optimizer that
-initializes its state when it is empty (Adam, RMSprop) sees an empty state on its first step.
+State written by a method (LookSAM's ``g_v``, FriendlySAM's ``m``) is staged with
+``ctx.stage_state`` and written by the shell after the base step of a step that was taken, so a
+skipped step leaves it untouched and a base optimizer that initializes its state when it is
+empty (Adam, RMSprop) sees an empty state on its first step.
 
 Cost per step: GSAM, WSAM, FriendlySAM 2 closure calls and one extra parameter-sized buffer
 (``g``; FriendlySAM: ``a`` and the new ``m``) besides the shell's snapshot; LookSAM 2 closure
@@ -166,23 +167,6 @@ def fsam_ascent(g: list[torch.Tensor], m: list[torch.Tensor | None], *, sigma: f
 
 
 # ---------------------------------------------------------------------- shell helpers
-class _CommitsState:
-    """Commits state a step computed (``ctx.commit``, params -> {key: tensor}) after the base
-    step, and only when the step was taken."""
-
-    def _finish(self, ctx: StepContext, loss: torch.Tensor | None) -> torch.Tensor | None:
-        skipped = self.skipped_steps
-        out = super()._finish(ctx, loss)  # type: ignore[misc]
-        if self.skipped_steps == skipped:
-            self._commit(ctx)
-        return out
-
-    def _commit(self, ctx: StepContext) -> None:
-        for key, (params, values) in getattr(ctx, "commit", {}).items():
-            for p, v in zip(params, values):
-                self.state[p][key] = v  # type: ignore[attr-defined]
-
-
 def _ascent_scale(ctx: StepContext, loss: torch.Tensor | None, direction: list[torch.Tensor],
                   eps: float) -> float:
     (n,) = ctx.finite(loss, _tree.global_norm(direction))
@@ -230,7 +214,7 @@ class GSAM(TwoPass):
 
 
 # ---------------------------------------------------------------------- WSAM
-class WSAM(_CommitsState, TwoPass):
+class WSAM(TwoPass):
     """Weighted SAM (module docstring): sharpness weighted by ``a = gamma / (1 - gamma)``.
 
     Args:
@@ -282,10 +266,10 @@ class WSAM(_CommitsState, TwoPass):
         if ctx.distributed and self.sync == "local":
             allreduce_mean(sharpness)  # every rank applies the same term
         ctx.set_grads(g)
-        ctx.wsam_sharpness = (list(ctx.params), sharpness)
+        ctx.after = (list(ctx.params), sharpness)
 
-    def _commit(self, ctx: StepContext) -> None:
-        pending = getattr(ctx, "wsam_sharpness", None)
+    def _after_step(self, ctx: StepContext) -> None:
+        pending = ctx.after
         if pending is None or self.weight == 0.0:
             return
         params, sharpness = pending
@@ -296,7 +280,7 @@ class WSAM(_CommitsState, TwoPass):
 
 
 # ---------------------------------------------------------------------- LookSAM
-class LookSAM(_CommitsState, SharpnessAware):
+class LookSAM(SharpnessAware):
     """LookSAM (module docstring): SAM's gradient every ``k`` steps, its orthogonal part
     ``g_v`` reused in between.
 
@@ -351,7 +335,7 @@ class LookSAM(_CommitsState, SharpnessAware):
                 ctx.finite(None, _tree.global_norm(g_p))
                 g_v = looksam_component(saved, g_p, layerwise=self.layerwise,
                                         eps=self.perturb_eps)
-                ctx.commit = {LOOKSAM_KEY: (list(ctx.params), g_v)}
+                ctx.stage_state(LOOKSAM_KEY, g_v)
             return loss
         ctx.finite(loss)
         if ctx.any_radius("rho") and self.alpha != 0.0:
@@ -364,7 +348,7 @@ class LookSAM(_CommitsState, SharpnessAware):
 
 
 # ---------------------------------------------------------------------- FriendlySAM
-class FriendlySAM(_CommitsState, TwoPass):
+class FriendlySAM(TwoPass):
     """Friendly SAM (module docstring): the EMA ``m`` of the gradients removed from the ascent.
 
     Args:
@@ -393,5 +377,5 @@ class FriendlySAM(_CommitsState, TwoPass):
         m = [self.state[p].get(FSAM_KEY) if p in self.state else None for p in ctx.params]
         a, m_new = fsam_ascent(g, m, sigma=self.sigma, lmbda=self.lmbda)
         ctx.perturb_(a, "rho", _ascent_scale(ctx, loss, a, self.perturb_eps))
-        ctx.commit = {FSAM_KEY: (list(ctx.params), m_new)}
+        ctx.stage_state(FSAM_KEY, m_new)
         return None
