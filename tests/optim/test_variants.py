@@ -374,3 +374,43 @@ def test_wsam_bool_options_checked():
         WSAM(_model(0).parameters(), torch.optim.SGD, decouple="yes", lr=LR)
     with pytest.raises(TypeError, match="layerwise"):
         LookSAM(_model(0).parameters(), torch.optim.SGD, layerwise=1, lr=LR)
+
+
+class _OverflowingScaler(torch.amp.GradScaler):
+    """A GradScaler whose ``step`` finds an overflow (as when the re-scaled descent gradient
+    overflows although every pass was finite): it skips the base step."""
+
+    def step(self, optimizer, *args, **kwargs):
+        return None
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda m, s: WSAM(m.parameters(), torch.optim.SGD, rho=RHO, lr=LR, grad_scaler=s),
+        lambda m, s: LookSAM(m.parameters(), torch.optim.SGD, rho=RHO, k=2, lr=LR,
+                             grad_scaler=s),
+        lambda m, s: FriendlySAM(m.parameters(), torch.optim.SGD, rho=RHO, lr=LR,
+                                 grad_scaler=s),
+    ],
+    ids=["wsam", "looksam", "fsam"],
+)
+def test_a_step_the_grad_scaler_skips_writes_no_method_state(build):
+    """WSAM's decoupled term and LookSAM's/FriendlySAM's state follow the base step: when the
+    scaler skips it internally, neither is applied and the step counts as skipped."""
+    model = _model(0)
+    scaler = _OverflowingScaler("cpu", init_scale=4.0)
+    opt = build(model, scaler)
+    before = _params(model)
+    (x, y), = _batches(1)
+
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        return loss
+
+    assert opt.step(closure) is None
+    for p, p0 in zip(model.parameters(), before):
+        assert torch.equal(p, p0)
+    assert not any(opt.state[p] for p in model.parameters())
+    assert opt.skipped_steps == 1 and opt.steps == 1

@@ -328,7 +328,13 @@ class SharpnessAware(Optimizer):
             self.descent_hook(params)
         if self.grad_scaler is not None:
             torch._foreach_mul_(grads, ctx.scale)
-            self.grad_scaler.step(self.base)
+            if not self._scaler_step():
+                # the scaler found an overflow in the re-scaled descent gradient and backed
+                # off: a skipped step, so no staged state and no after-step term
+                self.steps += 1
+                self.skipped_steps += 1
+                self._remember_grads()
+                return None
         else:
             self.base.step()
         self.steps += 1
@@ -339,6 +345,17 @@ class SharpnessAware(Optimizer):
         self._after_step(ctx)
         self._remember_grads()
         return loss
+
+    def _scaler_step(self) -> bool:
+        """``grad_scaler.step(base)``; True when the base optimizer actually stepped (seen
+        through the base's public step post-hook)."""
+        taken: list[bool] = []
+        handle = self.base.register_step_post_hook(lambda *_: taken.append(True))
+        try:
+            self.grad_scaler.step(self.base)
+        finally:
+            handle.remove()
+        return bool(taken)
 
     def _after_step(self, ctx: StepContext) -> None:
         """Called after the base step of a step that was taken (after staged state is
