@@ -351,6 +351,8 @@ def test_sagm_makes_two_pooled_passes_worth_in_fit():
     from flatlab.optim.sagm import SAGM
 
     passes, sizes = _count_passes(lambda p: SAGM(p, torch.optim.SGD, lr=0.1))
+    assert passes == 2 and sizes == [12, 12]  # default: one pooled closure, as the authors
+    passes, sizes = _count_passes(lambda p: SAGM(p, torch.optim.SGD, lr=0.1, per_domain=True))
     assert passes == 6 and sizes == [4] * 6
 
 
@@ -363,3 +365,74 @@ def test_empty_domain_is_a_clear_error_in_fit():
     with pytest.raises(ValueError, match=r"train\[1\] must not be empty"):
         fit(model, DGSAM(model.parameters(), torch.optim.SGD, lr=0.1), domains, steps=1,
             progress=False)
+
+
+# --------------------------------------------------- per-domain radius rule (fair comparison)
+def _separable(s: int, aligned: bool):
+    """S quadratic domains whose gradients stay orthogonal (domain d only sees coordinate d) or
+    stay aligned (every domain pulls toward the same centre), so the sum of the S normalized
+    ascent steps has a closed-form norm: sqrt(S) r (orthogonal) or S r (aligned)."""
+    theta = np.arange(1.0, s + 1.0)
+    params = [torch.tensor(theta, dtype=torch.float64, requires_grad=True)]
+    visited: list[np.ndarray] = []
+
+    def make(d: int):
+        def closure() -> torch.Tensor:
+            params[0].grad = None
+            x = params[0]
+            visited.append(x.detach().numpy().copy())
+            loss = (0.5 * (d + 1.0) * (x**2).sum()) if aligned else 0.5 * (d + 1.0) * x[d] ** 2
+            loss.backward()
+            return loss
+        return closure
+
+    return params, [make(d) for d in range(s)], theta, visited
+
+
+@pytest.mark.parametrize("s", [2, 3, 5])
+@pytest.mark.parametrize(("rule", "orthogonal", "aligned"), [
+    ("full", lambda s: np.sqrt(s), lambda s: s),
+    ("sqrt", lambda s: 1.0, lambda s: np.sqrt(s)),
+    ("split", lambda s: 1.0 / np.sqrt(s), lambda s: 1.0),
+])
+def test_total_perturbation_norm_matches_the_closed_form(rule, orthogonal, aligned, s):
+    from flatlab.optim.dgsam import domain_radius_factor
+
+    rho = 0.1
+    for is_aligned, closed in ((False, orthogonal), (True, aligned)):
+        params, closures, theta, visited = _separable(s, is_aligned)
+        dgsam_gradient(params, closures, list(range(s)), rho=rho, radius_rule=rule)
+        total = visited[s] - theta  # the last pass is taken at theta + e (all S steps applied)
+        assert np.linalg.norm(total) == pytest.approx(closed(s) * rho, rel=1e-9)
+        # every single step has radius rho * factor
+        steps = np.diff(np.array(visited[: s + 1]), axis=0)
+        np.testing.assert_allclose(np.linalg.norm(steps, axis=1),
+                                   rho * domain_radius_factor(rule, s), rtol=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_split_rule_keeps_the_total_perturbation_within_rho(seed):
+    params, closures, mats, centers, theta, visited = _problem(seed=seed, s=4)
+    dgsam_gradient(params, closures, [3, 1, 0, 2], rho=RHO, radius_rule="split")
+    assert np.linalg.norm(visited[4][1] - theta) <= RHO * (1 + 1e-12)
+    # and the evaluation points are the hand computation with r = rho / S
+    x = theta.copy()
+    for j, d in enumerate([3, 1, 0, 2, 3]):
+        np.testing.assert_allclose(visited[j][1], x, rtol=0, atol=1e-12)
+        g = _grad(mats, centers, d, x)
+        x = x + RHO / 4 * g / (np.linalg.norm(g) + 1e-12)
+
+
+def test_class_radius_rule_equals_the_kernel_and_is_validated():
+    params, closures, *_ = _problem(seed=3)
+    expected, _ = dgsam_gradient(params, closures, [2, 0, 1], rho=RHO, radius_rule="sqrt")
+    p0 = [p.detach().clone() for p in params]
+    opt = DGSAM(params, torch.optim.SGD, rho=RHO, radius_rule="sqrt", lr=1.0,
+                domain_order=[2, 0, 1])
+    opt.step(closures)
+    for p, a, g in zip(params, p0, expected):
+        torch.testing.assert_close(p.detach(), a - g, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="radius_rule must be one of 'full', 'sqrt', 'split'"):
+        DGSAM(params, torch.optim.SGD, radius_rule="half", lr=0.1)
+    with pytest.raises(ValueError, match="radius_rule must be one of"):
+        dgsam_gradient(params, closures, [0, 1, 2], rho=RHO, radius_rule="S")

@@ -1,4 +1,5 @@
-"""SAGM: the update kernel on float64 quadratics (exact), rho=alpha=0, pass counts, bad inputs."""
+"""SAGM: the update kernel on float64 quadratics (exact), rho=alpha=0, pass counts, bad inputs,
+pooled (default) and per-domain forms."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ from flatlab.optim.sagm import SAGM  # noqa: E402
 def test_class_step_is_base_step_with_combined_gradient():
     params, closures, mats, centers, theta, _ = _problem(seed=13)
     rho, alpha, lr = 0.2, 0.01, 0.1
-    opt = SAGM(params, torch.optim.SGD, rho=rho, alpha=alpha, lr=lr)
+    opt = SAGM(params, torch.optim.SGD, rho=rho, alpha=alpha, lr=lr, per_domain=True)
     loss = opt.step(closures)
     g = np.mean([_grad(mats, centers, d, theta) for d in range(S)], axis=0)
     x = theta + (rho / np.linalg.norm(g) - alpha) * g
@@ -87,3 +88,81 @@ def test_class_bad_arguments(kwargs, match):
     params, *_ = _problem()
     with pytest.raises(ValueError, match=match):
         SAGM(params, torch.optim.SGD, lr=0.1, **kwargs)
+
+
+def _pooled(params, mats, centers):
+    """One closure on the pooled loss 1/S sum_d L_d (what the training loop builds for equal
+    per-domain batches), counting its calls."""
+    calls = []
+
+    def closure():
+        for p in params:
+            p.grad = None
+        x = torch.cat(params)
+        loss = sum(0.5 * (x - torch.tensor(c)) @ torch.tensor(a) @ (x - torch.tensor(c))
+                   for a, c in zip(mats, centers)) / len(mats)
+        loss.backward()
+        calls.append(1)
+        return loss
+
+    return closure, calls
+
+
+def test_default_is_one_pooled_closure_two_passes_as_the_authors_code():
+    params, _, mats, centers, theta, _ = _problem(seed=21)
+    rho, alpha, lr = 0.2, 0.01, 0.1
+    opt = SAGM(params, torch.optim.SGD, rho=rho, alpha=alpha, lr=lr)
+    closure, calls = _pooled(params, mats, centers)
+    opt.step(closure)
+    assert not opt.per_domain and len(calls) == 2 and opt.closure_calls == 2
+    g = np.mean([_grad(mats, centers, d, theta) for d in range(S)], axis=0)
+    x = theta + (rho / np.linalg.norm(g) - alpha) * g
+    g_p = np.mean([_grad(mats, centers, d, x) for d in range(S)], axis=0)
+    got = torch.cat([p.detach() for p in params]).numpy()
+    np.testing.assert_allclose(got, theta - lr * (g + g_p) / 2, rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match="closure must be callable"):
+        opt.step([closure])  # the pooled form takes one closure
+
+
+def test_pooled_and_per_domain_forms_agree_for_equal_batches():
+    finals = []
+    for per_domain in (False, True):
+        params, closures, mats, centers, _, _ = _problem(seed=22)
+        opt = SAGM(params, torch.optim.SGD, rho=0.1, lr=0.05, per_domain=per_domain)
+        pooled, _ = _pooled(params, mats, centers)
+        for _ in range(3):
+            opt.step(closures if per_domain else pooled)
+        finals.append(torch.cat([p.detach() for p in params]))
+    torch.testing.assert_close(finals[0], finals[1], rtol=1e-10, atol=1e-12)
+
+
+def test_per_domain_form_warns_when_domain_batches_differ():
+    import warnings
+
+    params, closures, *_ = _problem(seed=23)
+    opt = SAGM(params, torch.optim.SGD, lr=0.1, per_domain=True)
+    for c, n in zip(closures, (8, 8, 8)):
+        c.batch_size = n
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(closures)  # equal sizes: silent
+    closures[1].batch_size = 5
+    with pytest.warns(UserWarning, match=r"different sizes \[8, 5, 8\]"):
+        opt.step(closures)
+    with pytest.raises(TypeError, match="per_domain must be a bool"):
+        SAGM(params, torch.optim.SGD, lr=0.1, per_domain="yes")
+
+
+def test_fit_gives_the_pooled_batch_by_default_and_domains_on_request():
+    from flatlab.train import fit
+
+    torch.manual_seed(0)
+    domains = [(torch.randn(16, 5), torch.randint(0, 3, (16,))) for _ in range(3)]
+    for per_domain, passes, sizes in ((False, 2, [12, 12]), (True, 6, [4] * 6)):
+        model = torch.nn.Linear(5, 3)
+        seen: list[int] = []
+        model.register_forward_hook(lambda m, a, o, seen=seen: seen.append(a[0].shape[0]))
+        res = fit(model, SAGM(model.parameters(), torch.optim.SGD, lr=0.1,
+                              per_domain=per_domain), domains, steps=2, batch_size=4,
+                  progress=False)
+        assert res.passes_per_step == passes and seen[:passes] == sizes

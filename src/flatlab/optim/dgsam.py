@@ -22,6 +22,25 @@ With S training domains with losses ``L_1 .. L_S`` and one minibatch per domain,
 so gradient j is taken at ``theta_t + rho * sum_{k<j} g_k / ||g_k||`` and the step costs S+1
 single-domain passes (SAM: 2 pooled passes = 2S domain passes; ERM: 1 pooled pass = S).
 
+**Per-domain radius** (``radius_rule``). Each of the S applied ascent steps has norm ``r``, so
+the total perturbation ``e = r * sum_{j<=S} u_j`` (``u_j = g_j / ||g_j||``) has
+``||e|| <= S r``: at ``r = rho`` (``"full"``, the authors' code) DGSAM's last gradients are
+taken up to ``S rho`` away, while SAM's is taken exactly ``rho`` away, so "equal rho" compares
+different radii. The two rules that match SAM's total perturbation:
+
+.. code-block:: text
+
+    radius_rule = "full"   r = rho           ||e|| <= S rho          (authors' code, default)
+    radius_rule = "sqrt"   r = rho / sqrt(S) ||e|| =  rho  when the u_j are orthogonal,
+                                             ||e|| <= sqrt(S) rho always
+    radius_rule = "split"  r = rho / S       ||e|| <= rho  always (triangle inequality),
+                                             ||e|| =  rho  when the u_j are aligned
+
+``"split"`` is the one that guarantees SAM's bound ``||e|| <= rho``; ``"sqrt"`` matches it for
+domains whose gradients are mutually orthogonal (the typical case of nearly unrelated
+high-dimensional gradients). Which rule the authors' paper uses could not be established (its
+body was not readable; the extracted code uses the full ``rho`` per domain step).
+
 ``combine="reuse_all"`` is the rule of the authors' DomainBed code (as extracted by a third
 party; see the research note): every gradient computed on the way is reused as a descent
 gradient. At ``rho = 0`` it is **not** ERM: it becomes ``S/(S+1) * (sum_d g_d + g_{pi[0]})``,
@@ -46,6 +65,7 @@ would be undone at once), and the parameters are restored from a copy, not by su
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,10 +83,31 @@ from flatlab.optim._tree import global_norm
 from flatlab.optim.base import SharpnessAware
 from flatlab.optim.schedules import Schedule
 
-__all__ = ["COMBINE_RULES", "DGSAM", "dgsam_combine", "dgsam_gradient", "random_order"]
+__all__ = [
+    "COMBINE_RULES", "DGSAM", "RADIUS_RULES", "dgsam_combine", "dgsam_gradient",
+    "domain_radius_factor", "random_order",
+]
 
 Closure = Callable[[], torch.Tensor]
 COMBINE_RULES = ("reuse_all", "perturbed_mean")
+RADIUS_RULES = ("full", "sqrt", "split")
+
+
+def domain_radius_factor(radius_rule: str, num_domains: int) -> float:
+    """``r / rho`` of each single-domain ascent step: 1 (``"full"``), ``1/sqrt(S)``
+    (``"sqrt"``) or ``1/S`` (``"split"``); see the module docstring.
+
+    Example:
+        >>> domain_radius_factor("split", 4), domain_radius_factor("sqrt", 4)
+        (0.25, 0.5)
+    """
+    check_choice("radius_rule", radius_rule, RADIUS_RULES)
+    check_positive_int("num_domains", num_domains)
+    if radius_rule == "full":
+        return 1.0
+    if radius_rule == "sqrt":
+        return 1.0 / math.sqrt(num_domains)
+    return 1.0 / num_domains
 
 
 def dgsam_combine(
@@ -83,11 +124,13 @@ def dgsam_combine(
 
 def dgsam_sweep(
     ctx: Any, closures: Sequence[Closure], order: Sequence[int], *, rho: str | float,
-    combine: str, eps: float,
+    combine: str, eps: float, radius_rule: str = "full",
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The S+1 passes of one DGSAM step on a step context; returns ``(G, losses)`` with theta
-    restored. ``rho`` is a radius name (per-group radii) or a number."""
+    restored. ``rho`` is a radius name (per-group radii) or a number; each ascent step has
+    radius ``rho * domain_radius_factor(radius_rule, S)``."""
     s = len(closures)
+    factor = domain_radius_factor(radius_rule, s)
     losses: list[torch.Tensor] = []
     first: list[torch.Tensor] = []
     rest: list[torch.Tensor] = []  # sum of g_2 .. g_{S+1}
@@ -104,7 +147,7 @@ def dgsam_sweep(
         else:
             torch._foreach_add_(rest, g)
         if j < s:  # the perturbation after g_{S+1} would be undone at once
-            ctx.perturb_(g, rho, 1.0 / (norm + eps))
+            ctx.perturb_(g, rho, factor / (norm + eps))
     ctx.restore()
     return dgsam_combine(first, rest, s, combine), losses
 
@@ -117,6 +160,7 @@ def dgsam_gradient(
     rho: float,
     combine: str = "reuse_all",
     eps: float = 1e-12,
+    radius_rule: str = "full",
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """One DGSAM sweep over plain tensors (outside an optimizer): ``(G, losses)``.
 
@@ -129,6 +173,8 @@ def dgsam_gradient(
         rho: perturbation radius of each of the S single-domain ascent steps (>= 0).
         combine: ``"reuse_all"`` (authors' rule) or ``"perturbed_mean"`` (ERM at rho=0).
         eps: added to every gradient norm before dividing (> 0).
+        radius_rule: each step's radius: ``"full"`` rho (authors), ``"sqrt"`` rho/sqrt(S),
+            ``"split"`` rho/S (total perturbation <= rho); module docstring.
 
     Returns:
         ``G`` aligned with ``params`` and the S+1 losses (0-d tensors) in visiting order.
@@ -138,9 +184,11 @@ def dgsam_gradient(
     rho = check_nonnegative("rho", rho)
     eps = check_positive("eps", eps)
     check_choice("combine", combine, COMBINE_RULES)
+    check_choice("radius_rule", radius_rule, RADIUS_RULES)
     ctx = FreeContext(params)
     try:
-        return dgsam_sweep(ctx, closures, order, rho=rho, combine=combine, eps=eps)
+        return dgsam_sweep(ctx, closures, order, rho=rho, combine=combine, eps=eps,
+                           radius_rule=radius_rule)
     finally:
         ctx.restore()
 
@@ -153,8 +201,12 @@ class DGSAM(SharpnessAware):
             its own ``rho``).
         base: base optimizer class (built with ``**base_kwargs``) or instance; the authors
             use Adam.
-        rho: radius of each single-domain ascent step, a float >= 0 or a schedule
-            (default 0.05, the authors' code default).
+        rho: perturbation radius, a float >= 0 or a schedule (default 0.05, the authors'
+            code default); each single-domain ascent step has radius
+            ``rho * domain_radius_factor(radius_rule, S)``.
+        radius_rule: ``"full"`` (default, the authors' code: every step rho, total up to
+            S rho), ``"sqrt"`` (rho / sqrt(S)) or ``"split"`` (rho / S: total <= rho, SAM's
+            bound); module docstring.
         combine: ``"reuse_all"`` (default, the authors' rule) or ``"perturbed_mean"`` (mean of
             the S perturbed gradients, one per domain: ERM at ``rho = 0``); module docstring.
         num_domains: if given, every step must get exactly this many closures.
@@ -184,6 +236,7 @@ class DGSAM(SharpnessAware):
         rho: float | Schedule = 0.05,
         *,
         combine: str = "reuse_all",
+        radius_rule: str = "full",
         num_domains: int | None = None,
         domain_order: Sequence[int] | None = None,
         seed: int | None = None,
@@ -191,6 +244,7 @@ class DGSAM(SharpnessAware):
         **kwargs: Any,
     ) -> None:
         self.combine = check_choice("combine", combine, COMBINE_RULES)
+        self.radius_rule = check_choice("radius_rule", radius_rule, RADIUS_RULES)
         self.num_domains = None if num_domains is None else check_positive_int(
             "num_domains", num_domains
         )
@@ -217,7 +271,8 @@ class DGSAM(SharpnessAware):
         s = len(closures)
         order = self.domain_order or random_order(s, self.generator)
         combined, losses = dgsam_sweep(
-            ctx, closures, order, rho="rho", combine=self.combine, eps=self.eps
+            ctx, closures, order, rho="rho", combine=self.combine, eps=self.eps,
+            radius_rule=self.radius_rule,
         )
         ctx.set_grads(combined)
         self.last_order, self.last_losses = order, losses

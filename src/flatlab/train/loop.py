@@ -234,6 +234,7 @@ def fit(
                 loss = loss_fn(model(x), y)
                 backward(loss)
                 return loss.detach()
+            closure.batch_size = int(x.shape[0])  # type: ignore[attr-defined]  # SAGM's check
             return closure
 
         lr = _lr(optimizer)
