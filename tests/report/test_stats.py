@@ -124,3 +124,17 @@ def test_docstring_examples() -> None:
     import flatlab.report.stats as stats
 
     assert doctest.testmod(stats).failed == 0
+
+
+@pytest.mark.parametrize(
+    "interval, text",
+    [
+        (Interval(0.0, 0.0, 0.0, 0.95, "t", 5), "0.00 [0.00, 0.00]"),
+        (Interval(0.0, -math.inf, math.inf, 0.95, "t", 1), "0.00 [-inf, inf]"),
+        (Interval(-3.98, -4.18, -3.78, 0.95, "t", 5), "-3.98 [-4.18, -3.78]"),
+        (Interval(0.001234, 0.0011, 0.0013, 0.95, "t", 5), "0.00123 [0.00110, 0.00130]"),
+        (Interval(1234.5, 1200.0, 1270.0, 0.95, "t", 5), "1234 [1200, 1270]"),
+    ],
+)
+def test_interval_format(interval, text):
+    assert interval.format() == text

@@ -119,7 +119,7 @@ class Interval:
     def format(self, digits: int = 3) -> str:
         """``"-3.98 [-4.18, -3.78]"`` with ``digits`` significant digits on the widest part."""
         finite = [abs(v) for v in (self.estimate, self.low, self.high) if math.isfinite(v)]
-        scale = max([*finite, 1e-300])
+        scale = max(finite, default=0.0) or 1.0  # all zero or none finite: as if of size 1
         decimals = max(0, digits - 1 - int(math.floor(math.log10(scale))))
         f = f"{{:.{decimals}f}}"
         return f"{f.format(self.estimate)} [{f.format(self.low)}, {f.format(self.high)}]"
