@@ -392,6 +392,7 @@ def _scatter(cells: list[tuple[float, float]], xlabel: str, ylabel: str):
     if cells:
         ax.scatter([c[0] for c in cells], [100 * c[1] for c in cells])
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # minor labels ran into each other
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel + " (pts)")
     ax.grid(alpha=0.3)
