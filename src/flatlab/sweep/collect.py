@@ -270,6 +270,14 @@ def collect(runs_dir: str | Path, *, write: bool = True) -> tuple[str, str]:
                    "|---|---|---|---|\n" + "".join(
                        f"| {c['target']} | {c['measured']} | {c['required']} | "
                        f"{'yes' if c['met'] else 'NO'} |\n" for c in checks))
+    from flatlab.sweep.dg_report import paired_markdown, paired_rows
+
+    for selection in SELECTIONS:
+        paired = paired_rows(records, selection)
+        if paired:
+            md += (f"\n**Paired differences over seeds** ({selection} selection; 95% t "
+                   "intervals, flatlab.report.stats; sharp_max at the same last step for every "
+                   "method)\n\n" + paired_markdown(paired))
     if write:
         import matplotlib.pyplot as plt
 

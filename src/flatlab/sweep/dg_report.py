@@ -1,9 +1,24 @@
-"""The ``dg`` report: DomainBed tables, per-domain figures, cost and the issue's target checks.
+"""The ``dg`` report: DomainBed tables, per-domain figures, paired CIs, cost, target checks.
 
 Given the records of ``dg_records.jsonl`` (see :mod:`flatlab.sweep.collect`) and a timing
 benchmark, :func:`report` adds report sections to a run folder (tables, per-domain accuracy
-and sharpness bars, cost, :func:`~flatlab.sweep.collect.target_checks`) and returns the
-headline numbers.
+and sharpness bars, ERM's validation curve, paired differences, cost,
+:func:`~flatlab.sweep.collect.target_checks`) and returns the headline numbers.
+
+**Paired differences** (:func:`paired_rows`). Per seed (same initialization, in/out split and
+data order for every method of a seed) and method, after model selection per test domain:
+
+* ``acc``: mean over the test domains of the held-out domain's accuracy (%);
+* ``worst``: the smallest of those per-test-domain accuracies (%);
+* ``sharp_max``: the largest per-training-domain worst-case sharpness, measured at the **same
+  training step for every method** (the last one, record key ``final``), averaged over the
+  test domains (each test domain trains a different model).
+
+For every method ``m`` and baseline ``b`` in (ERM, SAM) the per-seed differences ``m - b``
+get a 95% t interval (:func:`flatlab.report.stats.paired_difference`) and a verdict
+(:class:`flatlab.report.stats.Gate`): the claim "``m`` is more accurate / has a better worst
+domain / is flatter than ``b``" is *reproduced* only when the interval excludes zero in that
+direction.
 """
 
 from __future__ import annotations
@@ -45,6 +60,106 @@ def per_domain_sharpness(
     return {m: {d: float(np.mean(per[d])) for d in names if d in per} for m, per in acc.items()}
 
 
+#: metric -> (claim wording, claimed direction of ``m - b``, unit)
+PAIRED_METRICS: dict[str, tuple[str, str, str]] = {
+    "acc": ("more accurate on the held-out domains than", "greater", " points"),
+    "worst": ("better on the worst held-out domain than", "greater", " points"),
+    "sharp_max": ("flatter (max per-domain sharpness, same step) than", "less", ""),
+}
+
+
+def per_seed_metrics(
+    records: Sequence[Mapping[str, Any]], selection: str = SELECTIONS[0],
+) -> dict[tuple[str, str], dict[int, dict[str, float]]]:
+    """``{(dataset, method): {seed: {"acc", "worst", "sharp_max"}}}`` after model selection,
+    over the seeds that cover every test domain of that method (module docstring)."""
+    from flatlab.sweep.collect import select
+
+    groups: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[(r["dataset"], r["method"], r["test_domain"], r["seed"])].append(r)
+    picked: dict[tuple[str, str], dict[int, dict[str, dict[str, Any]]]] = defaultdict(
+        lambda: defaultdict(dict))
+    for (dataset, method, domain, seed), group in groups.items():
+        picked[(dataset, method)][seed][domain] = select(list(group), selection)
+    out: dict[tuple[str, str], dict[int, dict[str, float]]] = {}
+    for key, by_seed in picked.items():
+        domains = set.union(*(set(d) for d in by_seed.values()))
+        rows: dict[int, dict[str, float]] = {}
+        for seed, by_domain in sorted(by_seed.items()):
+            if set(by_domain) != domains:
+                continue  # a seed missing a test domain cannot be paired
+            accs = [100 * p["acc"] for p in by_domain.values()]
+            finals = [p["record"].get("final", {}).get("sharpness") for p in by_domain.values()]
+            sharp = (float(np.mean([f["max"] for f in finals])) if all(finals) else math.nan)
+            rows[seed] = {"acc": float(np.mean(accs)), "worst": float(min(accs)),
+                          "sharp_max": sharp}
+        out[key] = rows
+    return out
+
+
+def paired_rows(
+    records: Sequence[Mapping[str, Any]], selection: str = SELECTIONS[0],
+    baselines: Sequence[str] = ("erm", "sam"), level: float = 0.95,
+) -> list[dict[str, Any]]:
+    """One row per (dataset, method, baseline, metric): the paired difference over seeds, its
+    95% t interval and the verdict (module docstring). Needs >= 2 common seeds."""
+    from flatlab.report.stats import Gate, paired_difference
+    from flatlab.sweep.collect import METHOD_ORDER
+
+    metrics = per_seed_metrics(records, selection)
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    rows = []
+    for (dataset, method), by_seed in sorted(
+            metrics.items(), key=lambda kv: (kv[0][0], rank.get(kv[0][1], 99), kv[0][1])):
+        for base in baselines:
+            if base == method or (dataset, base) not in metrics:
+                continue
+            other = metrics[(dataset, base)]
+            seeds = sorted(set(by_seed) & set(other))
+            for metric, (words, direction, unit) in PAIRED_METRICS.items():
+                a = [by_seed[s][metric] for s in seeds]
+                b = [other[s][metric] for s in seeds]
+                if len(seeds) < 2 or not all(math.isfinite(v) for v in a + b):
+                    continue
+                gate = Gate(f"{method} {words} {base}", direction=direction, unit=unit)
+                verdict = gate.check(paired_difference(a, b, level=level))
+                rows.append({"dataset": dataset, "method": method, "baseline": base,
+                             "metric": metric, "mean_m": float(np.mean(a)),
+                             "mean_b": float(np.mean(b)), **verdict.as_row(),
+                             "sentence": verdict.sentence()})
+    return rows
+
+
+def paired_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The paired rows as a Markdown table (one line each)."""
+    head = "| method | vs | metric | method mean | baseline mean | difference [95% CI] | n |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['baseline']} | {r['metric']} | {r['mean_m']:.4g} | "
+                     f"{r['mean_b']:.4g} | {r['verdict']} | {r['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def validation_curves(
+    records: Sequence[Mapping[str, Any]], method: str = "erm",
+) -> dict[str, list[dict[str, float]]]:
+    """``{"test <domain>, seed <s>": checkpoints}`` of ``method`` (its ``val`` is the
+    training-domain validation accuracy, ``test_in`` the held-out domain's), for the curve
+    that shows where training-domain validation accuracy plateaus."""
+    out: dict[str, list[dict[str, float]]] = {}
+    for r in records:
+        if r["method"] != method:
+            continue
+        tag = f"test {r['test_domain']}, seed {r['seed']}"
+        extra = {k: v for k, v in r.get("hparams", {}).items() if k == "rho"}
+        if extra and r["method"] != "erm":
+            tag += f", rho {extra['rho']:g}"
+        out[tag] = [{"step": c["step"], "val": 100 * c["val"], "test_in": 100 * c["test_in"]}
+                    for c in r["checkpoints"]]
+    return dict(sorted(out.items()))
+
+
 def figures(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """``{"dg_accuracy": fig, "dg_sharpness": fig}``: grouped bars of the held-out domains'
     accuracy per method (training-domain validation) and of the selected models' sharpness
@@ -52,7 +167,11 @@ def figures(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     from flatlab.report import plots
 
     rows = aggregate(records, SELECTIONS[0])
+    curves = validation_curves(records)
+    extra = {"dg_erm_validation": plots.curves(
+        curves, ["val", "test_in"], title="ERM accuracy (%)")} if curves else {}
     return {
+        **extra,
         "dg_accuracy": plots.domain_bars(
             {r.method: {d: r.per_domain[d][0] for d in r.domains} for r in rows},
             ylabel="test accuracy (%)", title="held-out domain accuracy (training-domain val.)"),
@@ -91,7 +210,8 @@ def report(run: Any, records: Sequence[Mapping[str, Any]], timing: Mapping[str, 
     rows = aggregate(records, SELECTIONS[0])
     oracle = aggregate(records, SELECTIONS[1])
     n_seeds = max(r.n_seeds for r in rows)
-    acc_fig, sharp_fig = (run.savefig(fig, name) for name, fig in figures(records).items())
+    saved = {name: run.savefig(fig, name) for name, fig in figures(records).items()}
+    acc_fig, sharp_fig = saved["dg_accuracy"], saved["dg_sharpness"]
     run.add_section(
         "Domain generalization results",
         f"Leave-one-domain-out on {rows[0].dataset}, {n_seeds} seed(s); accuracy (%) of the "
@@ -102,6 +222,23 @@ def report(run: Any, records: Sequence[Mapping[str, Any]], timing: Mapping[str, 
         table=_rows_table(rows), figures=[acc_fig, sharp_fig])
     run.add_section("Oracle selection", "Same runs, test-domain (oracle) model selection.",
                     table=_rows_table(oracle))
+    if "dg_erm_validation" in saved:
+        run.add_section(
+            "ERM's training-domain validation curve",
+            "Training-domain validation accuracy ('val', mean over the training domains' out "
+            "splits) and the held-out domain's accuracy ('test_in') of every ERM run over "
+            "training steps: the step count is credible only where 'val' has plateaued.",
+            figures=[saved["dg_erm_validation"]])
+    paired = paired_rows(records)
+    if paired:
+        run.add_section(
+            "Paired differences against ERM and SAM",
+            "Per seed, after training-domain-validation selection; 95% t intervals over seeds "
+            "(flatlab.report.stats). A claim is reproduced only when its interval excludes 0 "
+            "in the claimed direction. sharp_max is measured at the same (last) step for "
+            "every method.",
+            table=[{k: r[k] for k in ("method", "baseline", "metric", "mean_m", "mean_b",
+                                      "verdict", "n")} for r in paired])
     if timing:
         _cost_section(run, timing, cpu_timing, num_train_domains)
     checks = target_checks(rows, timing, num_train_domains, "wall-clock/step")
