@@ -4,7 +4,7 @@
 convolutions with channels ``(64, 128, 128, 128)``, the second with stride 2, each followed by
 the activation and ``GroupNorm(groups, C)``; global average pooling to ``C_last`` features and a
 linear classifier (DomainBed's ERM network: ``MNIST_CNN`` featurizer, 128 features, and
-``Classifier`` = ``nn.Linear(128, num_classes)``; the defaults reproduce it exactly, 455k
+``Classifier`` = ``nn.Linear(128, num_classes)``; the defaults reproduce it exactly, 371,850
 parameters at ``(1, 28, 28)``, checked against a transcription of DomainBed's ``networks.py``
 in tests/models/test_mnist_cnn.py). GroupNorm (not BatchNorm) keeps the per-example loss
 independent of the batch, which per-domain gradients (DGSAM) and Hessian measurements rely on.
