@@ -32,7 +32,8 @@ gradient passes (closure calls) per step, averaged over runs.
 * DGSAM's largest per-domain sharpness <= 0.9 x ERM's and <= SAM's;
 * DGSAM's mean accuracy >= ERM - 0.5 and >= SAM - 0.5 points; worst-domain accuracy >= ERM's;
   spread across test domains <= ERM's;
-* wall-clock per step DGSAM / ERM within 20% of (S+1)/S, and DGSAM / SAM <= 0.85.
+* time per step DGSAM / ERM <= 1.3 and DGSAM / SAM <= 0.8 (:data:`COST_LIMITS`; the ideal
+  pass ratios are (S+1)/S and (S+1)/(2S)).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ import numpy as np
 
 RECORDS_FILE = "dg_records.jsonl"
 SELECTIONS = ("training-domain validation", "oracle")
+#: The issue's cost targets: DGSAM's time per step at most this multiple of the baseline's.
+COST_LIMITS = {"erm": 1.3, "sam": 0.8}
 #: Table and figure order of the methods (others follow alphabetically).
 METHOD_ORDER = ("erm", "sam", "gam", "sagm", "dgsam")
 
@@ -173,13 +176,13 @@ def target_checks(rows: Sequence[MethodRow], timing: Mapping[str, float],
             "met": bool(v <= lim if op == "le" else v >= lim)} for t, v, req, lim, op in checks]
     if {"erm", "sam", "dgsam"} <= set(timing):
         ideal = (num_train_domains + 1) / num_train_domains
-        ratio = timing["dgsam"] / timing["erm"]
-        out.append({"target": f"{time_label} DGSAM / ERM", "measured": round(ratio, 3),
-                    "required": f"in [{0.8 * ideal:.3f}, {1.2 * ideal:.3f}] ((S+1)/S={ideal:.3f})",
-                    "met": bool(0.8 * ideal <= ratio <= 1.2 * ideal)})
-        ratio = timing["dgsam"] / timing["sam"]
-        out.append({"target": f"{time_label} DGSAM / SAM", "measured": round(ratio, 3),
-                    "required": "<= 0.85", "met": bool(ratio <= 0.85)})
+        for base, limit in COST_LIMITS.items():
+            ratio = timing["dgsam"] / timing[base]
+            out.append({"target": f"{time_label} DGSAM / {base.upper()}",
+                        "measured": round(ratio, 3),
+                        "required": f"<= {limit} (ideal passes: "
+                                    f"{ideal if base == 'erm' else ideal / 2:.3f})",
+                        "met": bool(ratio <= limit)})
     return out
 
 
