@@ -1,4 +1,4 @@
-"""Hutchinson / Hutch++ trace and SLQ density against exact values."""
+"""Hutchinson / Hutch++ trace (XTrace: test_xtrace.py) and SLQ density against exact values."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def test_hutchpp_within_5_percent_with_30_probes():
     truth = float(torch.trace(A))
     errors_pp, errors_h = [], []
     for seed in range(20):
-        pp = hessian_trace(A, probes=30, seed=seed)
+        pp = hessian_trace(A, probes=30, method="hutch++", seed=seed)
         h = hessian_trace(A, probes=30, method="hutchinson", seed=seed)
         assert pp.n_matvecs == 30 and h.n_matvecs == 30
         errors_pp.append(abs(pp.value - truth) / truth)
@@ -40,7 +40,8 @@ def test_hutchpp_on_model_ggn():
     model, data, _ = problem("relu")
     truth = float(torch.trace(dense_ggn(model, CE, concat(data))))
     op = ggn_operator(model, CE, data)
-    errs = [hessian_trace(op, probes=30, seed=s).value / truth - 1 for s in range(6)]
+    errs = [hessian_trace(op, probes=30, method="hutch++", seed=s).value / truth - 1
+            for s in range(6)]
     assert (sum(e * e for e in errs) / len(errs)) ** 0.5 < 0.05
     assert op.n_matvecs == 6 * 30
 
@@ -118,6 +119,8 @@ def test_slq_on_model_and_errors():
     with pytest.raises(ValueError, match="steps must be >= 1"):
         spectral_density(H, steps=0)
     with pytest.raises(ValueError, match="probes must be >= 3 for hutch\\+\\+"):
-        hessian_trace(H, probes=2)
+        hessian_trace(H, probes=2, method="hutch++")
+    with pytest.raises(ValueError, match="probes must be >= 4 for xtrace"):
+        hessian_trace(H, probes=3)
     with pytest.raises(ValueError, match="method must be one of"):
-        hessian_trace(H, method="xtrace")
+        hessian_trace(H, method="xtrace++")
