@@ -110,7 +110,8 @@ def test_eos_quick_end_to_end(tmp_path, one_thread):
     run = launch("eos", quick=True, out=tmp_path)
     assert run.done
     titles = [s["title"] for s in run.sections()]
-    for part in ("T1", "T2", "T3-T5", "T6", "T7", "MNIST-1D", "Minibatch"):
+    for part in ("T1", "T2", "T3-T5", "T6", "T7", "MNIST-1D", "Minibatch", "T2 diagnosis",
+                 "T7 diagnosis"):
         assert any(t.startswith(part) for t in titles), part
     records = run.metrics()
     eig = [r for r in records if "lambda_max" in r]
@@ -126,6 +127,11 @@ def test_eos_quick_end_to_end(tmp_path, one_thread):
     results = run.results()
     assert results["T1.all_as_predicted"] in (True, False)
     assert "T7.late.steps_to_edge" in results
+    # the gated network study: one verdict per claim and network, from report.stats
+    verdicts = next(s for s in run.sections() if s["title"].endswith("verdicts"))["table"]
+    assert len(verdicts) == 2 * 5 and all(v["n"] == 2 for v in verdicts)
+    assert {"net.mlp.on_edge", "net.cnn.on_edge", "T7seeds.diverged"} <= set(results)
+    assert "qrm_sweep.eta2_rho0.exact" in results
     assert json.loads((run.path / "config.json").read_text())["config"]["quick"] is True
     assert "Lanczos" in (run.path / "report.md").read_text()
 
@@ -172,3 +178,79 @@ def test_curvature_monitor_edge_follows_a_rho_warmup(one_thread):
     assert "edge_usam" not in by_step[0]  # rho(0) = 0: no USAM line yet
     assert by_step[5]["edge_usam"] == pytest.approx(edge_of_stability("usam", 0.1, 0.1))
     assert by_step[10]["edge_usam"] == pytest.approx(edge_of_stability("usam", 0.1, 0.2))
+
+
+def test_minibatch_grad_norm_is_the_full_norm_for_full_batches_and_checks_input(one_thread):
+    from flatlab.experiments._eos_net import MinibatchGradNorm
+    from flatlab.models import MLP
+    from flatlab.optim.stability import edge_of_stability
+    from flatlab.train import FitState, build_optimizer
+
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    model = MLP(4, 3, width=6, depth=1, activation="tanh").double()
+    opt = build_optimizer("sgd", model.parameters(), lr=0.1)
+    state = FitState(model, opt, mse_onehot, [(x, y)], steps=1)
+    full = torch.autograd.grad(mse_onehot(model(x), y), list(model.parameters()))
+    full_norm = float(torch.sqrt(sum(g.pow(2).sum() for g in full)))
+    out = MinibatchGradNorm((x, y), 12, rho=0.05, every=1, n_batches=3).on_step(state)
+    assert out["batch_grad_norm"] == pytest.approx(full_norm, rel=1e-12)
+    assert out["edge_sam_batch"] == pytest.approx(
+        edge_of_stability("sam", 0.1, 0.05, grad_norm=full_norm))
+    small = MinibatchGradNorm((x, y), 2, rho=0.05, every=1, n_batches=50).on_step(state)
+    assert small["batch_grad_norm"] > full_norm  # noise inflates the minibatch norm
+    assert all(p.grad is None for p in model.parameters())
+    for kwargs, match in (({"batch_size": 0}, "batch_size"), ({"rho": 0.0}, "rho"),
+                          ({"n_batches": 0}, "n_batches")):
+        args = {"batch_size": 4, "rho": 0.05, "n_batches": 2, **kwargs}
+        with pytest.raises(ValueError, match=match):
+            MinibatchGradNorm((x, y), every=1, **args)
+
+
+def test_edge_gates_pass_only_inside_the_band():
+    from flatlab.experiments._eos_net import edge_gates
+
+    assert all(v.passed for v in edge_gates([1.01, 1.03, 0.99, 1.02, 1.0], "x"))
+    above = edge_gates([1.12, 1.15, 1.13], "x")
+    assert not above[0].passed and above[1].passed
+    wide = edge_gates([0.7, 1.3, 1.0], "x")  # mean inside, interval not
+    assert not wide[0].passed and not wide[1].passed
+
+
+def test_qrm_lambda_max_is_the_exact_top_hessian_eigenvalue():
+    from flatlab.experiments._eos_diag import qrm_lambda_max
+
+    model = QuadraticRegression(7, 5, seed=1)
+    with torch.no_grad():
+        model.theta.normal_(generator=torch.Generator().manual_seed(2))
+    idx, y = model.data()
+    theta = model.theta.detach().clone()
+
+    def loss_of(t):
+        return half_mse(model.jac @ t + 0.5 * torch.einsum("ipq,p,q->i", model.quad, t, t), y)
+
+    top = torch.linalg.eigvalsh(torch.func.hessian(loss_of)(theta))[-1]
+    assert qrm_lambda_max(model) == pytest.approx(float(top), rel=1e-12)
+
+
+def test_qrm_sweep_refuses_rho_lambda_star_above_one():
+    from types import SimpleNamespace
+
+    from flatlab.experiments._eos_diag import qrm_sweep
+
+    cfg = SimpleNamespace(dtype="float64", qrm_sweep_steps=10, qrm_steps=10, qrm_eig_every=5,
+                          qrm_seeds=1, seed=0, qrm_size=4, eig_tol=1e-3, qrm_sweep=[(2.0, 5.0)])
+    with pytest.raises(ValueError, match="rho \\* lambda\\* <= 1"):
+        qrm_sweep(cfg, None)
+
+
+def test_eos_config_rejects_unknown_parts_and_networks():
+    from pydantic import ValidationError
+
+    from flatlab.experiments.eos import Config
+
+    with pytest.raises(ValidationError, match="parts must be among"):
+        Config(parts=["networks", "nope"])
+    with pytest.raises(ValidationError, match="net_models"):
+        Config(net_models=["resnet"])
+    assert Config(parts=["qrm"]).parts == ["qrm"]

@@ -101,7 +101,8 @@ class Phase:
 
     ``warmup > 0`` ramps rho linearly from 0 over that many steps
     (:class:`flatlab.optim.schedules.LinearWarmup`); ``batch_size`` makes it minibatch SGD;
-    ``log_every`` logs the training loss that often (default: at the measurements only).
+    ``log_every`` logs the training loss that often (default: at the measurements only);
+    ``eig_every`` measures λ_max that often in this phase (default: the lab's period).
     """
 
     method: str
@@ -111,6 +112,7 @@ class Phase:
     warmup: int = 0
     batch_size: int | None = None
     log_every: int | None = None
+    eig_every: int | None = None
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, tuple(EDGE_KEY))
@@ -132,6 +134,8 @@ class Phase:
             name += f"_b{self.batch_size}"
         if self.log_every:
             name += f"_l{self.log_every}"
+        if self.eig_every:
+            name += f"_e{self.eig_every}"
         return name
 
 
@@ -179,13 +183,17 @@ class Lab:
         loss_fn: mean-reduced loss.
         eig_every: measure λ_max every this many steps.
         eig_tol: relative residual tolerance of Lanczos.
+        seed: seed of the minibatch order (``fit(seed=...)``; paired runs share it).
+        extra: ``extra(phase)`` returns more callbacks for a phase (measured at the same steps).
     """
 
     def __init__(self, run: Any, name: str, make_model: Callable[[], nn.Module], train: Any,
-                 loss_fn: Callable, eig_every: int, eig_tol: float) -> None:
+                 loss_fn: Callable, eig_every: int, eig_tol: float, seed: int = 0,
+                 extra: Callable[[Phase], list] | None = None) -> None:
         self.run, self.name, self.make_model = run, name, make_model
         self.train, self.loss_fn = train, loss_fn
         self.eig_every, self.eig_tol = eig_every, eig_tol
+        self.seed, self.extra = seed, extra
         self._cache: dict[str, tuple[dict, list, int | None]] = {}
 
     def trajectory(self, phases: Sequence[Phase]) -> Trajectory:
@@ -214,11 +222,13 @@ class Lab:
             opt = build_optimizer("sgd", model.parameters(), lr=ph.lr)
         else:
             opt = build_optimizer(ph.method, model.parameters(), lr=ph.lr, rho=rho)
-        monitor = CurvatureMonitor(self.train, every=self.eig_every, method=ph.method,
+        every = ph.eig_every or self.eig_every
+        monitor = CurvatureMonitor(self.train, every=every, method=ph.method,
                                    rho=0.0 if ph.method == "gd" else rho, tol=self.eig_tol)
+        callbacks = [monitor, *(self.extra(ph) if self.extra else [])]
         res = fit(model, opt, self.train, steps=ph.steps, loss_fn=self.loss_fn,
-                  batch_size=ph.batch_size, callbacks=[monitor], run=self.run, tag=tag,
-                  log_every=ph.log_every or self.eig_every, progress=False)
+                  batch_size=ph.batch_size, callbacks=callbacks, run=self.run, tag=tag,
+                  seed=self.seed, log_every=ph.log_every or every, progress=False)
         recs = []
         for rec in res.history:
             if index > 0 and rec["step"] == 0:

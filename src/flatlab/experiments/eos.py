@@ -16,7 +16,14 @@ Parts (targets T1-T7 of the implementation note sam_eos.md):
    over classes, averaged over examples) on a fixed subset of digits: progressive sharpening and
    the GD / USAM / SAM plateaus (T3-T5), regularization far from the minimum (T6), and the
    switching study (T7: SAM early only, late with and without a rho warm-up, throughout);
-4. the same MLP on MNIST-1D, and minibatch SGD vs SGD+SAM (shown, not gated).
+4. the same MLP on MNIST-1D (shown, not gated);
+5. minibatch SGD vs SGD+SAM on an MLP and a CNN over paired seeds, gated through
+   :mod:`flatlab.report.stats` (:mod:`~flatlab.experiments._eos_net`);
+6. diagnoses of the T2 and T7 misses: a ρ sweep on the quadratic regression model with λ_max
+   exact at every step, and late-USAM switches over radii and seeds
+   (:mod:`~flatlab.experiments._eos_diag`).
+
+``parts`` selects which of them run (default: all).
 
 Plateau statistics are medians over a window starting ``window_offset`` steps after the first
 crossing of the threshold (the first crossing overshoots). Shapes: digits inputs ``(N, 64)``,
@@ -30,10 +37,11 @@ import math
 from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from flatlab.data import digits, mnist1d
 from flatlab.experiments import ExperimentConfig, Run, register
+from flatlab.experiments._eos_diag import late_usam_probe, late_usam_seeds, qrm_sweep
 from flatlab.experiments._eos_lab import (
     Lab,
     Phase,
@@ -46,9 +54,14 @@ from flatlab.experiments._eos_lab import (
     window_stats,
     yes_no,
 )
+from flatlab.experiments._eos_net import minibatch_study
+from flatlab.experiments._eos_switch import matched, switching
 from flatlab.experiments._eos_toys import qrm_table, quadratic_table
 from flatlab.models import MLP
 from flatlab.report import plots
+
+PARTS = ("quadratics", "qrm", "digits", "switching", "mnist1d", "networks", "qrm_sweep",
+         "late_usam")
 
 
 class Config(ExperimentConfig):
@@ -81,15 +94,54 @@ class Config(ExperimentConfig):
     mnist1d_steps: int = Field(1200, ge=10, description="steps of the MNIST-1D runs")
     sgd_batch: int = Field(100, ge=1, description="minibatch size of SGD vs SGD+SAM")
     sgd_steps: int = Field(1000, ge=10, description="steps of SGD vs SGD+SAM")
+    parts: list[str] = Field(list(PARTS), description=f"parts to run, of {list(PARTS)}")
+    net_models: list[str] = Field(["mlp", "cnn"], description="networks of SGD vs SGD+SAM "
+                                  "(mlp, cnn)")
+    net_seeds: int = Field(5, ge=2, description="paired seeds of SGD vs SGD+SAM")
+    cnn_channels: list[int] = Field([16, 32], description="SmallCNN conv widths")
+    grad_batches: int = Field(10, ge=1, description="minibatches averaged for E|g_B|")
+    qrm_seeds: int = Field(5, ge=1, description="QRM draws (J, Q, y) of the rho sweep")
+    qrm_sweep_steps: int = Field(6000, ge=10, description="steps of each rho-sweep run")
+    qrm_sweep: list[tuple[float, float]] = Field(
+        [(2.0, 0.0), (2.0, 0.1), (2.0, 0.5), (2.0, 1.0), (2.0, 2.0), (1.0, 1.0)],
+        description="(lr, rho) of the QRM sweep, rho*lambda* <= 1 (rho 0: GD)")
+    late_probe_rhos: list[float] = Field([0.05, 0.1, 0.2, 0.5, 1.0],
+                                         description="USAM radii switched on late (probe)")
+    late_probe_steps: int = Field(100, ge=1, description="steps after the late switch (probe)")
+    t7_seeds: int = Field(3, ge=1, description="inits of the late USAM switch (seed 0 + others)")
     threads: int = Field(1, ge=1, description="torch threads during the run (small models "
                          "run fastest on one; restored afterwards)")
+
+    @field_validator("parts")
+    @classmethod
+    def _known_parts(cls, v: list[str]) -> list[str]:
+        bad = [p for p in v if p not in PARTS]
+        if bad:
+            raise ValueError(f"parts must be among {list(PARTS)}, got {bad}")
+        return v
+
+    @field_validator("net_models")
+    @classmethod
+    def _known_nets(cls, v: list[str]) -> list[str]:
+        if not v or any(m not in ("mlp", "cnn") for m in v):
+            raise ValueError(f"net_models must be a non-empty list of 'mlp' / 'cnn', got {v}")
+        return v
 
 
 QUICK = dict(n_train=100, width=16, steps=60, sam_steps=40, eig_every=10, window_offset=10,
              early_steps=20, late_start=30, rho_warmup=10, qrm_size=10, qrm_steps=100,
-             qrm_eig_every=10, quad_steps=300, mnist1d_steps=30, sgd_batch=20, sgd_steps=20)
+             qrm_eig_every=10, quad_steps=300, mnist1d_steps=30, sgd_batch=20, sgd_steps=20,
+             net_seeds=2, cnn_channels=[4, 8], grad_batches=2, qrm_seeds=2, qrm_sweep_steps=100,
+             qrm_sweep=[(2.0, 0.0), (2.0, 0.5)], late_probe_rhos=[0.2], late_probe_steps=5,
+             t7_seeds=2)
 
 TARGETS = {"gd": (0.97, 1.08), "usam": (0.95, 1.10), "sam": (0.95, 1.10)}
+FAR = 3.0  # "far from home": training loss >= FAR x the final loss when λ reaches its edge
+T6_TEXT = ("t* = first measured step with λ_max >= 0.95·threshold. Far from home at t*: the "
+           f"training loss L(t*) >= {FAR:g}·L_T, L_T the median training loss over the last 100 "
+           "steps of the run, and GD (same η) at t* still below 0.95·2/η and rising. The "
+           "'log-loss still ahead' column is log(L(t*)/L_T) / log(L_0/L_T): the fraction of the "
+           "run's decrease in log-loss that is still to come at t*.")
 
 
 # ------------------------------------------------------------------------------- data
@@ -201,9 +253,12 @@ def _far_from_home(cfg: Config, trajs: dict, gd_ref: tuple) -> list[dict]:
         final = traj.final_loss()
         lam_gd, lam_gd_next = value_at(gd_pts, step), value_at(gd_pts, step + 50)
         rising = lam_gd_next > lam_gd and lam_gd < 0.95 * gd_st["thr"]
-        ok = loss >= 3 * final and rising
-        rows.append({"run": name, "step": step, "loss there": fmt(loss, 4),
+        ok = loss >= FAR * final and rising
+        loss0 = traj.points()[0][3]
+        ahead = math.log(loss / final) / math.log(loss0 / final)
+        rows.append({"run": name, "step": step, "L_0": fmt(loss0, 4), "loss there": fmt(loss, 4),
                      "final loss": fmt(final, 4), "loss / final loss": fmt(loss / final, 2),
+                     "log-loss still ahead": fmt(ahead, 2),
                      "GD λ at step (2/η)": f"{fmt(lam_gd)} ({fmt(gd_st['thr'])})",
                      "GD λ 50 steps later": fmt(lam_gd_next), "pass": yes_no(ok)})
     return rows
@@ -229,109 +284,6 @@ def _gf_collapse(trajs: dict) -> tuple[str, float]:
     return f"max |Δλ|/λ over η·t in (0, {fmt(tmax, 1)}] = {fmt(worst, 4)}", worst
 
 
-def _switching(cfg: Config, lab: Lab) -> tuple[list[dict], dict, dict]:
-    """T7: SAM only early, SAM only late, USAM late with/without rho warm-up, SAM throughout."""
-    lr, rho, T, L = cfg.lr, cfg.switch_rho, cfg.steps, cfg.late_start
-    gd_edge = 2 / lr
-    t = {"SAM throughout": [Phase("sam", lr, cfg.early_steps, rho),
-                            Phase("sam", lr, cfg.sam_steps - cfg.early_steps, rho)],
-         "SAM early only": [Phase("sam", lr, cfg.early_steps, rho),
-                            Phase("gd", lr, T - cfg.early_steps)],
-         "GD throughout": [Phase("gd", lr, L), Phase("gd", lr, T - L)],
-         "SAM late": [Phase("gd", lr, L), Phase("sam", lr, T - L, rho)],
-         "USAM late, no warm-up": [Phase("gd", lr, L), Phase("usam", lr, T - L, cfg.late_usam_rho)],
-         "USAM late, rho warm-up": [Phase("gd", lr, L),
-                                    Phase("usam", lr, T - L, cfg.late_usam_rho, cfg.rho_warmup)]}
-    trajs = {name: lab.trajectory(ph) for name, ph in t.items()}
-    rows, res = [], {}
-    early = trajs["SAM early only"]
-    pts = early.points(1)
-    back = first_crossing(pts, 0.95)
-    lam_sw = value_at(early.points(), cfg.early_steps)
-    dt = back[0] - cfg.early_steps if back else math.nan
-    ok = back is not None and dt <= 800
-    rows.append({"run": "SAM early only", "switch step": cfg.early_steps,
-                 "λ at switch": fmt(lam_sw), "target": f"λ >= 0.95·2/η = {fmt(0.95 * gd_edge)}",
-                 "steps to reach it": dt,
-                 "final median λ (last 25%)": fmt(window_stats(pts, int(T * 0.75))["lam"]),
-                 "pass": yes_no(ok) + " (<= 800)"})
-    res["T7.early.steps_back"] = dt
-    late = trajs["SAM late"]
-    pts = late.points(1)
-    hit = next(((s, lam, thr) for s, lam, thr, _ in pts if lam <= 1.10 * thr), None)
-    dt = hit[0] - L if hit else math.nan
-    fin = window_stats(pts, int(L + 0.5 * (T - L)))
-    # the edge jumps with |g| at the switch, so also time the fall to 1.10 x the final edge
-    down = first_crossing([(s, -lam, -1.10 * fin["thr"], x) for s, lam, _, x in pts])
-    res["T7.late.steps_to_final_edge"] = down[0] - L if down else math.nan
-    rows.append({"run": "SAM late", "switch step": L,
-                 "λ at switch": fmt(value_at(late.points(), L)),
-                 "target": "λ <= 1.10·edge(|g_t|)",
-                 "steps to reach it": f"{dt} ({res['T7.late.steps_to_final_edge']} to 1.10x "
-                                      "the final median edge)",
-                 "final median λ (last 25%)": f"{fmt(fin['lam'])} (edge {fmt(fin['thr'])})",
-                 "pass": yes_no(hit is not None and dt <= 600) + " (<= 600)"})
-    res["T7.late.steps_to_edge"] = dt
-    loss_sw = trajs["GD throughout"].points(0)[-1][3]  # training loss just before the switch
-    for name, warm in (("USAM late, no warm-up", 0), ("USAM late, rho warm-up", cfg.rho_warmup)):
-        tr = trajs[name]
-        lam_sw = value_at(tr.points(), L)
-        prod = cfg.lr * lam_sw * (1 + cfg.late_usam_rho * lam_sw)
-        # the first steps after the switch again, logging the loss at every step
-        probe = lab.trajectory([Phase("gd", lr, L), Phase("usam", lr, min(50, T - L),
-                                                          cfg.late_usam_rho, warm, log_every=1)])
-        spike = max((r["loss"] for r in probe.records if r["phase"] == 1 and "loss" in r),
-                    default=math.nan)
-        fin = window_stats(tr.points(1), int(L + 0.75 * (T - L)))
-        if tr.diverged_at is not None:
-            outcome = f"diverged at step {tr.diverged_at} ({tr.diverged_at - L} after switch)"
-        else:
-            outcome = (f"no divergence; peak loss in 50 steps {spike:.3g} (before: "
-                       f"{loss_sw:.3g}); final median λ {fmt(fin['lam'])} vs λ* {fmt(fin['thr'])}")
-        if warm:
-            ok, target = tr.diverged_at is None and spike <= 2 * loss_sw, "tamed: peak loss <= 2x"
-        else:
-            ok, target = tr.diverged_at is not None, "diverges"
-        rows.append({"run": name, "switch step": L, "λ at switch": fmt(lam_sw),
-                     "target": f"η λ (1+ρλ) = {fmt(prod, 2)} at switch: {target}",
-                     "steps to reach it": "", "final median λ (last 25%)": outcome,
-                     "pass": yes_no(ok)})
-        res[f"T7.{name}.diverged"] = tr.diverged_at is not None
-        res[f"T7.{name}.peak_loss_ratio"] = spike / loss_sw
-    return rows, res, trajs
-
-
-def _matched(cfg: Config, trajs: dict[str, Trajectory]) -> list[dict]:
-    """λ_max and training loss of every switching run at the same steps (nearest measurement)."""
-    marks = sorted({cfg.early_steps, cfg.late_start, cfg.sam_steps, cfg.steps})
-    rows = []
-    for name, tr in trajs.items():
-        pts = tr.points()
-        row: dict[str, Any] = {"run": name}
-        for m in marks:
-            near = min(pts, key=lambda p: abs(p[0] - m)) if pts else None
-            if near is None or abs(near[0] - m) > cfg.eig_every:
-                row[f"λ / loss @ {m}"] = "-"
-            else:
-                row[f"λ / loss @ {m}"] = f"{fmt(near[1], 2)} / {near[3]:.3g}"
-        rows.append(row)
-    return rows
-
-
-def _minibatch(cfg: Config, lab: Lab) -> tuple[list[dict], dict]:
-    """Minibatch SGD vs SGD+SAM (not gated): λ_max of the full-batch loss vs 2/η."""
-    b, n, lr = cfg.sgd_batch, cfg.sgd_steps, cfg.lr
-    trajs = {f"SGD b={b}": lab.trajectory([Phase("gd", lr, n, batch_size=b)]),
-             f"SGD+SAM b={b} ρ={cfg.switch_rho:g}": lab.trajectory(
-                 [Phase("sam", lr, n, cfg.switch_rho, batch_size=b)])}
-    rows = []
-    for name, tr in trajs.items():
-        st = window_stats([(s, lam, 2 / lr, x) for s, lam, _, x in tr.points()], n // 2)
-        rows.append({"run": name, "median λ_max (2nd half)": fmt(st["lam"]), "2/η": fmt(2 / lr),
-                     "λ / (2/η)": fmt(st["ratio"]), "final loss": fmt(tr.final_loss(), 4)})
-    return rows, trajs
-
-
 @register("eos", Config, help="SAM at the edge of stability: λ_max vs 2/lr, USAM and SAM edges")
 def run(cfg: Config, run: Run) -> dict:
     """Quadratics, quadratic regression model, MLP on digits / MNIST-1D: GD, USAM, SAM at EOS."""
@@ -347,6 +299,7 @@ def run(cfg: Config, run: Run) -> dict:
 
 def _run(cfg: Config, run: Run) -> dict:
     results: dict[str, Any] = {}
+    parts = set(cfg.parts)
     loss_note = ("Loss: ½‖f(x) − onehot(y)‖² summed over the 10 outputs and averaged over "
                  f"examples; {cfg.n_train} standardized training examples, full batch, "
                  f"{cfg.dtype}, tanh MLP {cfg.depth}x{cfg.width} (PyTorch default init, seed "
@@ -355,52 +308,55 @@ def _run(cfg: Config, run: Run) -> dict:
                  "the gradient (ρ g). Window: from the first crossing + "
                  f"{cfg.window_offset} steps to the end of the run.")
 
-    rows, ok = quadratic_table(cfg)
-    results["T1.all_as_predicted"] = ok
-    run.add_section("T1: quadratics", "20-dim rotated quadratics, λ_max set relative to each "
-                    "edge; SAM bounce amplitude ηλρ/(2−ηλ) and the SAM edge at the bounce "
-                    f"({cfg.quad_steps} steps).", table=rows)
+    if "quadratics" in parts:
+        rows, ok = quadratic_table(cfg)
+        results["T1.all_as_predicted"] = ok
+        run.add_section("T1: quadratics", "20-dim rotated quadratics, λ_max set relative to each "
+                        "edge; SAM bounce amplitude ηλρ/(2−ηλ) and the SAM edge at the bounce "
+                        f"({cfg.quad_steps} steps). These restate linear stability on a fixed "
+                        "quadratic (a check of the optimizers and the formulas), not the paper.",
+                        table=rows)
 
-    rows, qtrajs = qrm_table(cfg, run)
-    results["T2.rows"] = len(rows)
-    for r in rows:
-        results[f"T2.{r['run']}"] = r["λ/threshold (median)"]
-    run.add_section("T2: quadratic regression model",
-                    f"D = P = {cfg.qrm_size}, θ0 = 0, L = ‖z‖²/(2D); medians over steps "
-                    f"{cfg.qrm_steps // 2}-{cfg.qrm_steps}. For SAM the pass test is median λ / "
-                    "median edge.", table=rows,
-                    figures=[_fig(run, "qrm_lambda", _hist(qtrajs))])
+    if "qrm" in parts:
+        rows, qtrajs = qrm_table(cfg, run)
+        results["T2.rows"] = len(rows)
+        for r in rows:
+            results[f"T2.{r['run']}"] = r["λ/threshold (median)"]
+        run.add_section("T2: quadratic regression model",
+                        f"D = P = {cfg.qrm_size}, θ0 = 0, L = ‖z‖²/(2D); medians over steps "
+                        f"{cfg.qrm_steps // 2}-{cfg.qrm_steps}. For SAM the pass test is median "
+                        "λ / median edge.", table=rows,
+                        figures=[_fig(run, "qrm_lambda", _hist(qtrajs))])
 
     lab = _mlp_lab(cfg, run, "digits")
-    main, res = _mlp_main(cfg, run, lab, "digits")
-    results.update(res)
-    trajs = main["trajs"]
-    gf_text, gap = _gf_collapse(trajs)
-    results["T3.gf_time_gap"] = gap
-    gd = {k: v for k, v in trajs.items() if k.startswith("GD")}
-    run.add_section("T3-T5: MLP on digits, plateaus", loss_note + " " + "Progressive "
-                    f"sharpening in gradient-flow time: {gf_text}.", table=main["rows"],
-                    figures=[_fig(run, "digits_lambda", _hist(trajs)),
-                             _fig(run, "digits_lambda_gf_time", _hist(gd), x="gf_time"),
-                             _fig(run, "digits_loss", _hist(trajs), kind="loss")])
-    run.add_section("T6: regularization far from the minimum",
-                    "First step with λ_max >= 0.95·threshold, the training loss there, and the "
-                    "GD run (same η) at that step. Pass: loss >= 3x final and GD still below "
-                    "0.95·2/η and rising.", table=main["t6"])
+    if "digits" in parts:
+        main, res = _mlp_main(cfg, run, lab, "digits")
+        results.update(res)
+        trajs = main["trajs"]
+        gf_text, gap = _gf_collapse(trajs)
+        results["T3.gf_time_gap"] = gap
+        gd = {k: v for k, v in trajs.items() if k.startswith("GD")}
+        run.add_section("T3-T5: MLP on digits, plateaus", loss_note + " " + "Progressive "
+                        f"sharpening in gradient-flow time: {gf_text}.", table=main["rows"],
+                        figures=[_fig(run, "digits_lambda", _hist(trajs)),
+                                 _fig(run, "digits_lambda_gf_time", _hist(gd), x="gf_time"),
+                                 _fig(run, "digits_loss", _hist(trajs), kind="loss")])
+        run.add_section("T6: regularization far from the minimum", T6_TEXT, table=main["t6"])
 
-    rows, res, strajs = _switching(cfg, lab)
-    results.update(res)
-    run.add_section("T7: switching SAM on and off",
-                    f"η = {cfg.lr}, SAM ρ = {cfg.switch_rho}, USAM ρ = {cfg.late_usam_rho} "
-                    f"(rho warm-up: linear over {cfg.rho_warmup} steps). In full batch the "
-                    "optimizer active at the end sets the final λ_max.", table=rows,
-                    figures=[_fig(run, "switching_lambda", _hist(strajs)),
-                             _fig(run, "switching_loss", _hist(strajs), kind="loss")])
-    run.add_section("T7: matched points", "λ_max / training loss of each switching run at the "
-                    "same steps (nearest measurement; '-' where the run is shorter or diverged).",
-                    table=_matched(cfg, strajs))
+    if "switching" in parts:
+        rows, res, strajs = switching(cfg, lab)
+        results.update(res)
+        run.add_section("T7: switching SAM on and off",
+                        f"η = {cfg.lr}, SAM ρ = {cfg.switch_rho}, USAM ρ = {cfg.late_usam_rho} "
+                        f"(rho warm-up: linear over {cfg.rho_warmup} steps). In full batch the "
+                        "optimizer active at the end sets the final λ_max.", table=rows,
+                        figures=[_fig(run, "switching_lambda", _hist(strajs)),
+                                 _fig(run, "switching_loss", _hist(strajs), kind="loss")])
+        run.add_section("T7: matched points", "λ_max / training loss of each switching run at "
+                        "the same steps (nearest measurement; '-' where the run is shorter or "
+                        "diverged).", table=matched(cfg, strajs))
 
-    if cfg.mnist1d:
+    if "mnist1d" in parts:
         mcfg = cfg.model_copy(update={"gd_lrs": [cfg.lr], "usam_rhos": cfg.usam_rhos[-1:],
                                       "sam_rhos": cfg.sam_rhos[-1:], "steps": cfg.mnist1d_steps,
                                       "sam_steps": cfg.mnist1d_steps, "late_start": 10**9})
@@ -409,8 +365,40 @@ def _run(cfg: Config, run: Run) -> dict:
         run.add_section("MNIST-1D (same protocol, not gated)", loss_note, table=m1["rows"],
                         figures=[_fig(run, "mnist1d_lambda", _hist(m1["trajs"]))])
 
-    rows, mtrajs = _minibatch(cfg, lab)
-    run.add_section("Minibatch SGD vs SGD+SAM (not gated)",
-                    "λ_max of the full-batch loss; with noise it settles below 2/η.", table=rows,
-                    figures=[_fig(run, "minibatch_lambda", _hist(mtrajs))])
+    if "networks" in parts:
+        rows, verdicts, res, ntrajs = minibatch_study(cfg, run)
+        results.update(res)
+        run.add_section("Minibatch SGD vs SGD+SAM: per seed",
+                        f"Batch {cfg.sgd_batch}, η = {cfg.lr}, SAM ρ = {cfg.switch_rho}, "
+                        f"{cfg.sgd_steps} steps, {cfg.net_seeds} paired seeds (init and batch "
+                        "order); medians over the second half; λ_max of the full-batch loss; "
+                        "edge(‖g‖) from the full-batch gradient norm, edge(E‖g_B‖) from the mean "
+                        f"norm of {cfg.grad_batches} minibatches at the same iterate.", table=rows,
+                        figures=[_fig(run, "minibatch_lambda", _hist(ntrajs))])
+        run.add_section("Minibatch SGD vs SGD+SAM: verdicts", "95% t intervals over seeds "
+                        "(flatlab.report.stats); on the edge = the interval of the mean ratio "
+                        "inside [0.90, 1.10].", table=verdicts)
+
+    if "qrm_sweep" in parts:
+        rows, summary, res = qrm_sweep(cfg, run)
+        results.update(res)
+        run.add_section("T2 diagnosis: QRM rho sweep", f"{cfg.qrm_seeds} QRM draws, "
+                        f"{cfg.qrm_sweep_steps} steps; λ/λ* medians: the T2 protocol (Lanczos "
+                        f"every {cfg.qrm_eig_every} steps, steps {cfg.qrm_steps // 2}-"
+                        f"{cfg.qrm_steps}), the exact λ at every step over the same window, its "
+                        "even and odd steps, and the long window. Mean [95% t CI] over draws.",
+                        table=summary)
+        run.add_section("T2 diagnosis: per draw", "", table=rows)
+
+    if "late_usam" in parts:
+        rows, res = late_usam_probe(cfg, lab)
+        results.update(res)
+        more, res = late_usam_seeds(cfg, lambda seed: _mlp_lab(
+            cfg.model_copy(update={"seed": seed}), run, f"digits-s{seed}"))
+        results.update(res)
+        run.add_section("T7 diagnosis: late USAM", f"GD for {cfg.late_start} steps, then "
+                        f"USAM without warm-up for {cfg.late_probe_steps} steps, loss logged "
+                        f"every step (λ every step at ρ = {cfg.late_usam_rho} on seed "
+                        f"{cfg.seed}); other seeds change the initialization and data split.",
+                        table=rows + more)
     return {k: (fmt(v, 4) if isinstance(v, float) else v) for k, v in results.items()}
