@@ -96,23 +96,51 @@ def test_config_layers_file_then_quick_then_set(tmp_path) -> None:
         resolve_config("demo", overrides=["a.b=1"])
 
 
-def test_report_and_compare_commands(capsys, tmp_path) -> None:
+def _two_runs(tmp_path: Path, tags: tuple[str, ...] = ("sgd",)) -> list[str]:
     from flatlab.train import Run
 
     dirs = []
     for i in range(2):
-        run = Run.create(tmp_path, f"r{i}", {"i": i})
-        for step in range(1, 4):
-            run.log(tag="sgd", step=step, loss=1.0 / (step + i), val_acc=0.5 + 0.1 * step)
+        run = Run.create(tmp_path, "demo", {"i": i, "lr": 0.5, "quick": i == 1})
+        for tag in tags:
+            for step in range(1, 4):
+                run.log(tag=tag, step=step, loss=1.0 / (step + i), val_acc=0.5 + 0.1 * step,
+                        lambda_max=1.0 + step, edge_gd=4.0)
         run.mark_done({"val_acc": 0.8})
         dirs.append(str(run.path))
+    return dirs
+
+
+def test_report_and_compare_commands(capsys, tmp_path) -> None:
+    dirs = _two_runs(tmp_path)
     code, out, _ = _cli(capsys, "report", dirs[0])
     assert code == 0 and "report.html" in out
     assert (Path(dirs[0]) / "report.html").is_file()
-    code, out, _ = _cli(capsys, "compare", *dirs, "--out", str(tmp_path / "cmp"))
-    assert code == 0
-    assert "val_acc" in out.splitlines()[0] and Path(dirs[1]).name in out
+    code, out, err = _cli(capsys, "compare", *dirs, "--out", str(tmp_path / "cmp"))
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    names = [Path(d).name for d in dirs]
+    assert lines[0].startswith(f"note: {names[1]}: Quick preview (--quick)")
+    settings = lines[lines.index("") + 1:]
+    assert settings[0].split() == ["setting", *names]
+    assert [ln.split() for ln in settings[2:4]] == [["i", "0", "1"], ["quick", "False", "True"]]
+    metrics = next(i for i, ln in enumerate(lines) if ln.startswith("run "))
+    assert "val_acc" in lines[metrics] and names[1] in lines[metrics + 3]
+    assert lines[-1] == f"comparison: {tmp_path / 'cmp' / 'compare.html'}"
     assert (tmp_path / "cmp" / "compare.html").is_file()
+
+
+@pytest.mark.skipif(FLATLAB is None, reason="the flatlab console script is not installed")
+def test_console_compare_writes_nothing_on_stderr(tmp_path) -> None:
+    """Through the real console script (matplotlib warnings would reach stderr)."""
+    # 20 phases: the legend that used to sit in the axes made tight_layout warn
+    dirs = _two_runs(tmp_path, tags=tuple(f"phase{i}" for i in range(20)))
+    proc = subprocess.run([FLATLAB, "compare", *dirs, "--out", str(tmp_path / "cmp")],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "always"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert "phase19" in proc.stdout
 
 
 def test_tensorboard_flag_gives_a_clear_message_when_missing(capsys, tmp_path) -> None:
@@ -156,3 +184,23 @@ def test_readme_quickstart_demo_quick_names_every_optimizer(tmp_path) -> None:
 def test_example_config_files_resolve(path: Path) -> None:
     cfg = resolve_config("demo", config_file=path)
     assert cfg.lr == 0.5 and "sgd" in cfg.optimizers
+
+
+def test_readme_quickstart_code_warns_nothing(tmp_path, monkeypatch) -> None:
+    """The README's python blocks, run as a user would: no warning at all, in particular not
+    "Converting a tensor with requires_grad=True to a scalar" (``step`` returns a detached
+    loss, so ``float(opt.step(closure))`` is quiet)."""
+    import re
+    import warnings
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = re.findall(r"^```python[ \t]*\n(.*?)^```", readme, re.S | re.M)
+    assert blocks and "float(opt.step(closure))" in blocks[0]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__readme__"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for code in blocks:
+            exec(compile(code, "README.md", "exec"), namespace)
+    assert [str(w.message) for w in caught] == []
+    assert namespace["loss"].grad_fn is None and not namespace["loss"].requires_grad

@@ -8,7 +8,7 @@ Commands::
     flatlab run NAME --help        # the experiment's settings: key, type, default, meaning
     flatlab list                   # registered experiments
     flatlab report RUN_DIR         # (re)write report.html / report.md
-    flatlab compare RUN_DIR...     # overlayed curves + final-metrics table
+    flatlab compare RUN_DIR...     # differing settings, final metrics, overlayed curves
     flatlab demo [--quick]         # the README's main command
     flatlab measure CHECKPOINT|RUN_DIR --data mod:fn [--model mod:fn]
                     [--what eig,trace,density,sharpness] [--tag T]   # curvature of a model
@@ -145,15 +145,17 @@ def compare(
     run_dirs: list[Path] = typer.Argument(..., help="run folders"),
     out: Path | None = typer.Option(None, "--out", help="output folder"),
 ) -> None:
-    """Overlay the curves of several runs and print a table of their final metrics."""
-    from flatlab.report import compare_runs, experiment_summaries, format_table
+    """Overlay the curves of several runs; print their differing settings and final metrics."""
+    from flatlab.report import QUICK_BANNER, compare_runs, format_table
 
-    rows, out_dir = compare_runs(run_dirs, out)
-    typer.echo(format_table(rows))
-    summaries = experiment_summaries(run_dirs)
-    if summaries:
-        typer.echo("\n" + format_table(summaries))
-    typer.echo(f"comparison: {out_dir / 'compare.html'}")
+    result = compare_runs(run_dirs, out)
+    if result.quick:
+        typer.echo(f"note: {', '.join(result.quick)}: {QUICK_BANNER}\n")
+    typer.echo(format_table(result.settings) or "The runs have the same settings.")
+    typer.echo("\n" + format_table(result.rows))
+    if result.summaries:
+        typer.echo("\n" + format_table(result.summaries))
+    typer.echo(f"comparison: {result.html_path}")
 
 
 @app.command()

@@ -2,24 +2,67 @@
 
 Every function takes plain Python data (metric records as written to ``metrics.jsonl``, or
 dicts of numbers), draws with matplotlib's non-interactive Agg backend and returns the
-``Figure`` (save it with ``Run.savefig``). Curves are keyed by a label (one line per optimizer
-/ run); a record contributes a point when it holds the metric and it is finite.
+``Figure`` (save it with ``Run.savefig``). A record contributes a point when it holds the
+metric and it is finite.
+
+Curves are keyed by a label: a string (one colour per label), or a pair ``(colour group,
+style group)`` such as ``(phase, run)``, so that three optimizers in two runs are drawn as three
+colours times two line styles with a legend of five entries, not six (``flatlab compare``).
+
+Every figure keeps to three rules of readability:
+
+* legends sit outside the axes, below them (``loc="outside lower center"``), never on the data;
+* a curve whose largest value exceeds ``CLIP_FACTOR`` (1000) times the lower median of the
+  curves' largest values (USAM's λ_max at 4.8e13 next to curves near 2) is *diverged*: it is
+  drawn clipped at the edge of the axes and marked ▲ (▼ below zero), so it does not flatten the
+  others; a curve that stops at a non-finite value is marked ✕ at its last finite point.
+  :func:`caption` names these runs; ``Run.savefig`` stores the caption in the PNG (its
+  ``Description`` text) and the report prints it under the figure;
+* a ``loss`` panel uses a log axis only when its values are positive and span more than a
+  decade (one decade on a log axis has unreadable tick labels).
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
-__all__ = ["bars", "curves", "domain_bars", "eigenvalue_plot", "series"]
+__all__ = ["CLIP_FACTOR", "Clipped", "bars", "caption", "clipped", "curves", "domain_bars",
+           "eigenvalue_plot", "series"]
 
 Records = Sequence[Mapping[str, Any]]
+Label = str | tuple[str, str]
+
+CLIP_FACTOR = 1e3
+_STYLES = (("-", None), ("--", None), (":", None), ("-.", None),
+           ("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_GRAY = "#555555"
+_EDGES = (
+    ("edge_gd", "2/lr", "--"), ("edge_usam", "USAM edge", ":"), ("edge_sam", "SAM edge", "-."),
+)
+_CLIPPED: weakref.WeakKeyDictionary[plt.Figure, list[Clipped]] = weakref.WeakKeyDictionary()
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _nonfinite(v: Any) -> bool:
+    """A logged value that stands for a non-finite number (``metrics.jsonl`` writes "nan")."""
+    if isinstance(v, str):
+        return v.strip().lower() in {"nan", "inf", "-inf", "+inf", "infinity", "-infinity"}
+    return isinstance(v, float) and not math.isfinite(v)
 
 
 def series(records: Records, key: str, x: str = "step") -> tuple[list[float], list[float]]:
@@ -27,16 +70,200 @@ def series(records: Records, key: str, x: str = "step") -> tuple[list[float], li
     xs, ys = [], []
     for rec in records:
         v, s = rec.get(key), rec.get(x)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (
-            isinstance(s, (int, float))
-        ):
+        if _number(v) and math.isfinite(v) and _number(s):
             xs.append(float(s))
             ys.append(float(v))
     return xs, ys
 
 
+def _nonfinite_at(records: Records, key: str, x: str) -> float | None:
+    """The ``x`` of the first record whose ``key`` is non-finite (None if there is none)."""
+    for rec in records:
+        if _nonfinite(rec.get(key)) and _number(rec.get(x)):
+            return float(rec[x])
+    return None
+
+
+@dataclass(frozen=True)
+class Clipped:
+    """A curve (or bar) drawn clipped at the edge of the axes, or cut short by a non-finite value.
+
+    Attributes:
+        name: the run's label as the caption shows it.
+        key: the metric (``"lambda_max"``, ``"loss"``, a bar chart's y label).
+        peak: the largest absolute value logged (NaN if none was finite).
+        peak_at: the ``x`` of that value (None for bars).
+        nonfinite_at: the ``x`` of the first non-finite value (None if all were finite).
+        x: the name of the x axis (``"step"``).
+    """
+
+    name: str
+    key: str
+    peak: float
+    peak_at: float | None = None
+    nonfinite_at: float | None = None
+    x: str = "step"
+
+    def describe(self) -> str:
+        parts = []
+        if math.isfinite(self.peak):
+            where = f" at {self.x} {self.peak_at:g}" if self.peak_at is not None else ""
+            parts.append(f"{self.key} reached {self.peak:.3g}{where}")
+        if self.nonfinite_at is not None:
+            parts.append(f"{self.key} non-finite from {self.x} {self.nonfinite_at:g}")
+        return "; ".join(parts)
+
+
+def clipped(fig: plt.Figure) -> list[Clipped]:
+    """The diverged curves of a figure drawn by this module (empty when there are none)."""
+    return list(_CLIPPED.get(fig, []))
+
+
+def caption(fig: plt.Figure) -> str:
+    """One sentence naming the diverged runs of ``fig`` ("" when every curve is on scale)."""
+    items = clipped(fig)
+    if not items:
+        return ""
+    by_name: dict[str, list[str]] = {}
+    for c in items:
+        by_name.setdefault(c.name, []).append(c.describe())
+    runs = "; ".join(f"{name} ({', '.join(d)})" for name, d in by_name.items())
+    return (f"Diverged: {runs}. Values more than {CLIP_FACTOR:g}x the other curves' scale are "
+            "drawn clipped at the edge of the axes (▲/▼); ✕ marks the last finite value.")
+
+
+def _remember(fig: plt.Figure, items: list[Clipped]) -> None:
+    if items:
+        _CLIPPED[fig] = items
+        fig.flatlab_caption = caption(fig)  # read by Run.savefig (train must not import report)
+
+
+# ---------------------------------------------------------------------------- drawing helpers
+def _name(label: Label) -> str:
+    return label if isinstance(label, str) else " · ".join(label)
+
+
+@dataclass
+class _Palette:
+    """Colour (and style) per label: by the label, or by each half of ``(colour, style)``."""
+
+    labels: Sequence[Label]
+    colors: dict[str, str] = field(default_factory=dict)
+    styles: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        firsts = list(dict.fromkeys(lab if isinstance(lab, str) else lab[0] for lab in self.labels))
+        cmap = plt.get_cmap("tab10" if len(firsts) <= 10 else "tab20")
+        self.colors = {f: matplotlib.colors.to_hex(cmap(i % cmap.N)) for i, f in enumerate(firsts)}
+        seconds = [lab[1] for lab in self.labels if not isinstance(lab, str)]
+        self.styles = {s: i for i, s in enumerate(dict.fromkeys(seconds))}
+
+    def color(self, label: Label) -> str:
+        return self.colors[label if isinstance(label, str) else label[0]]
+
+    def style(self, label: Label) -> int | None:
+        """Index of the label's style group (None for a plain string label)."""
+        return None if isinstance(label, str) else self.styles[label[1]]
+
+    def entries(self, style_handle: Any) -> list[tuple[Any, str]]:
+        """Legend entries: one per colour group, then one per style group."""
+        out: list[tuple[Any, str]] = [(Line2D([], [], color=c, lw=2), f) for f, c in
+                                      self.colors.items()]
+        out += [(style_handle(i), s) for s, i in self.styles.items()]
+        return out
+
+
+@dataclass
+class _Line:
+    name: str
+    key: str
+    xs: list[float]
+    ys: list[float]
+    nonfinite_at: float | None
+    style: dict[str, Any]
+
+
+def _clip_limit(peaks: Sequence[float]) -> float | None:
+    """The largest peak on scale, when some peak is more than CLIP_FACTOR above the rest.
+
+    The scale is the lower median of the curves' peaks, so a diverged minority (never a
+    majority) is clipped.
+    """
+    peaks = sorted(p for p in peaks if math.isfinite(p))
+    if len(peaks) < 2:
+        return None
+    ref = peaks[(len(peaks) - 1) // 2]
+    if ref <= 0 or peaks[-1] <= CLIP_FACTOR * ref:
+        return None
+    return max(p for p in peaks if p <= CLIP_FACTOR * ref)
+
+
+def _draw(ax: plt.Axes, lines: Sequence[_Line], x: str) -> list[Clipped]:
+    """Plot ``lines`` on ``ax``, clipping diverged ones; return what was clipped or cut."""
+    limit = _clip_limit([max(abs(y) for y in ln.ys) for ln in lines if ln.ys])
+    out = []
+    for ln in lines:
+        if not ln.xs:
+            continue
+        peak_i = max(range(len(ln.ys)), key=lambda i: abs(ln.ys[i]))
+        over = limit is not None and abs(ln.ys[peak_i]) > limit
+        ys = [max(-limit, min(limit, y)) for y in ln.ys] if over else ln.ys
+        ax.plot(ln.xs, ys, **ln.style)
+        color = ln.style.get("color")
+        if over:
+            for sign, marker in ((1, "^"), (-1, "v")):
+                pts = [(px, py) for px, py, y0 in zip(ln.xs, ys, ln.ys) if sign * y0 > limit]
+                if pts:
+                    ax.plot(*zip(*pts), ls="none", marker=marker, ms=7, color=color,
+                            markeredgecolor="black", clip_on=False, zorder=5)
+        if ln.nonfinite_at is not None:
+            last = [i for i, px in enumerate(ln.xs) if px < ln.nonfinite_at]
+            if last:
+                ax.plot([ln.xs[last[-1]]], [ys[last[-1]]], ls="none", marker="X", ms=8,
+                        color=color, markeredgecolor="black", zorder=5)
+        if over or ln.nonfinite_at is not None:
+            out.append(Clipped(ln.name, ln.key, abs(ln.ys[peak_i]) if over else math.nan,
+                               ln.xs[peak_i] if over else None, ln.nonfinite_at, x))
+    return out
+
+
+def _marker_entries(items: Sequence[Clipped]) -> list[tuple[Any, str]]:
+    out = []
+    if any(math.isfinite(c.peak) for c in items):
+        out.append((Line2D([], [], ls="none", marker="^", ms=7, color="white",
+                           markeredgecolor="black"), "clipped (diverged)"))
+    if any(c.nonfinite_at is not None for c in items):
+        out.append((Line2D([], [], ls="none", marker="X", ms=7, color="white",
+                           markeredgecolor="black"), "last finite value"))
+    return out
+
+
+def _legend(fig: plt.Figure, entries: Sequence[tuple[Any, str]]) -> None:
+    """One legend for the figure, below the axes, in as many columns as its width allows.
+
+    The figure grows by the legend's height, so the axes keep their size; the legend lists each
+    colour group and each style group once (:class:`_Palette`), not every pair.
+    """
+    if not entries:
+        return
+    width, height = fig.get_size_inches()
+    lengths = sorted(len(label) for _, label in entries)
+    typical = lengths[(3 * len(lengths)) // 4]  # a few long labels may widen the figure
+    ncols = max(1, min(len(entries), int(width / (0.6 + 0.075 * typical))))
+    rows = math.ceil(len(entries) / ncols)
+    fig.set_size_inches(width, height + 0.2 * rows + 0.15)
+    handles, labels = zip(*entries)
+    fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize=8,
+               frameon=False)
+
+
+def _log_axis(values: Sequence[float]) -> bool:
+    return bool(values) and min(values) > 0 and max(values) > 10 * min(values)
+
+
+# ---------------------------------------------------------------------------- figures
 def curves(
-    histories: Mapping[str, Records],
+    histories: Mapping[Label, Records],
     keys: str | Sequence[str],
     *,
     x: str = "step",
@@ -45,82 +272,163 @@ def curves(
 ) -> plt.Figure:
     """One panel per metric in ``keys``, one line per label of ``histories``.
 
-    ``logy=None`` uses a log scale for keys containing "loss" when all values are positive.
+    ``logy=None`` uses a log scale for keys containing "loss" when all drawn values are
+    positive and span more than a decade. Pair labels ``(colour group, style group)`` share a
+    colour per first element and a line style per second.
     """
     keys = [keys] if isinstance(keys, str) else list(keys)
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.8 * len(keys), 3.4), squeeze=False,
+                             layout="constrained")
+    palette = _Palette(list(histories))
+    cut: list[Clipped] = []
     for ax, key in zip(axes[0], keys):
-        drawn = False
-        all_pos = True
+        lines = []
         for label, records in histories.items():
             xs, ys = series(records, key, x)
-            if xs:
-                ax.plot(xs, ys, label=label, lw=1.4, marker="." if len(xs) < 30 else None)
-                drawn = True
-                all_pos = all_pos and min(ys) > 0
-        use_log = ("loss" in key and all_pos) if logy is None else logy
-        if drawn and use_log:
+            style: dict[str, Any] = {"color": palette.color(label), "lw": 1.4,
+                                     "label": _name(label)}
+            group = palette.style(label)
+            if group is None:
+                style["marker"] = "." if len(xs) < 30 else None
+            else:
+                style["ls"], style["marker"] = _STYLES[group % len(_STYLES)]
+                style["ms"] = 3
+            lines.append(_Line(_name(label), key, xs, ys, _nonfinite_at(records, key, x), style))
+        cut += _draw(ax, lines, x)
+        drawn = [y for line in ax.lines for y in line.get_ydata()]
+        if drawn and (("loss" in key and _log_axis(drawn)) if logy is None else logy):
             ax.set_yscale("log")
         ax.set_xlabel(x)
         ax.set_ylabel(key)
         ax.set_title(key if title is None else f"{title}: {key}")
         ax.grid(alpha=0.3)
-        if drawn:
-            ax.legend(fontsize=8)
-        else:
+        if not drawn:
             ax.text(0.5, 0.5, f"no '{key}' logged", ha="center", va="center",
                     transform=ax.transAxes)
-    fig.tight_layout()
+    if any(series(r, k, x)[0] for r in histories.values() for k in keys):
+        _legend(fig, palette.entries(lambda i: Line2D([], [], color="black", lw=1.4,
+                                                      ls=_STYLES[i % len(_STYLES)][0],
+                                                      marker=_STYLES[i % len(_STYLES)][1]))
+                + _marker_entries(cut))
+    _remember(fig, cut)
     return fig
 
 
-_EDGES = (
-    ("edge_gd", "2/lr", "--"), ("edge_usam", "USAM edge", ":"), ("edge_sam", "SAM edge", "-."),
-)
+def _shared_edges(edges: Sequence[_Line]) -> tuple[list[_Line], list[_Line]]:
+    """Split edge lines into those of one run and constant ones several runs share (drawn once,
+    grey, across the union of their steps)."""
+    groups: dict[tuple[str, float], list[_Line]] = {}
+    for ln in edges:
+        if ln.ys and max(ln.ys) - min(ln.ys) <= 1e-12 * max(1.0, abs(ln.ys[0])):
+            groups.setdefault((ln.key, round(ln.ys[0], 12)), []).append(ln)
+    own, shared = list(edges), []
+    for (_, value), members in groups.items():
+        if len(members) < 2:
+            continue
+        own = [ln for ln in own if all(ln is not m for m in members)]
+        lo, hi = min(m.xs[0] for m in members), max(m.xs[-1] for m in members)
+        style = {**members[0].style, "color": _GRAY,
+                 "label": f"{', '.join(m.name for m in members)}: {members[0].style['label']}"}
+        shared.append(_Line(", ".join(m.name for m in members), members[0].key, [lo, hi],
+                            [value, value], None, style))
+    return own, shared
 
 
-def eigenvalue_plot(histories: Mapping[str, Records], *, x: str = "step") -> plt.Figure:
-    """``lambda_max`` per label against its edges of stability (2/lr, USAM, SAM; same colour)."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    drawn = False
-    for i, (label, records) in enumerate(histories.items()):
-        color = colors[i % len(colors)]
+def eigenvalue_plot(histories: Mapping[Label, Records], *, x: str = "step") -> plt.Figure:
+    """``lambda_max`` per label against its edges of stability (2/lr, USAM, SAM).
+
+    A label's edges share its colour and differ by line style; a constant edge that several
+    labels share (the same 2/lr) is drawn once, in grey. With pair labels the colour follows
+    the first element and the marker the second.
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
+    palette = _Palette(list(histories))
+    lams, edges, present = [], [], []
+    for label, records in histories.items():
         xs, ys = series(records, "lambda_max", x)
         if not xs:
             continue
-        drawn = True
-        ax.plot(xs, ys, color=color, lw=1.6, marker="o", ms=3, label=f"{label}: λ_max")
-        for key, name, style in _EDGES:
+        name, color = _name(label), palette.color(label)
+        group = palette.style(label)
+        marker = "o" if group is None else _MARKERS[group % len(_MARKERS)]
+        lams.append(_Line(name, "lambda_max", xs, ys, _nonfinite_at(records, "lambda_max", x),
+                          {"color": color, "lw": 1.6, "marker": marker, "ms": 3,
+                           "label": f"{name}: λ_max"}))
+        for key, qname, style in _EDGES:
             ex, ey = series(records, key, x)
             if ex:
-                ax.plot(ex, ey, color=color, ls=style, lw=1.0, alpha=0.8, label=f"{label}: {name}")
+                present.append(key)
+                edges.append(_Line(name, key, ex, ey, None, {
+                    "color": color, "ls": style, "lw": 1.0, "alpha": 0.8,
+                    "label": f"{name}: {qname}"}))
+    ordered = []
+    for lam in lams:  # each label's λ_max, then its own edges
+        ordered += [lam] + [e for e in edges if e.name == lam.name]
+    own, shared = _shared_edges(edges)
+    ordered = [ln for ln in ordered if ln.key == "lambda_max" or any(ln is o for o in own)]
+    cut = _draw(ax, ordered + shared, x)
     ax.set_xlabel(x)
     ax.set_ylabel("top Hessian eigenvalue")
     ax.set_title("Top eigenvalue vs edge of stability")
     ax.grid(alpha=0.3)
-    if drawn:
-        ax.legend(fontsize=7, ncol=2)
+    if lams:
+        entries = palette.entries(lambda i: Line2D([], [], ls="none", color=_GRAY,
+                                                   marker=_MARKERS[i % len(_MARKERS)]))
+        if len(palette.styles) == 0:  # plain labels: the colour entries carry λ_max's marker
+            entries = [(Line2D([], [], color=h.get_color(), lw=1.6, marker="o", ms=3), t)
+                       for h, t in entries]
+        entries.append((Line2D([], [], color=_GRAY, lw=1.6), "λ_max"))
+        entries += [(Line2D([], [], color=_GRAY, ls=style, lw=1.0), qname)
+                    for key, qname, style in _EDGES if key in present]
+        if shared:
+            entries.append((Patch(color=_GRAY), "grey: edge of several runs"))
+        _legend(fig, entries + _marker_entries(cut))
     else:
         ax.text(0.5, 0.5, "no eigenvalues logged", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
+    _remember(fig, cut)
     return fig
 
 
+def _bar_labels(ax: plt.Axes, labels: Sequence[str]) -> None:
+    """Tick labels that do not run into each other: rotated when they are long."""
+    longest = max(map(len, labels), default=0)
+    if longest > 9 or sum(map(len, labels)) > 6 * max(len(labels), 1):
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", rotation_mode="anchor")
+    else:
+        ax.set_xticks(range(len(labels)), labels)
+
+
 def bars(values: Mapping[str, float], *, ylabel: str, title: str = "") -> plt.Figure:
-    """One bar per label (e.g. sharpness per optimizer), each annotated with its value."""
-    fig, ax = plt.subplots(figsize=(max(3.5, 1.1 * len(values) + 1.5), 3.6))
+    """One bar per label (e.g. sharpness per optimizer), each annotated with its value.
+
+    A non-finite value is an empty slot marked "n/a"; a bar more than ``CLIP_FACTOR`` above the
+    others' scale is clipped (hatched, ▲) and named by :func:`caption`.
+    """
     labels = list(values)
     heights = [float(values[k]) for k in labels]
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    rects = ax.bar(labels, heights, color=[colors[i % len(colors)] for i in range(len(labels))])
-    for r, h in zip(rects, heights):
-        ax.annotate(f"{h:.3g}", (r.get_x() + r.get_width() / 2, h), ha="center", va="bottom",
-                    fontsize=8)
+    fig, ax = plt.subplots(figsize=(max(3.5, 0.9 * len(values) + 1.5), 3.4), layout="constrained")
+    limit = _clip_limit([abs(h) for h in heights])
+    colors = _Palette(labels)
+    shown = [h if not (limit and abs(h) > limit) else math.copysign(limit, h) for h in heights]
+    rects = ax.bar(range(len(labels)), [h if math.isfinite(h) else 0.0 for h in shown],
+                   color=[colors.color(k) for k in labels])
+    cut = []
+    for r, h, s, label in zip(rects, heights, shown, labels):
+        text = f"{h:.3g}" if math.isfinite(h) else "n/a"
+        if math.isfinite(h) and s != h:
+            r.set_hatch("//")
+            text += " ▲" if h > 0 else " ▼"
+            cut.append(Clipped(label, ylabel, abs(h)))
+        y = s if math.isfinite(s) else 0.0
+        ax.annotate(text, (r.get_x() + r.get_width() / 2, y), ha="center",
+                    va="bottom" if y >= 0 else "top", fontsize=8,
+                    xytext=(0, 2 if y >= 0 else -2), textcoords="offset points")
+    _bar_labels(ax, labels)
+    ax.margins(y=0.12)
     ax.set_ylabel(ylabel)
     ax.set_title(title or ylabel)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
+    _remember(fig, cut)
     return fig
 
 
@@ -133,17 +441,17 @@ def domain_bars(
     for per in values.values():
         domains.extend(d for d in per if d not in domains)
     width = 0.8 / max(len(labels), 1)
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.0 * len(domains) * max(len(labels), 1) * 0.5 + 2),
-                                    3.8))
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.5 * len(domains) * max(len(labels), 1) + 2), 3.6),
+                           layout="constrained")
+    palette = _Palette(labels)
     for i, label in enumerate(labels):
         xs = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(domains))]
-        ax.bar(xs, [float(values[label].get(d, math.nan)) for d in domains], width, label=label)
-    ax.set_xticks(range(len(domains)))
-    ax.set_xticklabels(domains)
+        ax.bar(xs, [float(values[label].get(d, math.nan)) for d in domains], width,
+               label=label, color=palette.color(label))
+    _bar_labels(ax, domains)
     ax.set_xlabel("domain")
     ax.set_ylabel(ylabel)
     ax.set_title(title or f"{ylabel} per domain")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    _legend(fig, [(Patch(color=palette.color(k)), k) for k in labels])
     return fig

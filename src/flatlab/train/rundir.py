@@ -61,6 +61,16 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def save_png(fig: Any, path: Path) -> None:
+    """Save a matplotlib figure as a 150 dpi PNG with its caption (if any), then close it."""
+    import matplotlib.pyplot as plt
+
+    caption = getattr(fig, "flatlab_caption", "")
+    fig.savefig(path, dpi=150, bbox_inches="tight",
+                metadata={"Description": caption} if caption else None)
+    plt.close(fig)
+
+
 def read_config_json(path: str | Path) -> dict[str, Any]:
     """The parsed ``config.json`` of run folder ``path``.
 
@@ -114,10 +124,9 @@ class Run:
         tensorboard: a ``SummaryWriter`` when TensorBoard logging was asked for, else None.
     """
 
-    def __init__(self, path: Path, config: dict[str, Any], *, resumed: bool = False) -> None:
+    def __init__(self, path: Path, config: dict[str, Any]) -> None:
         self.path = Path(path).resolve()
         self.config = config
-        self.resumed = resumed
         self.tensorboard: Any = None
         self.plots_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +158,7 @@ class Run:
     def open(cls, path: str | Path, *, resume: bool = False) -> Run:
         """Open an existing run folder; ``resume=True`` prepares it to continue training."""
         path = Path(path)
-        run = cls(path, read_config_json(path)["config"], resumed=resume)
+        run = cls(path, read_config_json(path)["config"])
         if resume:
             run._truncate_to_newest_checkpoint()
             (path / "done").unlink(missing_ok=True)
@@ -237,12 +246,14 @@ class Run:
 
     # ------------------------------------------------------------------ plots and report
     def savefig(self, fig: Any, name: str) -> Path:
-        """Save a matplotlib figure as ``plots/<name>.png`` (150 dpi) and close it."""
-        import matplotlib.pyplot as plt
+        """Save a matplotlib figure as ``plots/<name>.png`` (150 dpi) and close it.
 
+        A figure's caption (``fig.flatlab_caption``, set by :mod:`flatlab.report.plots` when it
+        clipped a diverged curve) is stored as the PNG's ``Description`` text; the report
+        prints it under the figure.
+        """
         path = self.plots_dir / (name if name.endswith(".png") else f"{name}.png")
-        fig.savefig(path, dpi=150, bbox_inches="tight")
-        plt.close(fig)
+        save_png(fig, path)
         return path
 
     def add_section(
