@@ -529,3 +529,26 @@ def test_gradients_present_when_the_optimizer_is_built_are_stale_not_carried():
         finals.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*finals):
         assert torch.equal(a, b)
+
+
+def test_gradients_present_when_a_state_dict_is_loaded_are_stale_not_carried():
+    """Resuming in a process whose parameters still hold gradients (the last step before the
+    load) must not add them to the next step."""
+    finals = []
+    for leftover in (False, True):
+        model, x, y = linear_problem(seed=5)
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+        saved = opt.state_dict()
+        if leftover:
+            F.mse_loss(model(x[:3]), y[:3]).backward()
+        opt.load_state_dict(saved)
+
+        def closure(model=model, x=x, y=y):
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        finals.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*finals):
+        assert torch.equal(a, b)

@@ -74,6 +74,7 @@ class StepContext:
         carried: True when gradients were carried into the step (accumulation).
         scale: the GradScaler's scale for this step, or None.
         distributed: True in an initialized process group of more than one rank.
+        sharded: True when the parameters are FSDP2 shards (DTensors on a 1-D mesh).
         passes: closure calls so far.
         staged: method state staged with :meth:`stage_state`, written after a taken step.
     """
@@ -88,6 +89,15 @@ class StepContext:
             dist.get_world_size() > 1
         )
         self.all_params: list[torch.Tensor] = opt._all_params()
+        # FSDP2: parameters and gradients are DTensor shards; FSDP has already averaged each
+        # pass's gradient over the ranks, and every norm is reduced over the mesh (_tree)
+        self.sharded = self.distributed and _tree.sharded_group(self.all_params) is not None
+        if self.sharded and opt.sync == "local":
+            raise ValueError(
+                "sync='local' (m-sharpness) is not supported with FSDP2-sharded parameters: "
+                "FSDP reduces every pass's gradient over the ranks, so no rank has its own "
+                "gradient to perturb with; use sync='global'"
+            )
         self.group_of: list[int] = opt._group_index()
         self.params: list[torch.Tensor] = []
         self._group: list[int] = []
@@ -281,7 +291,8 @@ class StepContext:
             pairs = [(p.grad, self._carried[index[id(p)]]) for p in self.params
                      if index[id(p)] in self._carried]
             torch._foreach_add_([a for a, _ in pairs], [b for _, b in pairs])
-        if self.opt.sync == "global" and self.distributed and self.opt._ddp() is None:
+        if (self.opt.sync == "global" and self.distributed and self.opt._ddp() is None
+                and not self.sharded):
             allreduce_mean(grads)
 
     def grads(self) -> list[torch.Tensor]:
@@ -360,7 +371,8 @@ class StepContext:
     # ------------------------------------------------------------------ checks
     def finite(self, loss: torch.Tensor | None, *values: torch.Tensor) -> list[float]:
         """One host sync: return ``values`` as floats, raising :class:`NonFiniteStep` unless
-        ``loss`` and all ``values`` are finite (agreed over ranks in a "local" run)."""
+        ``loss`` and all ``values`` are finite (agreed over ranks in a "local" or FSDP2 run,
+        where the losses are each rank's own)."""
         items = [v.detach().reshape(()) for v in values]
         if loss is not None:
             items.append(loss.detach().reshape(()))
@@ -369,7 +381,7 @@ class StepContext:
             device = items[0].device
             out = torch.stack([t.to(device, torch.float64) for t in items]).tolist()
         ok = all(math.isfinite(v) for v in out)
-        if self.distributed and self.opt.sync == "local":
+        if self.distributed and (self.opt.sync == "local" or self.sharded):
             flag = torch.tensor([float(ok)], device=items[0].device if items else "cpu")
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             ok = bool(flag.item() == 1.0)

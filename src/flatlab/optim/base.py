@@ -253,7 +253,7 @@ class SharpnessAware(Optimizer):
         self._link()
         self.steps = int(extra.get("steps", 0))
         self.skipped_steps = int(extra.get("skipped_steps", 0))
-        self._left_grads = {}
+        self._remember_grads()  # gradients present at a load are stale, as at construction
         self._radii_used = None
 
     def _all_params(self) -> list[torch.Tensor]:

@@ -99,14 +99,6 @@ def hessian_vector_product(
     return [torch.zeros_like(p) if o is None else o.detach() for o, p in zip(out, params)]
 
 
-def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    if not a:
-        return torch.zeros(())
-    prods = torch._foreach_mul(a, b)
-    sums = [t.sum().to(torch.promote_types(t.dtype, torch.float32)) for t in prods]
-    return torch.stack(sums).sum()
-
-
 class GAM(SharpnessAware):
     """Gradient norm Aware Minimization (update rules in the module docstring).
 
@@ -188,6 +180,14 @@ class GAM(SharpnessAware):
         return self._finite_difference(ctx, closure)
 
     def _exact(self, ctx: StepContext, closure: Any) -> torch.Tensor:
+        if ctx.sharded:
+            raise ValueError(
+                f"{type(self).__name__} with exact Hessian-vector products does not run on "
+                "FSDP2-sharded parameters: FSDP2 ties the shards to the forward pass through "
+                "its own all-gather and reduce-scatter hooks, not through the autograd graph, "
+                "so the double backward an HVP needs cannot reach them; use "
+                "GAM(hvp='finite_difference'), or DDP"
+            )
         _check_takes_backward(closure)
         xi = self.xi
         loss = ctx.gradient(closure, first=True, graph=True)
@@ -261,7 +261,7 @@ class GAM(SharpnessAware):
         torch._foreach_mul_(grads, 1.0 - self.alpha)
         torch._foreach_add_(grads, h_plus)  # h+ in p.grad
         del h_plus
-        dot, sq = ctx.finite(None, _dot(h_minus, grads), _dot(grads, grads))
+        dot, sq = ctx.finite(None, _tree.dot(h_minus, grads), _tree.dot(grads, grads))
         c = dot / (sq + xi)
         torch._foreach_mul_(grads, 1.0 + self.gamma * c)
         torch._foreach_add_(grads, h_minus, alpha=-self.gamma)  # d = (1 + gamma c) h+ - gamma h-

@@ -104,13 +104,6 @@ FSAM_KEY = "fsam_ema"
 
 
 # ---------------------------------------------------------------------- pure kernels
-def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    """``sum_i <a_i, b_i>`` (0-d tensor, at least float32)."""
-    parts = [torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]
-    stacked = torch.stack(parts)
-    return stacked.to(torch.promote_types(stacked.dtype, torch.float32)).sum()
-
-
 def gsam_descent_(g_p: list[torch.Tensor], g: list[torch.Tensor], coef: float,
                   alpha: float) -> None:
     """In place ``g_p <- g_p - alpha (g - coef g_p)`` with ``coef = <g, g_p> / ||g_p||^2``."""
@@ -129,10 +122,9 @@ def looksam_component(g: list[torch.Tensor], g_p: list[torch.Tensor], *, layerwi
     """``g_v = g_p - (<g, g_p> / (||g||^2 + eps)) g`` (new tensors), over the whole vector or,
     ``layerwise``, per tensor."""
     if layerwise:
-        coefs = [float(torch.vdot(a.reshape(-1), b.reshape(-1)) / (torch.vdot(
-            a.reshape(-1), a.reshape(-1)) + eps)) for a, b in zip(g, g_p)]
+        coefs = (_tree.tensor_dots(g, g_p) / (_tree.tensor_dots(g, g) + eps)).tolist()
         return [b - c * a for a, b, c in zip(g, g_p, coefs)]
-    coef = float(_dot(g, g_p) / (_tree.global_norm(g) ** 2 + eps))
+    coef = float(_tree.dot(g, g_p) / (_tree.global_norm(g) ** 2 + eps))
     return torch._foreach_add(g_p, g, alpha=-coef)
 
 
@@ -140,10 +132,10 @@ def looksam_reuse_(g: list[torch.Tensor], g_v: list[torch.Tensor], *, alpha: flo
                    layerwise: bool, eps: float) -> None:
     """In place ``g <- g + alpha (||g|| / (||g_v|| + eps)) g_v`` (whole vector or per tensor)."""
     if layerwise:
-        ng = torch._foreach_norm(g)
-        nv = torch._foreach_norm(g_v)
-        for a, v, n1, n2 in zip(g, g_v, ng, nv):
-            a.add_(v * (alpha * n1 / (n2 + eps)))
+        scales = alpha * _tree.tensor_dots(g, g).sqrt() / (_tree.tensor_dots(g_v, g_v).sqrt()
+                                                            + eps)
+        for a, v, c in zip(g, g_v, scales.tolist()):
+            a.add_(v, alpha=c)
         return
     scale = alpha * float(_tree.global_norm(g) / (_tree.global_norm(g_v) + eps))
     torch._foreach_add_(g, g_v, alpha=scale)
@@ -209,7 +201,7 @@ class GSAM(TwoPass):
         if g is None:
             return
         g_p = ctx.grads()
-        dot, sq = ctx.finite(None, _dot(g, g_p), _tree.global_norm(g_p) ** 2)
+        dot, sq = ctx.finite(None, _tree.dot(g, g_p), _tree.global_norm(g_p) ** 2)
         gsam_descent_(g_p, g, dot / (sq + self.perturb_eps), self.alpha)
 
 

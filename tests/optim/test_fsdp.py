@@ -1,0 +1,218 @@
+"""The SAM family under FSDP2 (``fully_shard``), two gloo processes on CPU.
+
+Every optimizer of the contract registry (tests/optim/_registry.py) trains a float64 model
+whose parameters are DTensor shards (one ``fully_shard`` per Linear plus the root; the last
+layer has 3 rows, so the shards are uneven) for 5 steps, each rank on its half of the batch.
+FSDP averages each pass's gradient over the ranks, so with ``sync="global"`` this must equal the
+same optimizer in one process on the whole batch. Norms are reduced over the shards (one
+all-reduce each) and no parameter is gathered by the optimizer.
+
+Also: a non-finite loss on one rank only is skipped by both; ``sync="local"`` is refused; the
+state_dict round trip through ``torch.distributed.checkpoint`` resumes bit for bit.
+"""
+
+from __future__ import annotations
+
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from flatlab.optim import SAM
+from tests.optim._registry import REGISTRY, step
+
+WORLD, STEPS, LR = 2, 5, 0.05
+NAN_STEP = 2
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def batches(nan_on_rank1: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for t in range(STEPS):
+        x = torch.randn(WORLD * 4, 6, generator=g, dtype=torch.float64)
+        y = torch.randn(WORLD * 4, 3, generator=g, dtype=torch.float64)
+        if nan_on_rank1 and t == NAN_STEP:
+            x[-1, 0] = float("nan")  # in rank 1's half only
+        out.append((x, y))
+    return out
+
+
+def _closure(model, x, y):
+    def closure(backward=torch.autograd.backward):
+        loss = nn.functional.mse_loss(model(x), y)
+        backward(loss)
+        return loss
+
+    return closure
+
+
+def _shard(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _full(model: nn.Module) -> list[torch.Tensor]:
+    return [p.full_tensor().detach().clone() for p in model.parameters()]
+
+
+def _train(entry, rank: int | None, data, model=None, opt=None, start: int = 0,
+           stop: int = STEPS):
+    """``rank`` None: one process, whole batches; else this rank's half, FSDP2-sharded."""
+    if model is None:
+        model = make_model()
+        if rank is not None:
+            _shard(model)
+        opt = entry.build(model.parameters(), torch.optim.SGD, lr=LR, momentum=0.9)
+    for x, y in data[start:stop]:
+        if rank is not None:
+            x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+        step(opt, _closure(model, x, y))
+    return model, opt
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD)
+    results: dict = {}
+    for entry in REGISTRY:
+        try:
+            model, opt = _train(entry, rank, batches())
+            results[entry.name] = {"params": _full(model), "steps": opt.steps,
+                                   "skipped": opt.skipped_steps}
+            model, opt = _train(entry, rank, batches(nan_on_rank1=True))
+            results[entry.name]["nan_params"] = _full(model)
+            results[entry.name]["nan_skipped"] = opt.skipped_steps
+        except Exception:  # noqa: BLE001 - reported by the test that reads it
+            results[entry.name] = {"error": traceback.format_exc()}
+    # sync="local" is refused with a clear error
+    model = _shard(make_model())
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, sync="local", lr=LR)
+    x, y = batches()[0]
+    try:
+        opt.step(_closure(model, x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]))
+        results["local"] = "accepted"
+    except ValueError as err:
+        results["local"] = str(err)
+    results["resume"] = _resume(rank, out)
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _resume(rank: int, out: str) -> list[torch.Tensor] | str:
+    """Train 3 steps, save model and optimizer with torch.distributed.checkpoint, load into a
+    fresh sharded model and optimizer, train 2 more: returns the final full parameters."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    entry = next(e for e in REGISTRY if e.name == "fsam")  # has its own state (the EMA)
+    data = batches()
+    try:
+        model, opt = _train(entry, rank, data, stop=3)
+        msd, osd = get_state_dict(model, opt.base)
+        dcp.save({"model": msd, "optim": osd, "flatlab": opt.state_dict()["flatlab"]},
+                 checkpoint_id=f"{out}/ckpt")
+        model2 = _shard(make_model())
+        opt2 = entry.build(model2.parameters(), torch.optim.SGD, lr=LR, momentum=0.9)
+        # dcp.load fills the state dict it is given: one step on other data creates every
+        # state entry (base momentum, the method's own state) that the load then overwrites
+        _train(entry, rank, batches(), model=model2, opt=opt2, start=4)
+        msd2, osd2 = get_state_dict(model2, opt2.base)
+        state = {"model": msd2, "optim": osd2, "flatlab": opt2.state_dict()["flatlab"]}
+        dcp.load(state, checkpoint_id=f"{out}/ckpt")
+        set_state_dict(model2, opt2.base, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        opt2.load_state_dict({**opt2.state_dict(), "flatlab": state["flatlab"]})
+        _train(entry, rank, data, model=model2, opt=opt2, start=3)
+        return _full(model2)
+    except Exception:  # noqa: BLE001
+        return traceback.format_exc()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("FSDP2 (torch.distributed.fsdp.fully_shard) needs torch >= 2.6")
+    out = tmp_path_factory.mktemp("fsdp")
+    mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True,
+                       start_method="fork")
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+#: methods that need a double backward, which FSDP2 cannot give (refused with a clear error)
+EXACT_HVP = {"gam_exact", "samgam"}
+SHARDABLE = [e for e in REGISTRY if e.name not in EXACT_HVP]
+
+
+@pytest.mark.parametrize("entry", SHARDABLE, ids=lambda e: e.name)
+def test_fsdp2_equals_one_process_on_the_whole_batch(rank_results, entry):
+    r0, r1 = (res[entry.name] for res in rank_results)
+    assert "error" not in r0, r0.get("error")
+    assert "error" not in r1, r1.get("error")
+    model, opt = _train(entry, None, batches())
+    for a, b, want in zip(r0["params"], r1["params"], model.parameters()):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, want.detach(), rtol=1e-10, atol=1e-12)
+    assert r0["steps"] == r1["steps"] == STEPS
+    assert r0["skipped"] == r1["skipped"] == 0
+    start = make_model()
+    assert any(not torch.allclose(a, s.detach()) for a, s in zip(r0["params"],
+                                                                  start.parameters()))
+
+
+@pytest.mark.parametrize("name", sorted(EXACT_HVP))
+def test_exact_hvp_methods_are_refused_under_fsdp2(rank_results, name):
+    for res in rank_results:
+        assert "does not run on FSDP2-sharded parameters" in res[name]["error"]
+        assert "hvp='finite_difference'" in res[name]["error"]
+
+
+@pytest.mark.parametrize("entry", SHARDABLE, ids=lambda e: e.name)
+def test_a_nan_on_one_rank_is_skipped_by_both(rank_results, entry):
+    r0, r1 = (res[entry.name] for res in rank_results)
+    assert "error" not in r0, r0.get("error")
+    assert r0["nan_skipped"] == r1["nan_skipped"] == 1
+    data = batches()
+    model, opt = _train(entry, None, data, stop=NAN_STEP)
+    _train(entry, None, data, model=model, opt=opt, start=NAN_STEP + 1)
+    for a, b, want in zip(r0["nan_params"], r1["nan_params"], model.parameters()):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, want.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_local_sync_is_refused_under_fsdp2(rank_results):
+    for res in rank_results:
+        assert "sync='local'" in res["local"] and "FSDP2" in res["local"]
+
+
+def test_dcp_checkpoint_resumes_bit_for_bit(rank_results):
+    a, b = (res["resume"] for res in rank_results)
+    assert not isinstance(a, str), a
+    want = rank_results[0]["fsam"]["params"]  # the same 5 steps without the round trip
+    for x, y, w in zip(a, b, want):
+        assert torch.equal(x, y)
+        assert torch.equal(x, w)
