@@ -19,9 +19,28 @@ def test_sparsity_quick_end_to_end(tmp_path) -> None:
         assert (run.path / "plots" / f"{fig}.png").stat().st_size > 1000
     report = (run.path / "report.md").read_text()
     for title in ("1. Emergence", "2. Noise scale", "3. SAM vs SGD", "4. Modules",
-                  "6. Spectra and random labels"):
+                  "5. Derivative vs output sparsity", "6. Spectra and random labels",
+                  "7. Finetuning with the ReLU -> J-SquaredReLU ramp"):
         assert f"## {title}" in report
+    # target 5 and the finetuning study give one report.stats verdict per claim
+    sections = {s["title"]: s for s in run.sections()}
+    band = next(v for k, v in sections.items() if k.startswith("5. Derivative"))["table"]
+    assert len(band) == 2 * 5 and all(v["n"] == 2 for v in band)  # ReLU + 4 shifts, 2 gates
+    assert isinstance(res["band.all_four_rise"], bool)
+    assert res["band.relu.band_delta"] > 0  # the reference: ReLU sparsity emerges
+    ft = next(v for k, v in sections.items() if k.startswith("7. Finetuning"))["table"]
+    assert len(ft) == 2 * 2 and {"finetune.ramp.sparser", "finetune.ramp.acc_kept"} <= set(res)
     records = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     assert any("act_sparsity/blocks.0.act" in r for r in records)
     # the resolved config records the quick switch
     assert json.loads((run.path / "config.json").read_text())["config"]["quick"] is True
+
+
+def test_sparsity_config_rejects_unknown_parts() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from flatlab.experiments.sparsity import Config
+
+    with pytest.raises(ValidationError, match="parts must be among"):
+        Config(parts=["band", "vit"])

@@ -215,3 +215,51 @@ def test_sparsify_example_gives_token_shapes_and_gamma_axis() -> None:
     tok.clip_()  # gamma (size D = 6) scales axis 0 of the (6, 4) bias
     want = (0.1 * torch.arange(1.0, 7.0)).unsqueeze(1).expand(6, 4)
     assert torch.allclose(tok.bias0, want)
+
+
+# ------------------------------------------------------------------ shifted S-shaped activation
+@pytest.mark.parametrize(("sx", "sy"), [(1.6, 1.6), (1.6, -1.6), (-1.6, 1.6), (-1.6, -1.6)])
+def test_shifted_squared_s_band_is_its_zero_derivative_set_and_its_output_is_shift_y(sx, sy):
+    from flatlab.sparsity import ShiftedSquaredS
+
+    f = ShiftedSquaredS(sx, sy)
+    h = torch.linspace(-6, 6, 1201, dtype=torch.float64, requires_grad=True)
+    out = f(h)
+    (deriv,) = torch.autograd.grad(out.sum(), h)
+    band = f.zero_derivative(h.detach())
+    assert torch.equal(band, deriv == 0)  # the declared region is exactly where f' = 0
+    assert torch.all(out.detach()[band] == sy)  # nonzero output on the band
+    assert not bool(f.zero_derivative(torch.zeros(1, dtype=torch.float64)))  # 0 is off band
+    u = h.detach() - sx  # closed form outside the band
+    ref = torch.relu(u - 1.5) ** 2 - torch.relu(-u - 1.5) ** 2 + sy
+    assert torch.allclose(out.detach(), ref)
+
+
+def test_shifted_squared_s_is_found_by_the_probe_and_counted_as_its_band():
+    from flatlab.models import ResidualMLP
+    from flatlab.sparsity import ShiftedSquaredS, activation_sparsity
+
+    torch.manual_seed(0)
+    model = ResidualMLP(6, 3, width=8, depth=1, activation=lambda: ShiftedSquaredS(1.6, -1.6))
+    x = torch.randn(50, 6)
+    seen = {}
+    act = model.blocks[0].act
+    handle = act.register_forward_pre_hook(lambda m, a: seen.setdefault("h", a[0].detach()))
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    res = activation_sparsity(model, (x, torch.zeros(50, dtype=torch.long)), output_tol=0.1)
+    h = seen["h"]
+    assert res.mean == pytest.approx(float(((h - 1.6).abs() <= 1.5).double().mean()))
+    out = act(h)
+    assert res.mean_zero_output == pytest.approx(float((out.abs() <= 0.1).double().mean()))
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"width": 0.0}, "width must be > 0"),
+                                               ({"shift_x": float("nan")}, "finite")])
+def test_shifted_squared_s_rejects_bad_input(kwargs, match):
+    from flatlab.sparsity import ShiftedSquaredS
+
+    with pytest.raises(ValueError, match=match):
+        ShiftedSquaredS(**kwargs)

@@ -14,9 +14,15 @@ from initialisation (``delta = final - init``; about 50% at init behind a LayerN
 4. modules: ReLU vs J-SquaredReLU vs + zeroth bias (input / output) vs + restricted LayerNorm
    (``flatlab.sparsity.sparsify``) in a tiny MLP-mixer over 10 MNIST-1D patches; pass:
    J-SquaredReLU sparser than ReLU in every seed, accuracy gap reported.
+5. derivative vs output sparsity with the shifted S-shaped activation
+   (:mod:`~flatlab.experiments._sparsity_band`);
 6. spectra (``s_max / s_min`` of every key weight stays < 2x its init value for each weight
    decay) and random labels (delta >= delta with true labels - 2 points); the augmented-flatness
-   identity gap is reported for the SAM/SGD models.
+   identity gap is reported for the SAM/SGD models;
+7. finetuning a trained ReLU model with the ReLU -> J-SquaredReLU ramp against continued
+   training (:mod:`~flatlab.experiments._sparsity_finetune`).
+
+``parts`` picks ``targets`` (1-4 and 6), ``band`` (5) and ``finetune`` (7); default: all.
 
 Data: a random tanh-teacher classification task (32-d, 10 classes) for 1-3 and 6, MNIST-1D for
 4. Every model is built from ``seed`` before training, so runs are paired across settings.
@@ -31,20 +37,23 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from flatlab.data import mnist1d, teacher_student_classification
 from flatlab.experiments import ExperimentConfig, Run, register
+from flatlab.experiments._sparsity_band import band_study
+from flatlab.experiments._sparsity_finetune import Constrain, finetune_study
 from flatlab.models import Mixer, ResidualMLP
 from flatlab.report import plots
 from flatlab.sparsity import (
     activation_sparsity,
     augmented_flatness,
-    constrain_,
     sparsify,
     spectral_concentration,
 )
-from flatlab.train import ActivationSparsity, Callback, Evaluate, build_optimizer, fit
+from flatlab.train import ActivationSparsity, Evaluate, build_optimizer, fit
+
+PARTS = ("targets", "band", "finetune")
 
 
 class Config(ExperimentConfig):
@@ -69,16 +78,24 @@ class Config(ExperimentConfig):
     mnist1d_n: int = Field(4000, ge=100, description="MNIST-1D examples for the modules")
     patch: int = Field(4, ge=1, description="MNIST-1D patch length (40 / patch tokens)")
     mixer_dim: int = Field(32, ge=2, description="token width of the MLP-mixer")
+    parts: list[str] = Field(list(PARTS), description=f"parts to run, of {list(PARTS)}")
+    band_seeds: int = Field(5, ge=2, description="paired seeds of target 5 (shifted S-shape)")
+    band_output_tol: float = Field(0.1, ge=0, description="target 5: |f(h)| <= tol counts as "
+                                   "a near-zero output")
+    finetune_seeds: int = Field(5, ge=2, description="paired seeds of the finetuning study")
+    finetune_lr: float = Field(0.2, gt=0, description="SGD lr of the base and finetuning runs")
+    finetune_epochs: int = Field(10, ge=1, description="finetuning epochs after the base run")
+    ramp_epochs: int = Field(5, ge=1, description="ReLU -> J-SquaredReLU ramp length (epochs)")
+    acc_margin: float = Field(2.0, ge=0, description="finetuning: accuracy non-inferiority "
+                              "margin (points)")
 
-
-class _Constrain(Callback):
-    """Apply the sparsity modules' after-step constraints (clips, clamps, ramps) every step."""
-
-    def __init__(self) -> None:
-        super().__init__(every=1)
-
-    def on_step(self, state: Any) -> None:
-        constrain_(state.model, state.step)
+    @field_validator("parts")
+    @classmethod
+    def _known_parts(cls, v: list[str]) -> list[str]:
+        bad = [p for p in v if p not in PARTS]
+        if bad:
+            raise ValueError(f"parts must be among {list(PARTS)}, got {bad}")
+        return v
 
 
 def _spearman(x: list[float], y: list[float]) -> float:
@@ -110,7 +127,7 @@ def _train(run: Run, tag: str, model: torch.nn.Module, data: Any, *, seed: int, 
     spec0 = spectral_concentration(model)
     spec0_mean = spectral_concentration(model, rtol=0.1, relative_to="mean_sq")
     opt = build_optimizer(optimizer, model.parameters(), lr=lr, **opt_kw)
-    cbs = [_Constrain()] if constrain else []
+    cbs = [Constrain()] if constrain else []
     cbs += [ActivationSparsity(test, every=spe), Evaluate({"test": test}, every=spe)]
     res = fit(model, opt, train, steps=epochs * spe, batch_size=batch, callbacks=cbs, run=run,
               tag=tag, seed=seed, log_every=spe, progress=False)
@@ -164,11 +181,42 @@ def run(cfg: Config, run: Run) -> dict:
     if cfg.quick:
         cfg = cfg.model_copy(update=dict(
             n=600, epochs=2, seeds=1, sam_seeds=2, lrs=[0.05, 0.5], batch_sizes=[64, 256],
-            rhos=[0.1], wds=[0.0], module_epochs=1, mnist1d_n=400, width=16, mixer_dim=8))
-    seeds = [cfg.seed + i for i in range(cfg.seeds)]
+            rhos=[0.1], wds=[0.0], module_epochs=1, mnist1d_n=400, width=16, mixer_dim=8,
+            band_seeds=2, finetune_seeds=2, finetune_epochs=1, ramp_epochs=1))
     syn = teacher_student_classification(n=cfg.n, in_dim=cfg.in_dim, num_classes=cfg.classes,
                                          hidden=32, seed=cfg.seed, val_fraction=0.15,
                                          test_fraction=0.15)
+    results: dict[str, Any] = {}
+    if "targets" in cfg.parts:
+        results.update(_targets(cfg, run, syn))
+    if "band" in cfg.parts:
+        rows, verdicts, res = band_study(cfg, run, syn)
+        results.update(res)
+        run.add_section(
+            "5. Derivative vs output sparsity (shifted S-shaped activation)",
+            "f(h) = s(h - s_x) + s_y, s(u) = relu(u - 1.5)^2 - relu(-u - 1.5)^2: zero derivative "
+            "on |h - s_x| <= 1.5 (excludes 0), output s_y there. ResidualMLP, SGD lr "
+            f"{cfg.top_lr}, batch {cfg.batch}, {cfg.epochs} epochs (target 1's setting), "
+            f"{cfg.band_seeds} paired seeds; test split, mean over blocks; near-zero output: "
+            f"|f(h)| <= {cfg.band_output_tol:g}. Verdicts: paired final - init, 95% t CI.",
+            table=verdicts)
+        run.add_section("5. Per run", "", table=rows)
+    if "finetune" in cfg.parts:
+        rows, verdicts, res = finetune_study(cfg, run, syn)
+        results.update(res)
+        run.add_section(
+            "7. Finetuning with the ReLU -> J-SquaredReLU ramp",
+            f"Base: ReLU ResidualMLP, SGD lr {cfg.finetune_lr}, batch {cfg.batch}, {cfg.epochs} "
+            f"epochs; then {cfg.finetune_epochs} epochs per arm from the same weights (ramp over "
+            f"{cfg.ramp_epochs} epochs), {cfg.finetune_seeds} paired seeds. Verdicts: paired "
+            "arm - continued, 95% t CI, in points.", table=verdicts)
+        run.add_section("7. Per run", "", table=rows)
+    return results
+
+
+def _targets(cfg: Config, run: Run, syn: Any) -> dict:
+    """Targets 1-4 and 6 (see the module docstring)."""
+    seeds = [cfg.seed + i for i in range(cfg.seeds)]
     mk = lambda s, act="relu": _mlp(cfg, s, cfg.in_dim, cfg.classes, act)  # noqa: E731
     results: dict[str, Any] = {}
 

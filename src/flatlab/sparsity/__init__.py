@@ -12,6 +12,8 @@ arXiv 2210.06313.
 * :class:`JSquaredReLU`, :class:`ReLUToJSquaredReLU`, :class:`ZerothBias`,
   :class:`RestrictedLayerNorm`, :func:`sparsify`, :func:`constrain_` - the modules that
   raise sparsity, swapped into a model, with their after-step constraints.
+* :class:`ShiftedSquaredS` - a flat band that excludes 0 with a nonzero output on it, to tell
+  derivative sparsity from output sparsity.
 """
 
 from flatlab.sparsity.flatness import AugmentedFlatness, augmented_flatness
@@ -20,6 +22,7 @@ from flatlab.sparsity.modules import (
     JSquaredReLU,
     ReLUToJSquaredReLU,
     RestrictedLayerNorm,
+    ShiftedSquaredS,
     ZerothBias,
     j_squared_relu,
 )
@@ -37,6 +40,7 @@ __all__ = [
     "JSquaredReLU",
     "ReLUToJSquaredReLU",
     "RestrictedLayerNorm",
+    "ShiftedSquaredS",
     "SparsityProbe",
     "SparsityResult",
     "SpectralConcentration",

@@ -26,6 +26,16 @@ bias is removed and ``gamma >= 1`` is enforced after each step; for finetuning
 (``mode="finetune"``) the bias is frozen and ``|gamma| >= min(step / ramp_steps, 1)`` with
 its sign kept.
 
+**Shifted S-shaped squared ReLU** (the authors' manipulation experiment, target 5 of the note):
+a flat band of zero derivative that does *not* contain 0 and on which the output is *not* 0,
+so "zero derivative" and "zero output" fall apart:
+
+.. code-block:: text
+
+    s(u)  = relu(u - w)^2 - relu(-u - w)^2              (w = 1.5: flat on [-w, w])
+    f(h)  = s(h - shift_x) + shift_y                     (shifts in {+-1.6}: band excludes 0)
+    f'(h) = 0  on  |h - shift_x| <= w,   f = shift_y there
+
 Shapes: every module here acts elementwise on ``(..., d)`` tensors; ``ZerothBias`` with
 ``tokens=T`` expects ``(B, T, d)``.
 """
@@ -79,6 +89,45 @@ class JSquaredReLU(nn.Module):
 
     def extra_repr(self) -> str:
         return "" if self.cap is None else f"cap={self.cap}"
+
+
+class ShiftedSquaredS(nn.Module):
+    """``f(h) = s(h - shift_x) + shift_y``, ``s(u) = relu(u - w)^2 - relu(-u - w)^2``.
+
+    The zero-derivative set is the band ``|h - shift_x| <= w``, where ``f = shift_y``. With
+    ``|shift_x| > w`` the band excludes ``h = 0``, and with ``shift_y != 0`` the output in it is
+    nonzero: a network that moves pre-activations into the band gains *derivative* sparsity
+    and no *output* sparsity (Peng et al.'s manipulation experiment, arXiv 2309.03004 v4 §6).
+
+    Args:
+        shift_x: horizontal shift of the band's centre.
+        shift_y: output on the band.
+        width: half-width ``w`` of the band (> 0, default 1.5).
+
+    Example:
+        >>> f = ShiftedSquaredS(1.6, -1.6)
+        >>> [round(v, 4) for v in f(torch.tensor([1.6, 0.0, 4.1])).tolist()]  # h = 0: off band
+        [-1.6, -1.61, -0.6]
+    """
+
+    def __init__(self, shift_x: float = 1.6, shift_y: float = 1.6, width: float = 1.5) -> None:
+        super().__init__()
+        self.shift_x, self.shift_y = float(shift_x), float(shift_y)
+        if not (math.isfinite(self.shift_x) and math.isfinite(self.shift_y)):
+            raise ValueError(f"shifts must be finite, got ({shift_x}, {shift_y})")
+        self.width = check_positive("width", width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        u = h - self.shift_x
+        return torch.relu(u - self.width).square() - torch.relu(-u - self.width).square() + (
+            self.shift_y)
+
+    def zero_derivative(self, h: torch.Tensor) -> torch.Tensor:
+        """Mask of the flat band ``|h - shift_x| <= width``."""
+        return (h - self.shift_x).abs() <= self.width
+
+    def extra_repr(self) -> str:
+        return f"shift_x={self.shift_x:g}, shift_y={self.shift_y:g}, width={self.width:g}"
 
 
 class ReLUToJSquaredReLU(nn.Module):
