@@ -310,6 +310,14 @@ def test_report_prints_the_caption_of_a_clipped_figure(tmp_path) -> None:
     assert len(widths) == 2 and all(300 < w < 1100 for w in widths)
 
 
+def test_a_damaged_figure_file_does_not_stop_the_report(tmp_path) -> None:
+    run = Run.create(tmp_path, "x", {})
+    (run.plots_dir / "broken.png").write_bytes(PNG_MAGIC + b"truncated")
+    run.add_section("Broken", figures=["plots/broken.png"])
+    html = write_report(run.path)[0].read_text()
+    assert '<figure><img alt="Broken" src="data:image/png;base64,' in html
+
+
 def test_a_long_list_of_training_phases_folds_away(tmp_path) -> None:
     run = _configured_run(tmp_path, "eos", {}, tags=[f"phase{i}" for i in range(12)])
     html = write_report(run.path)[0].read_text()

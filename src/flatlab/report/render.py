@@ -132,13 +132,16 @@ def _figure(path: Path, alt: str) -> tuple[str, str]:
     """``(html, caption)`` of a PNG: inlined, at its drawn size, with its caption under it."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        width, dpi = im.size[0], float((im.info.get("dpi") or (150,))[0]) or 150.0
+    try:
+        with Image.open(path) as im:
+            dpi = float((im.info.get("dpi") or (150,))[0]) or 150.0
+            size = f' style="width:{round(im.size[0] * CSS_PX_PER_INCH / dpi)}px"'
+    except OSError:  # not an image PIL reads: inline it as it is, at the browser's size
+        size = ""
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     caption = figure_caption(path)
     cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
-    css_width = round(width * CSS_PX_PER_INCH / dpi)
-    return (f'<figure><img alt="{html.escape(alt)}" style="width:{css_width}px" '
+    return (f'<figure><img alt="{html.escape(alt)}"{size} '
             f'src="data:image/png;base64,{data}">{cap}</figure>', caption)
 
 
