@@ -7,6 +7,9 @@ FSDP averages each pass's gradient over the ranks, so with ``sync="global"`` thi
 same optimizer in one process on the whole batch. Norms are reduced over the shards (one
 all-reduce each) and no parameter is gathered by the optimizer.
 
+The same registry under DDP (``model=`` the DDP module, ``sync="global"``) and with a plain
+model in the process group (the optimizer all-reduces) must equal it too.
+
 Also: a non-finite loss on one rank only is skipped by both; ``sync="local"`` is refused; the
 state_dict round trip through ``torch.distributed.checkpoint`` resumes bit for bit.
 """
@@ -70,17 +73,23 @@ def _full(model: nn.Module) -> list[torch.Tensor]:
 
 
 def _train(entry, rank: int | None, data, model=None, opt=None, start: int = 0,
-           stop: int = STEPS):
-    """``rank`` None: one process, whole batches; else this rank's half, FSDP2-sharded."""
+           stop: int = STEPS, ddp: bool = False, plain: bool = False):
+    """``rank`` None: one process, whole batches; else this rank's half, FSDP2-sharded (or
+    wrapped in DDP, or ``plain``: an unwrapped model, the optimizer all-reduces)."""
+    net = model
     if model is None:
         model = make_model()
-        if rank is not None:
+        net = model
+        if rank is not None and ddp:
+            net = nn.parallel.DistributedDataParallel(model)
+        elif rank is not None and not plain:
             _shard(model)
-        opt = entry.build(model.parameters(), torch.optim.SGD, lr=LR, momentum=0.9)
+        opt = entry.build(model.parameters(), torch.optim.SGD, lr=LR, momentum=0.9,
+                          **({"model": net} if ddp else {}))
     for x, y in data[start:stop]:
         if rank is not None:
             x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
-        step(opt, _closure(model, x, y))
+        step(opt, _closure(net, x, y))
     return model, opt
 
 
@@ -99,6 +108,14 @@ def _worker(rank: int, port: int, out: str) -> None:
             results[entry.name]["nan_skipped"] = opt.skipped_steps
         except Exception:  # noqa: BLE001 - reported by the test that reads it
             results[entry.name] = {"error": traceback.format_exc()}
+        for kind in ("ddp", "plain"):
+            try:
+                model, _ = _train(entry, rank, batches(), ddp=kind == "ddp",
+                                  plain=kind == "plain")
+                results[f"{kind}/{entry.name}"] = [p.detach().clone()
+                                                   for p in model.parameters()]
+            except Exception:  # noqa: BLE001
+                results[f"{kind}/{entry.name}"] = traceback.format_exc()
     # sync="local" is refused with a clear error
     model = _shard(make_model())
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, sync="local", lr=LR)
@@ -163,7 +180,8 @@ def rank_results(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-#: methods that need a double backward, which FSDP2 cannot give (refused with a clear error)
+#: methods that need a double backward, which FSDP2 cannot give (refused with a clear error);
+#: under DDP their graph passes bypass the reducer, so the optimizer reduces g and H g itself
 EXACT_HVP = {"gam_exact", "samgam"}
 SHARDABLE = [e for e in REGISTRY if e.name not in EXACT_HVP]
 
@@ -202,6 +220,17 @@ def test_a_nan_on_one_rank_is_skipped_by_both(rank_results, entry):
     for a, b, want in zip(r0["nan_params"], r1["nan_params"], model.parameters()):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, want.detach(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["ddp", "plain"])
+@pytest.mark.parametrize("entry", REGISTRY, ids=lambda e: e.name)
+def test_ddp_and_plain_equal_one_process_on_the_whole_batch(rank_results, entry, kind):
+    a, b = (res[f"{kind}/{entry.name}"] for res in rank_results)
+    assert not isinstance(a, str), a
+    model, _ = _train(entry, None, batches())
+    for x, y, want in zip(a, b, model.parameters()):
+        assert torch.equal(x, y)
+        torch.testing.assert_close(x, want.detach(), rtol=1e-10, atol=1e-12)
 
 
 def test_local_sync_is_refused_under_fsdp2(rank_results):

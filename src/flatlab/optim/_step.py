@@ -194,7 +194,10 @@ class StepContext:
                 norms.restore()
         self._norms_frozen = freeze and keep_norms_frozen
         loss = self._check_loss(loss)
-        self._collect(first)
+        # a graph pass is never reduced here: autograd.grad bypasses DDP's reducer, and an
+        # in-place all-reduce would cut the graph; the method reduces what it derives from
+        # the gradient with reduce_ (GAM: g and H g^)
+        self._collect(first, reduce=not graph)
         return loss
 
     def adopt(self, *, first: bool) -> None:
@@ -256,7 +259,13 @@ class StepContext:
             )
         return loss.detach().reshape(())
 
-    def _collect(self, first: bool) -> None:
+    def reduce_(self, tensors: list[torch.Tensor]) -> None:
+        """Average ``tensors`` over ranks in place when ``sync="global"`` needs it (with or
+        without DDP): for what a method computes from a graph pass (module docstring)."""
+        if self.distributed and self.opt.sync == "global" and not self.sharded:
+            allreduce_mean(tensors)
+
+    def _collect(self, first: bool, reduce: bool = True) -> None:
         """Align ``p.grad`` with :attr:`params`, add the carried gradient, unscale, reduce."""
         if first:
             self.params, self._group = [], []
@@ -291,8 +300,8 @@ class StepContext:
             pairs = [(p.grad, self._carried[index[id(p)]]) for p in self.params
                      if index[id(p)] in self._carried]
             torch._foreach_add_([a for a, _ in pairs], [b for _, b in pairs])
-        if (self.opt.sync == "global" and self.distributed and self.opt._ddp() is None
-                and not self.sharded):
+        if (reduce and self.opt.sync == "global" and self.distributed
+                and self.opt._ddp() is None and not self.sharded):
             allreduce_mean(grads)
 
     def grads(self) -> list[torch.Tensor]:

@@ -192,10 +192,12 @@ class GAM(SharpnessAware):
         xi = self.xi
         loss = ctx.gradient(closure, first=True, graph=True)
         graph_grads = ctx.grads()
-        g0 = [g.detach() for g in graph_grads]
+        g0 = [g.detach().clone() for g in graph_grads]
+        ctx.reduce_(g0)  # distributed, sync="global": g of the mean loss over ranks
         (n0,) = ctx.finite(loss, _tree.global_norm(g0))
         unit = torch._foreach_div(g0, n0 + xi)
         f = hessian_vector_product(graph_grads, ctx.params, unit)  # H g^ = grad ||grad L||
+        ctx.reduce_(f)  # the mean over ranks of H_r v is H v
         ctx.set_grads(g0)  # drop the graph
         del graph_grads, unit
         (nf,) = ctx.finite(None, _tree.global_norm(f))
@@ -211,10 +213,12 @@ class GAM(SharpnessAware):
         # autograd saved the norm statistics for the HVP: they are put back after it
         ctx.gradient(closure, graph=True, keep_norms_frozen=True)
         graph_grads = ctx.grads()
-        g_adv = [g.detach() for g in graph_grads]
+        g_adv = [g.detach().clone() for g in graph_grads]
+        ctx.reduce_(g_adv)
         (n_adv,) = ctx.finite(None, _tree.global_norm(g_adv))
         unit = torch._foreach_div(g_adv, n_adv + xi)
         h = hessian_vector_product(graph_grads, ctx.params, unit)
+        ctx.reduce_(h)
         ctx.set_grads(g_adv)
         del graph_grads, unit, g_adv
         ctx.release_norms()
