@@ -104,3 +104,10 @@ def test_validation_curves_hold_erm_checkpoints_in_percent():
     assert curves["test 0, seed 0"] == [{"step": 5, "val": pytest.approx(80.0), "test_in": 0.0},
                                         {"step": 10, "val": pytest.approx(90.0),
                                          "test_in": pytest.approx(80.0)}]
+
+
+def test_validation_curves_name_runs_apart_by_the_hyperparameters_that_differ():
+    recs = [_record("erm", "0", 0, 0.8, 0.1), _record("erm", "0", 0, 0.7, 0.1)]
+    recs[0]["hparams"]["lr"], recs[1]["hparams"]["lr"] = 1e-3, 3e-3
+    assert sorted(validation_curves(recs)) == ["test 0, seed 0, lr 0.001",
+                                               "test 0, seed 0, lr 0.003"]

@@ -148,13 +148,14 @@ def validation_curves(
     training-domain validation accuracy, ``test_in`` the held-out domain's), for the curve
     that shows where training-domain validation accuracy plateaus."""
     out: dict[str, list[dict[str, float]]] = {}
-    for r in records:
-        if r["method"] != method:
-            continue
+    mine = [r for r in records if r["method"] == method]
+    varying = [k for k in ("lr", "rho", "batch_size")
+               if len({r.get("hparams", {}).get(k) for r in mine}) > 1]
+    for r in mine:
         tag = f"test {r['test_domain']}, seed {r['seed']}"
-        extra = {k: v for k, v in r.get("hparams", {}).items() if k == "rho"}
-        if extra and r["method"] != "erm":
-            tag += f", rho {extra['rho']:g}"
+        for k in varying:  # hyperparameters that differ between the runs name them apart
+            v = r.get("hparams", {}).get(k)
+            tag += f", {k} {v:g}" if isinstance(v, (int, float)) else f", {k} {v}"
         out[tag] = [{"step": c["step"], "val": 100 * c["val"], "test_in": 100 * c["test_in"]}
                     for c in r["checkpoints"]]
     return dict(sorted(out.items()))
