@@ -20,7 +20,8 @@ def test_sparsity_quick_end_to_end(tmp_path) -> None:
     report = (run.path / "report.md").read_text()
     for title in ("1. Emergence", "2. Noise scale", "3. SAM vs SGD", "4. Modules",
                   "5. Derivative vs output sparsity", "6. Spectra and random labels",
-                  "7. Finetuning with the ReLU -> J-SquaredReLU ramp"):
+                  "7. Finetuning with the ReLU -> J-SquaredReLU ramp",
+                  "8. Tiny pre-LN ViT at matched accuracy"):
         assert f"## {title}" in report
     # target 5 and the finetuning study give one report.stats verdict per claim
     sections = {s["title"]: s for s in run.sections()}
@@ -30,6 +31,8 @@ def test_sparsity_quick_end_to_end(tmp_path) -> None:
     assert res["band.relu.band_delta"] > 0  # the reference: ReLU sparsity emerges
     ft = next(v for k, v in sections.items() if k.startswith("7. Finetuning"))["table"]
     assert len(ft) == 2 * 2 and {"finetune.ramp.sparser", "finetune.ramp.acc_kept"} <= set(res)
+    vit = next(v for k, v in sections.items() if k.startswith("8. Tiny"))["table"]
+    assert len(vit) == 2 and "vit.J-SquaredReLU.sparser" in res
     records = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     assert any("act_sparsity/blocks.0.act" in r for r in records)
     # the resolved config records the quick switch
@@ -43,4 +46,15 @@ def test_sparsity_config_rejects_unknown_parts() -> None:
     from flatlab.experiments.sparsity import Config
 
     with pytest.raises(ValidationError, match="parts must be among"):
-        Config(parts=["band", "vit"])
+        Config(parts=["band", "nope"])
+
+
+def test_vit_sparsity_is_read_at_the_first_epoch_reaching_the_matched_accuracy() -> None:
+    import math
+
+    from flatlab.experiments._sparsity_vit import at_accuracy
+
+    curve = [(0.5, 0.60), (0.7, 0.65), (0.69, 0.66), (0.8, 0.70)]
+    assert at_accuracy(curve, 0.7) == 0.65
+    assert at_accuracy(curve, 0.8) == 0.70
+    assert math.isnan(at_accuracy(curve, 0.81))

@@ -22,7 +22,11 @@ from initialisation (``delta = final - init``; about 50% at init behind a LayerN
 7. finetuning a trained ReLU model with the ReLU -> J-SquaredReLU ramp against continued
    training (:mod:`~flatlab.experiments._sparsity_finetune`).
 
-``parts`` picks ``targets`` (1-4 and 6), ``band`` (5) and ``finetune`` (7); default: all.
+8. the modules in a tiny pre-LN ViT on MNIST-1D patches, at matched accuracy
+   (:mod:`~flatlab.experiments._sparsity_vit`).
+
+``parts`` picks ``targets`` (1-4 and 6), ``band`` (5), ``finetune`` (7) and ``vit`` (8);
+default: all.
 
 Data: a random tanh-teacher classification task (32-d, 10 classes) for 1-3 and 6, MNIST-1D for
 4. Every model is built from ``seed`` before training, so runs are paired across settings.
@@ -43,6 +47,7 @@ from flatlab.data import mnist1d, teacher_student_classification
 from flatlab.experiments import ExperimentConfig, Run, register
 from flatlab.experiments._sparsity_band import band_study
 from flatlab.experiments._sparsity_finetune import Constrain, finetune_study
+from flatlab.experiments._sparsity_vit import vit_study
 from flatlab.models import Mixer, ResidualMLP
 from flatlab.report import plots
 from flatlab.sparsity import (
@@ -53,7 +58,7 @@ from flatlab.sparsity import (
 )
 from flatlab.train import ActivationSparsity, Evaluate, build_optimizer, fit
 
-PARTS = ("targets", "band", "finetune")
+PARTS = ("targets", "band", "finetune", "vit")
 
 
 class Config(ExperimentConfig):
@@ -88,6 +93,11 @@ class Config(ExperimentConfig):
     ramp_epochs: int = Field(5, ge=1, description="ReLU -> J-SquaredReLU ramp length (epochs)")
     acc_margin: float = Field(2.0, ge=0, description="finetuning: accuracy non-inferiority "
                               "margin (points)")
+    vit_seeds: int = Field(5, ge=2, description="paired seeds of the ViT comparison")
+    vit_epochs: int = Field(20, ge=1, description="AdamW epochs of each ViT run")
+    vit_lr: float = Field(3e-3, gt=0, description="AdamW lr of the ViT runs")
+    vit_dim: int = Field(32, ge=2, description="ViT token width")
+    vit_heads: int = Field(4, ge=1, description="ViT attention heads")
 
     @field_validator("parts")
     @classmethod
@@ -151,7 +161,7 @@ def _train(run: Run, tag: str, model: torch.nn.Module, data: Any, *, seed: int, 
     if sharpness:
         from flatlab.curvature import top_eigenvalues
 
-        lam = top_eigenvalues(model, k=1, loss_fn=F.cross_entropy, data=train, seed=0)
+        lam = top_eigenvalues(model, F.cross_entropy, train, 1, seed=0)
         out["lambda_max"] = float(lam.values[0])
         af = augmented_flatness(model, F.cross_entropy, train)
         out["af"] = sum(af.value.values())
@@ -182,7 +192,8 @@ def run(cfg: Config, run: Run) -> dict:
         cfg = cfg.model_copy(update=dict(
             n=600, epochs=2, seeds=1, sam_seeds=2, lrs=[0.05, 0.5], batch_sizes=[64, 256],
             rhos=[0.1], wds=[0.0], module_epochs=1, mnist1d_n=400, width=16, mixer_dim=8,
-            band_seeds=2, finetune_seeds=2, finetune_epochs=1, ramp_epochs=1))
+            band_seeds=2, finetune_seeds=2, finetune_epochs=1, ramp_epochs=1, vit_seeds=2,
+            vit_epochs=1, vit_dim=8, vit_heads=2))
     syn = teacher_student_classification(n=cfg.n, in_dim=cfg.in_dim, num_classes=cfg.classes,
                                          hidden=32, seed=cfg.seed, val_fraction=0.15,
                                          test_fraction=0.15)
@@ -211,6 +222,17 @@ def run(cfg: Config, run: Run) -> dict:
             f"{cfg.ramp_epochs} epochs), {cfg.finetune_seeds} paired seeds. Verdicts: paired "
             "arm - continued, 95% t CI, in points.", table=verdicts)
         run.add_section("7. Per run", "", table=rows)
+    if "vit" in cfg.parts:
+        rows, verdicts, res = vit_study(cfg, run, mnist1d(n=cfg.mnist1d_n, seed=cfg.seed))
+        results.update(res)
+        run.add_section(
+            "8. Tiny pre-LN ViT at matched accuracy",
+            f"ViT over {40 // cfg.patch} MNIST-1D patches, width {cfg.vit_dim}, {cfg.depth} "
+            f"blocks, AdamW lr {cfg.vit_lr:g}, batch {cfg.batch}, {cfg.vit_epochs} epochs, "
+            f"{cfg.vit_seeds} paired seeds. Per seed the matched accuracy is the lowest best "
+            "test accuracy of the variants; sparsity is read at the first epoch each reaches "
+            "it. Verdicts: paired variant - ReLU, 95% t CI, in points.", table=verdicts)
+        run.add_section("8. Per run", "", table=rows)
     return results
 
 
