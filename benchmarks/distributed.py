@@ -1,0 +1,123 @@
+"""SAM's per-step cost under FSDP2 and under DDP, relative to plain training with the same
+engine: two gloo processes on CPU, a model with many tensors.
+
+Each rank trains its own copy of a deep narrow MLP (30 blocks of Linear(128) + LayerNorm +
+ReLU, batch 32 per rank). Per engine there are two models, one stepped by plain SGD and one by
+flatlab's SAM (base SGD), both wrapped the same way (``fully_shard`` per block plus the root,
+or ``DistributedDataParallel``). Every round runs the four (engine, method) pairs in a
+shuffled order that both ranks share; a sample is the mean wall time of ``--steps`` steps on
+rank 0, and the table reports medians. SAM makes two forward-backward passes, so the ratio
+is SAM / (2 x plain step): 1.00 means no cost beyond the second pass (and, for FSDP2, the
+second pass's all-gathers and reduce-scatters, which the ratio counts as part of a pass).
+
+Usage::
+
+    .venv/bin/python benchmarks/distributed.py              # 30 rounds, about a minute
+    .venv/bin/python benchmarks/distributed.py --rounds 5   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import socket
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from flatlab.optim import SAM
+
+WORLD = 2
+
+
+def deep_mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(128, 128), nn.LayerNorm(128), nn.ReLU())
+              for _ in range(30)]
+    return nn.Sequential(*blocks, nn.Linear(128, 10))
+
+
+def _build(engine: str, method: str):
+    from torch.distributed.fsdp import fully_shard
+
+    model = deep_mlp()
+    if engine == "fsdp2":
+        for block in model:
+            fully_shard(block)
+        fully_shard(model)
+        net = model
+    else:
+        net = nn.parallel.DistributedDataParallel(model)
+    if method == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    else:
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.01, momentum=0.9,
+                  model=net if engine == "ddp" else None)
+    return net, opt
+
+
+def _worker(rank: int, port: int, rounds: int, steps: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD)
+    gen = torch.Generator().manual_seed(rank)
+    x, y = torch.randn(32, 128, generator=gen), torch.randint(0, 10, (32,), generator=gen)
+    runs = {}
+    for engine in ("fsdp2", "ddp"):
+        for method in ("sgd", "sam"):
+            net, opt = _build(engine, method)
+
+            def closure(net=net, opt=opt):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(net(x), y)
+                loss.backward()
+                return loss
+
+            runs[(engine, method)] = (opt, closure)
+    for opt, closure in runs.values():  # warm-up
+        for _ in range(3):
+            opt.step(closure)
+    times: dict = {k: [] for k in runs}
+    order = list(runs)
+    rng = random.Random(0)  # the same order on both ranks
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for key in order:
+            opt, closure = runs[key]
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                opt.step(closure)
+            times[key].append((time.perf_counter() - t0) / steps)
+    if rank == 0:
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"torch {torch.__version__}, {WORLD} gloo processes x {threads} thread(s), "
+              f"{rounds} rounds x {steps} steps, medians of rank 0's wall time per step")
+        print(f"{'engine':<7} {'plain ms':>9} {'SAM ms':>8} {'SAM / (2 x plain)':>18}")
+        for engine in ("fsdp2", "ddp"):
+            plain, sam = med[(engine, "sgd")], med[(engine, "sam")]
+            print(f"{engine:<7} {plain * 1e3:>9.2f} {sam * 1e3:>8.2f} "
+                  f"{sam / (2 * plain):>18.3f}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    args = parser.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_worker, args=(port, args.rounds, args.steps, args.threads),
+                       nprocs=WORLD, join=True, start_method="fork")
+
+
+if __name__ == "__main__":
+    main()
