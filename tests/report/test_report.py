@@ -133,6 +133,15 @@ def test_curves_clip_a_diverged_loss_and_keep_the_others_readable() -> None:
     assert plots.caption(plots.curves({"sgd": ok, "sam": ok}, "loss")) == ""
 
 
+def test_three_panels_wrap_two_a_row() -> None:
+    recs = [{"step": s, "loss": 1 / (1 + s), "a_acc": s / 10, "b_acc": s / 20} for s in range(9)]
+    fig = plots.curves({"x": recs}, ["loss", "a_acc", "b_acc"])
+    fig.canvas.draw()
+    boxes = [ax.get_window_extent() for ax in fig.axes]
+    assert len(boxes) == 3 and boxes[0].y0 == pytest.approx(boxes[1].y0)
+    assert boxes[2].y1 < boxes[0].y0  # the third panel sits below the first row
+
+
 def test_loss_on_less_than_a_decade_keeps_a_linear_axis() -> None:
     recs = [{"step": s, "loss": 0.3 - 0.01 * s} for s in range(10)]
     assert plots.curves({"a": recs}, "loss").axes[0].get_yscale() == "linear"

@@ -270,18 +270,23 @@ def curves(
     logy: bool | None = None,
     title: str | None = None,
 ) -> plt.Figure:
-    """One panel per metric in ``keys``, one line per label of ``histories``.
+    """One panel per metric in ``keys`` (two a row), one line per label of ``histories``.
 
     ``logy=None`` uses a log scale for keys containing "loss" when all drawn values are
     positive and span more than a decade. Pair labels ``(colour group, style group)`` share a
     colour per first element and a line style per second.
     """
     keys = [keys] if isinstance(keys, str) else list(keys)
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.8 * len(keys), 3.4), squeeze=False,
+    cols = min(len(keys), 2)  # two panels a row: a report page shows them at a readable size
+    rows = math.ceil(len(keys) / cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(4.8 * cols, 3.4 * rows), squeeze=False,
                              layout="constrained")
+    axes = grid.ravel()
+    for ax in axes[len(keys):]:
+        ax.remove()
     palette = _Palette(list(histories))
     cut: list[Clipped] = []
-    for ax, key in zip(axes[0], keys):
+    for ax, key in zip(axes, keys):
         lines = []
         for label, records in histories.items():
             xs, ys = series(records, key, x)
