@@ -165,6 +165,17 @@ def _ascent_scale(ctx: StepContext, loss: torch.Tensor | None, direction: list[t
     return 1.0 / (n + eps)
 
 
+def _sam_ascent(ctx: StepContext, loss: torch.Tensor | None, eps: float,
+                keep_g: bool) -> list[torch.Tensor] | None:
+    """SAM's ascent ``theta + rho g / (||g|| + eps)`` from the gradient in ``p.grad``; returns
+    a copy of ``g`` when the method's combine needs it (``keep_g`` and some radius > 0)."""
+    g = ctx.grads()
+    scale = _ascent_scale(ctx, loss, g, eps)
+    saved = _tree.snapshot(g) if keep_g and ctx.any_radius("rho") else None
+    ctx.perturb_(g, "rho", scale)
+    return saved
+
+
 # ---------------------------------------------------------------------- GSAM
 class GSAM(TwoPass):
     """Surrogate Gap Guided SAM (module docstring): ``d = g_p - alpha g_perp``.
@@ -190,12 +201,7 @@ class GSAM(TwoPass):
         super().__init__(params, base, radii={"rho": rho}, **kwargs)
 
     def _ascend(self, ctx: StepContext, loss: torch.Tensor | None) -> Any:
-        g = ctx.grads()
-        scale = _ascent_scale(ctx, loss, g, self.perturb_eps)
-        keep = self.alpha != 0.0 and ctx.any_radius("rho")
-        saved = _tree.snapshot(g) if keep else None
-        ctx.perturb_(g, "rho", scale)
-        return saved
+        return _sam_ascent(ctx, loss, self.perturb_eps, keep_g=self.alpha != 0.0)
 
     def _combine(self, ctx: StepContext, g: Any) -> None:
         if g is None:
@@ -238,12 +244,8 @@ class WSAM(TwoPass):
         return self.gamma / (1.0 - self.gamma)
 
     def _ascend(self, ctx: StepContext, loss: torch.Tensor | None) -> Any:
-        g = ctx.grads()
-        scale = _ascent_scale(ctx, loss, g, self.perturb_eps)
-        keep = ctx.any_radius("rho") and (self.decouple or self.weight != 1.0)
-        saved = _tree.snapshot(g) if keep else None
-        ctx.perturb_(g, "rho", scale)
-        return saved
+        return _sam_ascent(ctx, loss, self.perturb_eps,
+                           keep_g=self.decouple or self.weight != 1.0)
 
     def _combine(self, ctx: StepContext, g: Any) -> None:
         if g is None:
@@ -316,10 +318,7 @@ class LookSAM(SharpnessAware):
         loss = ctx.gradient(closure, first=True)
         g = ctx.grads()
         if full:
-            scale = _ascent_scale(ctx, loss, g, self.perturb_eps)
-            keep = self.k > 1 and ctx.any_radius("rho")
-            saved = _tree.snapshot(g) if keep else None
-            ctx.perturb_(g, "rho", scale)
+            saved = _sam_ascent(ctx, loss, self.perturb_eps, keep_g=self.k > 1)
             ctx.gradient(closure)
             ctx.restore()
             if saved is not None:
