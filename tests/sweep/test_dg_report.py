@@ -38,7 +38,7 @@ ACC = {
     "erm": {0: [0.80, 0.90, 0.70], 1: [0.82, 0.91, 0.72], 2: [0.79, 0.88, 0.69]},
     "dgsam": {0: [0.83, 0.92, 0.72], 1: [0.85, 0.93, 0.75], 2: [0.81, 0.90, 0.72]},
 }
-SHARP = {"erm": 0.2, "dgsam": 0.1}
+SHARP = {"erm": 0.2, "dgsam": 0.1}  # per seed: times (1 + seed), so the log ratio is ln(1/2)
 
 
 def _records():
@@ -46,7 +46,7 @@ def _records():
     for method, by_seed in ACC.items():
         for seed, accs in by_seed.items():
             for d, a in zip(DOMAINS, accs):
-                recs.append(_record(method, d, seed, a, SHARP[method] + 0.01 * seed))
+                recs.append(_record(method, d, seed, a, SHARP[method] * (1 + seed)))
     return recs
 
 
@@ -55,13 +55,14 @@ def test_per_seed_metrics_use_the_selection_and_the_common_step():
     row = m[("toy", "dgsam")][1]
     assert row["acc"] == pytest.approx(100 * np.mean(ACC["dgsam"][1]))
     assert row["worst"] == pytest.approx(100 * min(ACC["dgsam"][1]))
-    assert row["sharp_max"] == pytest.approx(0.11)  # "final", not the selected 99.0
+    assert row["sharp_max"] == pytest.approx(0.2)  # "final", not the selected 99.0
+    assert row["log_sharp_max"] == pytest.approx(math.log(0.2))
 
 
 def test_paired_rows_are_t_intervals_over_seeds_with_verdicts():
     rows = {(r["method"], r["baseline"], r["metric"]): r for r in paired_rows(_records())}
     # no SAM in the records: only the comparison with ERM (and ERM is nobody's method row)
-    assert set(rows) == {("dgsam", "erm", m) for m in ("acc", "worst", "sharp_max")}
+    assert set(rows) == {("dgsam", "erm", m) for m in ("acc", "worst", "log_sharp_max")}
     acc = rows[("dgsam", "erm", "acc")]
     d = [100 * (np.mean(ACC["dgsam"][s]) - np.mean(ACC["erm"][s])) for s in range(3)]
     half = t_quantile(0.975, 2) * np.std(d, ddof=1) / math.sqrt(3)
@@ -69,11 +70,13 @@ def test_paired_rows_are_t_intervals_over_seeds_with_verdicts():
     assert (acc["low"], acc["high"]) == pytest.approx((np.mean(d) - half, np.mean(d) + half))
     assert acc["n"] == 3 and acc["passed"] is (acc["low"] > 0)
     assert acc["verdict"].startswith("reproduced" if acc["passed"] else "not shown")
-    sharp = rows[("dgsam", "erm", "sharp_max")]
-    assert sharp["diff"] == pytest.approx(-0.1) and sharp["passed"]  # constant difference
+    sharp = rows[("dgsam", "erm", "log_sharp_max")]
+    assert sharp["diff"] == pytest.approx(math.log(0.5)) and sharp["passed"]  # constant ratio
+    assert sharp["mean_m"] == pytest.approx(0.2) and sharp["mean_b"] == pytest.approx(0.4)
     assert "flatter" in sharp["claim"] and "95% t CI over 3 seeds" in sharp["sentence"]
     text = paired_markdown(paired_rows(_records()))
     assert text.count("\n") == 2 + 3 and "| dgsam | erm | acc |" in text
+    assert acc["test_domains"] == DOMAINS
 
 
 def test_a_claim_with_an_interval_across_zero_is_not_shown():
@@ -85,6 +88,19 @@ def test_a_claim_with_an_interval_across_zero_is_not_shown():
     assert rows[("sam", "acc")]["low"] < 0 < rows[("sam", "acc")]["high"]
     assert not rows[("sam", "acc")]["passed"]
     assert rows[("sam", "acc")]["verdict"].startswith("not shown at this scale")
+
+
+def test_pairs_use_the_test_domains_both_methods_ran_on():
+    recs = _records()
+    for seed in range(3):  # SAM only on test domain "0"
+        recs.append(_record("sam", "0", seed, ACC["erm"][seed][0] - 0.01 * (seed + 1), 0.3))
+    rows = {(r["method"], r["baseline"], r["metric"]): r for r in paired_rows(recs)}
+    vs_sam = rows[("dgsam", "sam", "acc")]
+    assert vs_sam["test_domains"] == ["0"]
+    assert vs_sam["mean_m"] == pytest.approx(100 * np.mean([ACC["dgsam"][s][0] for s in range(3)]))
+    assert rows[("dgsam", "erm", "acc")]["test_domains"] == DOMAINS
+    assert rows[("sam", "erm", "acc")]["diff"] == pytest.approx(-2.0)  # on domain "0" only
+    assert not any(r["method"] == "erm" for r in paired_rows(recs))  # ERM is a baseline only
 
 
 def test_seeds_missing_a_test_domain_are_not_paired():

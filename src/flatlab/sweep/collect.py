@@ -279,8 +279,8 @@ def collect(runs_dir: str | Path, *, write: bool = True) -> tuple[str, str]:
         paired = paired_rows(records, selection)
         if paired:
             md += (f"\n**Paired differences over seeds** ({selection} selection; 95% t "
-                   "intervals, flatlab.report.stats; sharp_max at the same last step for every "
-                   "method)\n\n" + paired_markdown(paired))
+                   "intervals, flatlab.report.stats; log_sharp_max at the same last step for "
+                   "every method, means of the sharpness itself)\n\n" + paired_markdown(paired))
     if write:
         import matplotlib.pyplot as plt
 

@@ -10,9 +10,13 @@ data order for every method of a seed) and method, after model selection per tes
 
 * ``acc``: mean over the test domains of the held-out domain's accuracy (%);
 * ``worst``: the smallest of those per-test-domain accuracies (%);
-* ``sharp_max``: the largest per-training-domain worst-case sharpness, measured at the **same
-  training step for every method** (the last one, record key ``final``), averaged over the
-  test domains (each test domain trains a different model).
+* ``log_sharp_max``: the log of the largest per-training-domain worst-case sharpness,
+  measured at the **same training step for every method** (the last one, record key
+  ``final``), averaged over the test domains (each test domain trains a different model);
+  sharpness is positive and varies by factors, so its paired difference is a log ratio
+  (``exp`` of the interval is an interval for the ratio).
+
+A pair uses the test domains both methods were run on and the seeds that cover them all.
 
 For every method ``m`` and baseline ``b`` in (ERM, SAM) the per-seed differences ``m - b``
 get a 95% t interval (:func:`flatlab.report.stats.paired_difference`) and a verdict
@@ -64,15 +68,14 @@ def per_domain_sharpness(
 PAIRED_METRICS: dict[str, tuple[str, str, str]] = {
     "acc": ("more accurate on the held-out domains than", "greater", " points"),
     "worst": ("better on the worst held-out domain than", "greater", " points"),
-    "sharp_max": ("flatter (max per-domain sharpness, same step) than", "less", ""),
+    "log_sharp_max": ("flatter (log max per-domain sharpness, same step) than", "less", ""),
 }
 
 
-def per_seed_metrics(
-    records: Sequence[Mapping[str, Any]], selection: str = SELECTIONS[0],
-) -> dict[tuple[str, str], dict[int, dict[str, float]]]:
-    """``{(dataset, method): {seed: {"acc", "worst", "sharp_max"}}}`` after model selection,
-    over the seeds that cover every test domain of that method (module docstring)."""
+def _picks(
+    records: Sequence[Mapping[str, Any]], selection: str,
+) -> dict[tuple[str, str], dict[int, dict[str, dict[str, Any]]]]:
+    """``{(dataset, method): {seed: {test domain: selected pick}}}``."""
     from flatlab.sweep.collect import select
 
     groups: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
@@ -82,19 +85,30 @@ def per_seed_metrics(
         lambda: defaultdict(dict))
     for (dataset, method, domain, seed), group in groups.items():
         picked[(dataset, method)][seed][domain] = select(list(group), selection)
+    return picked
+
+
+def _seed_metrics(by_domain: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    accs = [100 * p["acc"] for p in by_domain.values()]
+    finals = [p["record"].get("final", {}).get("sharpness") for p in by_domain.values()]
+    sharp = float(np.mean([f["max"] for f in finals])) if all(finals) else math.nan
+    return {"acc": float(np.mean(accs)), "worst": float(min(accs)), "sharp_max": sharp,
+            "log_sharp_max": math.log(sharp) if sharp > 0 else math.nan}
+
+
+def per_seed_metrics(
+    records: Sequence[Mapping[str, Any]], selection: str = SELECTIONS[0],
+    domains: Sequence[str] | None = None,
+) -> dict[tuple[str, str], dict[int, dict[str, float]]]:
+    """``{(dataset, method): {seed: {"acc", "worst", "sharp_max", "log_sharp_max"}}}`` after
+    model selection, over ``domains`` (default: every test domain the method was run on) and
+    the seeds that cover all of them (module docstring)."""
     out: dict[tuple[str, str], dict[int, dict[str, float]]] = {}
-    for key, by_seed in picked.items():
-        domains = set.union(*(set(d) for d in by_seed.values()))
-        rows: dict[int, dict[str, float]] = {}
-        for seed, by_domain in sorted(by_seed.items()):
-            if set(by_domain) != domains:
-                continue  # a seed missing a test domain cannot be paired
-            accs = [100 * p["acc"] for p in by_domain.values()]
-            finals = [p["record"].get("final", {}).get("sharpness") for p in by_domain.values()]
-            sharp = (float(np.mean([f["max"] for f in finals])) if all(finals) else math.nan)
-            rows[seed] = {"acc": float(np.mean(accs)), "worst": float(min(accs)),
-                          "sharp_max": sharp}
-        out[key] = rows
+    for key, by_seed in _picks(records, selection).items():
+        want = set(domains) if domains is not None else set.union(
+            *(set(d) for d in by_seed.values()))
+        out[key] = {seed: _seed_metrics({d: by_domain[d] for d in sorted(want)})
+                    for seed, by_domain in sorted(by_seed.items()) if want <= set(by_domain)}
     return out
 
 
@@ -102,38 +116,47 @@ def paired_rows(
     records: Sequence[Mapping[str, Any]], selection: str = SELECTIONS[0],
     baselines: Sequence[str] = ("erm", "sam"), level: float = 0.95,
 ) -> list[dict[str, Any]]:
-    """One row per (dataset, method, baseline, metric): the paired difference over seeds, its
-    95% t interval and the verdict (module docstring). Needs >= 2 common seeds."""
+    """One row per (dataset, method, baseline, metric): the paired difference over seeds, on
+    the test domains both methods were run on, its 95% t interval and the verdict (module
+    docstring). ERM is a baseline only; needs >= 2 common seeds."""
     from flatlab.report.stats import Gate, paired_difference
     from flatlab.sweep.collect import METHOD_ORDER
 
-    metrics = per_seed_metrics(records, selection)
+    picked = _picks(records, selection)
+    tested = {k: set.union(*(set(d) for d in v.values())) for k, v in picked.items()}
     rank = {m: i for i, m in enumerate(METHOD_ORDER)}
     rows = []
-    for (dataset, method), by_seed in sorted(
-            metrics.items(), key=lambda kv: (kv[0][0], rank.get(kv[0][1], 99), kv[0][1])):
+    for dataset, method in sorted(tested, key=lambda k: (k[0], rank.get(k[1], 99), k[1])):
         for base in baselines:
-            if base == method or (dataset, base) not in metrics:
+            if method in ("erm", base) or (dataset, base) not in tested:
                 continue
-            other = metrics[(dataset, base)]
-            seeds = sorted(set(by_seed) & set(other))
+            common = sorted(tested[(dataset, method)] & tested[(dataset, base)])
+            if not common:
+                continue
+            metrics = per_seed_metrics(records, selection, common)
+            mine, other = metrics[(dataset, method)], metrics[(dataset, base)]
+            seeds = sorted(set(mine) & set(other))
             for metric, (words, direction, unit) in PAIRED_METRICS.items():
-                a = [by_seed[s][metric] for s in seeds]
+                a = [mine[s][metric] for s in seeds]
                 b = [other[s][metric] for s in seeds]
                 if len(seeds) < 2 or not all(math.isfinite(v) for v in a + b):
                     continue
                 gate = Gate(f"{method} {words} {base}", direction=direction, unit=unit)
                 verdict = gate.check(paired_difference(a, b, level=level))
+                raw = "sharp_max" if metric == "log_sharp_max" else metric
                 rows.append({"dataset": dataset, "method": method, "baseline": base,
-                             "metric": metric, "mean_m": float(np.mean(a)),
-                             "mean_b": float(np.mean(b)), **verdict.as_row(),
-                             "sentence": verdict.sentence()})
+                             "metric": metric, "test_domains": common,
+                             "mean_m": float(np.mean([mine[s][raw] for s in seeds])),
+                             "mean_b": float(np.mean([other[s][raw] for s in seeds])),
+                             **verdict.as_row(), "sentence": verdict.sentence()})
     return rows
 
 
 def paired_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The paired rows as a Markdown table (one line each)."""
-    head = "| method | vs | metric | method mean | baseline mean | difference [95% CI] | n |"
+    """The paired rows as a Markdown table (one line each; for ``log_sharp_max`` the means
+    are of the sharpness itself and ``exp(difference)`` is the ratio)."""
+    head = ("| method | vs | metric | method mean | baseline mean | difference [95% CI] | "
+            "n seeds |")
     lines = [head, "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['baseline']} | {r['metric']} | {r['mean_m']:.4g} | "
@@ -236,8 +259,8 @@ def report(run: Any, records: Sequence[Mapping[str, Any]], timing: Mapping[str, 
             "Paired differences against ERM and SAM",
             "Per seed, after training-domain-validation selection; 95% t intervals over seeds "
             "(flatlab.report.stats). A claim is reproduced only when its interval excludes 0 "
-            "in the claimed direction. sharp_max is measured at the same (last) step for "
-            "every method.",
+            "in the claimed direction. log_sharp_max (means: the sharpness itself) is measured "
+            "at the same (last) step for every method.",
             table=[{k: r[k] for k in ("method", "baseline", "metric", "mean_m", "mean_b",
                                       "verdict", "n")} for r in paired])
     if timing:
