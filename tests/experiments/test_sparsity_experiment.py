@@ -28,6 +28,9 @@ def test_sparsity_quick_end_to_end(tmp_path) -> None:
     band = next(v for k, v in sections.items() if k.startswith("5. Derivative"))["table"]
     assert len(band) == 2 * 5 and all(v["n"] == 2 for v in band)  # ReLU + 4 shifts, 2 gates
     assert isinstance(res["band.all_four_rise"], bool)
+    mods = next(v for k, v in sections.items() if k == "4. Modules: verdicts")["table"]
+    assert len(mods) in (1, 2) and all(v["n"] == 2 for v in mods)
+    assert isinstance(res["jsrelu_sparser_pass"], bool)
     assert res["band.relu.band_delta"] > 0  # the reference: ReLU sparsity emerges
     ft = next(v for k, v in sections.items() if k.startswith("7. Finetuning"))["table"]
     assert len(ft) == 2 * 2 and {"finetune.ramp.sparser", "finetune.ramp.acc_kept"} <= set(res)

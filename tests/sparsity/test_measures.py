@@ -128,3 +128,24 @@ def test_measures_clean_up_after_an_error(measure) -> None:
     assert net.training and net[1].inplace
     for m in net.modules():
         assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+
+
+def test_eigenvalue_ratio_is_the_ratio_of_the_eigenvalues_of_k_k_transpose() -> None:
+    w = torch.randn(12, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    res = spectral_concentration(weights={"K": w})
+    eig = torch.linalg.eigvalsh(w @ w.T)
+    nz = eig[eig > 1e-9 * eig.max()]
+    assert res.eigenvalue_ratio["K"] == pytest.approx(float(nz.max() / nz.min()), rel=1e-10)
+
+
+def test_zeroth_bias_defaults_to_the_output_placement() -> None:
+    from torch import nn
+
+    from flatlab.sparsity import ZerothBias
+
+    zb = ZerothBias(nn.Linear(3, 3), 3)
+    assert zb.placement == "output"
+    with torch.no_grad():
+        zb.bias0.fill_(0.5)
+    x = torch.randn(2, 3)
+    assert torch.allclose(zb(x), zb.inner(x) + 0.5)

@@ -25,8 +25,8 @@ from initialisation (``delta = final - init``; about 50% at init behind a LayerN
 8. the modules in a tiny pre-LN ViT on MNIST-1D patches, at matched accuracy
    (:mod:`~flatlab.experiments._sparsity_vit`).
 
-``parts`` picks ``targets`` (1-4 and 6), ``band`` (5), ``finetune`` (7) and ``vit`` (8);
-default: all.
+``parts`` picks ``targets`` (1-3 and 6), ``modules`` (4), ``band`` (5), ``finetune`` (7) and
+``vit`` (8); default: all.
 
 Data: a random tanh-teacher classification task (32-d, 10 classes) for 1-3 and 6, MNIST-1D for
 4. Every model is built from ``seed`` before training, so runs are paired across settings.
@@ -50,6 +50,7 @@ from flatlab.experiments._sparsity_finetune import Constrain, finetune_study
 from flatlab.experiments._sparsity_vit import vit_study
 from flatlab.models import Mixer, ResidualMLP
 from flatlab.report import plots
+from flatlab.report.stats import Gate, paired_difference
 from flatlab.sparsity import (
     activation_sparsity,
     augmented_flatness,
@@ -58,7 +59,7 @@ from flatlab.sparsity import (
 )
 from flatlab.train import ActivationSparsity, Evaluate, build_optimizer, fit
 
-PARTS = ("targets", "band", "finetune", "vit")
+PARTS = ("targets", "modules", "band", "finetune", "vit")
 
 
 class Config(ExperimentConfig):
@@ -80,6 +81,7 @@ class Config(ExperimentConfig):
     wds: list[float] = Field([0.0, 0.01], description="weight decays of the spectra check")
     module_epochs: int = Field(20, ge=1, description="epochs of the module comparison")
     module_lr: float = Field(0.2, gt=0, description="SGD lr of the module comparison")
+    module_seeds: int = Field(5, ge=1, description="paired seeds of the module comparison")
     mnist1d_n: int = Field(4000, ge=100, description="MNIST-1D examples for the modules")
     patch: int = Field(4, ge=1, description="MNIST-1D patch length (40 / patch tokens)")
     mixer_dim: int = Field(32, ge=2, description="token width of the MLP-mixer")
@@ -192,14 +194,16 @@ def run(cfg: Config, run: Run) -> dict:
         cfg = cfg.model_copy(update=dict(
             n=600, epochs=2, seeds=1, sam_seeds=2, lrs=[0.05, 0.5], batch_sizes=[64, 256],
             rhos=[0.1], wds=[0.0], module_epochs=1, mnist1d_n=400, width=16, mixer_dim=8,
-            band_seeds=2, finetune_seeds=2, finetune_epochs=1, ramp_epochs=1, vit_seeds=2,
-            vit_epochs=1, vit_dim=8, vit_heads=2))
+            module_seeds=2, band_seeds=2, finetune_seeds=2, finetune_epochs=1, ramp_epochs=1,
+            vit_seeds=2, vit_epochs=1, vit_dim=8, vit_heads=2))
     syn = teacher_student_classification(n=cfg.n, in_dim=cfg.in_dim, num_classes=cfg.classes,
                                          hidden=32, seed=cfg.seed, val_fraction=0.15,
                                          test_fraction=0.15)
     results: dict[str, Any] = {}
     if "targets" in cfg.parts:
         results.update(_targets(cfg, run, syn))
+    if "modules" in cfg.parts:
+        results.update(_modules(cfg, run))
     if "band" in cfg.parts:
         rows, verdicts, res = band_study(cfg, run, syn)
         results.update(res)
@@ -349,7 +353,59 @@ def _targets(cfg: Config, run: Run, syn: Any) -> dict:
         + ", ".join(f"{k}: {v}" for k, v in results.items() if k.startswith("sam0")),
         table=rows, figures=[run.savefig(fig, "sam_vs_sgd")])
 
-    # 4 modules -------------------------------------------------------------------------
+    # 6 spectra and random labels -------------------------------------------------------
+    rows, growth, growth_sq = [], [], []
+    for wd in cfg.wds:
+        for s in seeds:
+            r = (grid.get((cfg.top_lr, cfg.batch, s)) if wd == 0 else None) or _train(
+                run, f"wd{wd}-s{s}", mk(s), syn, seed=s, lr=cfg.top_lr, batch=cfg.batch,
+                epochs=cfg.epochs, weight_decay=wd)
+            if not r["diverged"]:
+                growth.append(r["spectra_growth"])
+                growth_sq.append(r["spectra_growth_mean_sq"])
+                rows.append({"wd": wd, "seed": s,
+                             "s_max/s_min init -> final (max over K)":
+                             f"{r['spectra_init']:.2f} -> {r['spectra_final']:.2f}",
+                             "growth, rank rule": round(r["spectra_growth"], 3),
+                             "growth, authors' rule": round(r["spectra_growth_mean_sq"], 3),
+                             "delta (pts)": _pts(r["delta_mean"])})
+    g = torch.Generator().manual_seed(cfg.seed)
+    shuffled = syn.train[1][torch.randperm(syn.train[1].shape[0], generator=g)]
+    rand = dataclasses.replace(syn, train=(syn.train[0], shuffled))
+    rl_gaps = []
+    for s in seeds:
+        r = _train(run, f"random-labels-s{s}", mk(s), rand, seed=s, lr=cfg.top_lr,
+                   batch=cfg.batch, epochs=cfg.epochs)
+        t = emerge[s]
+        if not (r["diverged"] or t["diverged"]):
+            rl_gaps.append(r["delta_mean"] - t["delta_mean"])
+            rows.append({"wd": "random labels", "seed": s, "delta (pts)": _pts(r["delta_mean"]),
+                         "true-label delta (pts)": _pts(t["delta_mean"])})
+    results["spectra_max_growth"] = round(max(growth), 3) if growth else "n/a"
+    results["spectra_pass"] = bool(growth and max(growth) < 2)
+    results["spectra_max_growth_authors_rule"] = round(max(growth_sq), 3) if growth_sq else "n/a"
+    results["random_label_gap_pts"] = [round(100 * v, 2) for v in rl_gaps]
+    results["random_labels_pass"] = bool(rl_gaps and min(rl_gaps) >= -0.02)
+    run.add_section(
+        "6. Spectra and random labels",
+        "Largest ratio over key weights of (s_max/s_min at the end) / (s_max/s_min at init), "
+        f"lr {cfg.top_lr}, batch {cfg.batch}, 'nonzero' = s > 1e-6 s_max (rank rule); pass < 2 "
+        f"for every weight decay: {results['spectra_max_growth']} -> "
+        f"{'PASS' if results['spectra_pass'] else 'MISS'}. With the authors' rule "
+        "(s^2 > 0.1 mean s^2) the largest growth is "
+        f"{results['spectra_max_growth_authors_rule']}. Marchenko-Pastur baseline of a "
+        f"{4 * cfg.width}x{cfg.width} key weight: 3. "
+        "Random labels (train labels shuffled): change minus true-label change "
+        f"{[_pts(v) for v in rl_gaps]} points, pass >= -2 -> "
+        f"{'PASS' if results['random_labels_pass'] else 'MISS'}.",
+        table=rows)
+    return results
+
+
+def _modules(cfg: Config, run: Run) -> dict:
+    """Target 4: ReLU vs J-SquaredReLU (+ zeroth bias, restricted LN) in a tiny MLP-mixer."""
+    seeds = [cfg.seed + i for i in range(cfg.module_seeds)]
+    results: dict[str, Any] = {}
     m1 = mnist1d(n=cfg.mnist1d_n, seed=cfg.seed)
     variants = {
         "relu": {},
@@ -406,52 +462,27 @@ def _targets(cfg: Config, run: Run, syn: Any) -> dict:
         f"{[_pts(m) for m in matched]} points.",
         table=rows, figures=[run.savefig(fig, "modules")])
 
-    # 6 spectra and random labels -------------------------------------------------------
-    rows, growth, growth_sq = [], [], []
-    for wd in cfg.wds:
-        for s in seeds:
-            r = (grid.get((cfg.top_lr, cfg.batch, s)) if wd == 0 else None) or _train(
-                run, f"wd{wd}-s{s}", mk(s), syn, seed=s, lr=cfg.top_lr, batch=cfg.batch,
-                epochs=cfg.epochs, weight_decay=wd)
-            if not r["diverged"]:
-                growth.append(r["spectra_growth"])
-                growth_sq.append(r["spectra_growth_mean_sq"])
-                rows.append({"wd": wd, "seed": s,
-                             "s_max/s_min init -> final (max over K)":
-                             f"{r['spectra_init']:.2f} -> {r['spectra_final']:.2f}",
-                             "growth, rank rule": round(r["spectra_growth"], 3),
-                             "growth, authors' rule": round(r["spectra_growth_mean_sq"], 3),
-                             "delta (pts)": _pts(r["delta_mean"])})
-    g = torch.Generator().manual_seed(cfg.seed)
-    shuffled = syn.train[1][torch.randperm(syn.train[1].shape[0], generator=g)]
-    rand = dataclasses.replace(syn, train=(syn.train[0], shuffled))
-    rl_gaps = []
-    for s in seeds:
-        r = _train(run, f"random-labels-s{s}", mk(s), rand, seed=s, lr=cfg.top_lr,
-                   batch=cfg.batch, epochs=cfg.epochs)
-        t = emerge[s]
-        if not (r["diverged"] or t["diverged"]):
-            rl_gaps.append(r["delta_mean"] - t["delta_mean"])
-            rows.append({"wd": "random labels", "seed": s, "delta (pts)": _pts(r["delta_mean"]),
-                         "true-label delta (pts)": _pts(t["delta_mean"])})
-    results["spectra_max_growth"] = round(max(growth), 3) if growth else "n/a"
-    results["spectra_pass"] = bool(growth and max(growth) < 2)
-    results["spectra_max_growth_authors_rule"] = round(max(growth_sq), 3) if growth_sq else "n/a"
-    results["random_label_gap_pts"] = [round(100 * v, 2) for v in rl_gaps]
-    results["random_labels_pass"] = bool(rl_gaps and min(rl_gaps) >= -0.02)
-    run.add_section(
-        "6. Spectra and random labels",
-        "Largest ratio over key weights of (s_max/s_min at the end) / (s_max/s_min at init), "
-        f"lr {cfg.top_lr}, batch {cfg.batch}, 'nonzero' = s > 1e-6 s_max (rank rule); pass < 2 "
-        f"for every weight decay: {results['spectra_max_growth']} -> "
-        f"{'PASS' if results['spectra_pass'] else 'MISS'}. With the authors' rule "
-        "(s^2 > 0.1 mean s^2) the largest growth is "
-        f"{results['spectra_max_growth_authors_rule']}. Marchenko-Pastur baseline of a "
-        f"{4 * cfg.width}x{cfg.width} key weight: 3. "
-        "Random labels (train labels shuffled): change minus true-label change "
-        f"{[_pts(v) for v in rl_gaps]} points, pass >= -2 -> "
-        f"{'PASS' if results['random_labels_pass'] else 'MISS'}.",
-        table=rows)
+    ok = [(j, r) for j, r in zip(mods["jsrelu"], mods["relu"])
+          if not (j["diverged"] or r["diverged"])]
+    if len(ok) >= 2:
+        sparser = Gate("J-SquaredReLU sparser than ReLU, final (pts)", "greater").check(
+            paired_difference([100 * j["final_mean"] for j, _ in ok],
+                              [100 * r["final_mean"] for _, r in ok]))
+        pairs = [(100 * _at_accuracy(j["history"], r["acc"]), 100 * r["history_final"])
+                 for j, r in ok]
+        pairs = [p for p in pairs if math.isfinite(p[0])]
+        verdicts = [sparser.as_row()]
+        results["jsrelu_sparser_ci"] = sparser.cell()
+        results["jsrelu_sparser_pass"] = sparser.passed
+        if len(pairs) >= 2:
+            matched_v = Gate("J-SquaredReLU sparser than ReLU at matched accuracy (pts)",
+                             "greater").check(paired_difference([p[0] for p in pairs],
+                                                                [p[1] for p in pairs]))
+            verdicts.append(matched_v.as_row())
+            results["jsrelu_matched_ci"] = matched_v.cell()
+            results["jsrelu_matched_pass"] = matched_v.passed
+        run.add_section("4. Modules: verdicts", "Paired over seeds, 95% t CI "
+                        "(flatlab.report.stats).", table=verdicts)
     return results
 
 

@@ -17,7 +17,7 @@ with ``k = min(step / ramp_steps, 1)``; at ``k = 0`` the output is ReLU's, bit f
 token position; ``(d,)`` when ``tokens`` is None, which then folds into the first bias) that
 starts at 0 and is added to every sample, either at the MLP input, ``MLP(LN(x) + b0)``
 (``placement="input"``, the paper's text and its early code), or at its output,
-``MLP(LN(x)) + b0`` (``"output"``, the authors' later code). After each step it is clipped
+``MLP(LN(x)) + b0`` (``"output"``, the authors' later code, and the default). After each step it is clipped
 elementwise to ``|b0| <= c |gamma|``, ``gamma`` the scale of the LayerNorm before the MLP
 (1 when there is none or it has no affine), ``c = 0.1`` by default.
 
@@ -188,7 +188,9 @@ class ZerothBias(nn.Module):
         dim: feature size ``d`` of the biased tensor.
         tokens: number of token positions ``T`` (b0 of shape ``(T, d)``), a tuple of leading
             sizes (b0 of shape ``(*tokens, d)``), or None for ``(d,)``.
-        placement: "input" or "output".
+        placement: "output" (default: ``MLP(LN(x)) + b0``, the authors' final code, when
+            ``inner`` is the MLP's last layer) or "input" (``MLP(LN(x) + b0)``, the paper's text
+            and their early code).
         clip: the constant ``c`` (>= 0).
         norm: the LayerNorm whose scale bounds b0 (None: ``|gamma| = 1``).
     """
@@ -198,7 +200,7 @@ class ZerothBias(nn.Module):
         inner: nn.Module,
         dim: int,
         tokens: int | tuple[int, ...] | None = None,
-        placement: str = "input",
+        placement: str = "output",
         clip: float = 0.1,
         norm: nn.LayerNorm | None = None,
     ) -> None:

@@ -9,6 +9,7 @@ each weight
 
     ratio    = s_max / s_min,nz     over singular values s_i > rtol * s_max  ("nonzero"; or
                                     s_i^2 > rtol * mean(s^2), the authors' rule)
+    eigenvalue_ratio = ratio^2      the same in the authors' units, eigenvalues of K K^T
     baseline = (1 + sqrt(c)) / (1 - sqrt(c)),   c = min(m, n) / max(m, n)
 
 where ``baseline`` is the ratio of the edges of the Marchenko-Pastur law for an ``m x n``
@@ -48,6 +49,11 @@ class SpectralConcentration:
     normalized: dict[str, float]
     rank: dict[str, int]
     shapes: dict[str, tuple[int, int]]
+
+    @property
+    def eigenvalue_ratio(self) -> dict[str, float]:
+        """name -> ``λ_max / λ_min,nz`` of ``K Kᵀ`` (the authors' units): ``ratio ** 2``."""
+        return {k: v * v for k, v in self.ratio.items()}
 
 
 def marchenko_pastur_ratio(rows: int, cols: int) -> float:
