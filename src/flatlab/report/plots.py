@@ -25,9 +25,7 @@ Every figure keeps to three rules of readability:
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import matplotlib
@@ -37,32 +35,38 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-__all__ = ["CLIP_FACTOR", "Clipped", "bars", "caption", "clipped", "curves", "domain_bars",
-           "eigenvalue_plot", "series"]
+from flatlab.report._layout import (  # noqa: E402
+    CLIP_FACTOR,
+    GRAY,
+    MARKERS,
+    STYLES,
+    Clipped,
+    Label,
+    Line,
+    Palette,
+    caption,
+    clip_limit,
+    clipped,
+    display_name,
+    draw,
+    legend,
+    log_axis,
+    marker_entries,
+    nonfinite,
+    remember,
+)
+
+__all__ = ["CLIP_FACTOR", "Clipped", "Label", "bars", "caption", "clipped", "curves",
+           "domain_bars", "eigenvalue_plot", "series"]
 
 Records = Sequence[Mapping[str, Any]]
-Label = str | tuple[str, str]
-
-CLIP_FACTOR = 1e3
-_STYLES = (("-", None), ("--", None), (":", None), ("-.", None),
-           ("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
-_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-_GRAY = "#555555"
 _EDGES = (
     ("edge_gd", "2/lr", "--"), ("edge_usam", "USAM edge", ":"), ("edge_sam", "SAM edge", "-."),
 )
-_CLIPPED: weakref.WeakKeyDictionary[plt.Figure, list[Clipped]] = weakref.WeakKeyDictionary()
 
 
 def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _nonfinite(v: Any) -> bool:
-    """A logged value that stands for a non-finite number (``metrics.jsonl`` writes "nan")."""
-    if isinstance(v, str):
-        return v.strip().lower() in {"nan", "inf", "-inf", "+inf", "infinity", "-infinity"}
-    return isinstance(v, float) and not math.isfinite(v)
 
 
 def series(records: Records, key: str, x: str = "step") -> tuple[list[float], list[float]]:
@@ -79,186 +83,11 @@ def series(records: Records, key: str, x: str = "step") -> tuple[list[float], li
 def _nonfinite_at(records: Records, key: str, x: str) -> float | None:
     """The ``x`` of the first record whose ``key`` is non-finite (None if there is none)."""
     for rec in records:
-        if _nonfinite(rec.get(key)) and _number(rec.get(x)):
+        if nonfinite(rec.get(key)) and _number(rec.get(x)):
             return float(rec[x])
     return None
 
 
-@dataclass(frozen=True)
-class Clipped:
-    """A curve (or bar) drawn clipped at the edge of the axes, or cut short by a non-finite value.
-
-    Attributes:
-        name: the run's label as the caption shows it.
-        key: the metric (``"lambda_max"``, ``"loss"``, a bar chart's y label).
-        peak: the largest absolute value logged (NaN if none was finite).
-        peak_at: the ``x`` of that value (None for bars).
-        nonfinite_at: the ``x`` of the first non-finite value (None if all were finite).
-        x: the name of the x axis (``"step"``).
-    """
-
-    name: str
-    key: str
-    peak: float
-    peak_at: float | None = None
-    nonfinite_at: float | None = None
-    x: str = "step"
-
-    def describe(self) -> str:
-        parts = []
-        if math.isfinite(self.peak):
-            where = f" at {self.x} {self.peak_at:g}" if self.peak_at is not None else ""
-            parts.append(f"{self.key} reached {self.peak:.3g}{where}")
-        if self.nonfinite_at is not None:
-            parts.append(f"{self.key} non-finite from {self.x} {self.nonfinite_at:g}")
-        return "; ".join(parts)
-
-
-def clipped(fig: plt.Figure) -> list[Clipped]:
-    """The diverged curves of a figure drawn by this module (empty when there are none)."""
-    return list(_CLIPPED.get(fig, []))
-
-
-def caption(fig: plt.Figure) -> str:
-    """One sentence naming the diverged runs of ``fig`` ("" when every curve is on scale)."""
-    items = clipped(fig)
-    if not items:
-        return ""
-    by_name: dict[str, list[str]] = {}
-    for c in items:
-        by_name.setdefault(c.name, []).append(c.describe())
-    runs = "; ".join(f"{name} ({', '.join(d)})" for name, d in by_name.items())
-    return (f"Diverged: {runs}. Values more than {CLIP_FACTOR:g}x the other curves' scale are "
-            "drawn clipped at the edge of the axes (▲/▼); ✕ marks the last finite value.")
-
-
-def _remember(fig: plt.Figure, items: list[Clipped]) -> None:
-    if items:
-        _CLIPPED[fig] = items
-        fig.flatlab_caption = caption(fig)  # read by Run.savefig (train must not import report)
-
-
-# ---------------------------------------------------------------------------- drawing helpers
-def _name(label: Label) -> str:
-    return label if isinstance(label, str) else " · ".join(label)
-
-
-@dataclass
-class _Palette:
-    """Colour (and style) per label: by the label, or by each half of ``(colour, style)``."""
-
-    labels: Sequence[Label]
-    colors: dict[str, str] = field(default_factory=dict)
-    styles: dict[str, int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        firsts = list(dict.fromkeys(lab if isinstance(lab, str) else lab[0] for lab in self.labels))
-        cmap = plt.get_cmap("tab10" if len(firsts) <= 10 else "tab20")
-        self.colors = {f: matplotlib.colors.to_hex(cmap(i % cmap.N)) for i, f in enumerate(firsts)}
-        seconds = [lab[1] for lab in self.labels if not isinstance(lab, str)]
-        self.styles = {s: i for i, s in enumerate(dict.fromkeys(seconds))}
-
-    def color(self, label: Label) -> str:
-        return self.colors[label if isinstance(label, str) else label[0]]
-
-    def style(self, label: Label) -> int | None:
-        """Index of the label's style group (None for a plain string label)."""
-        return None if isinstance(label, str) else self.styles[label[1]]
-
-    def entries(self, style_handle: Any) -> list[tuple[Any, str]]:
-        """Legend entries: one per colour group, then one per style group."""
-        out: list[tuple[Any, str]] = [(Line2D([], [], color=c, lw=2), f) for f, c in
-                                      self.colors.items()]
-        out += [(style_handle(i), s) for s, i in self.styles.items()]
-        return out
-
-
-@dataclass
-class _Line:
-    name: str
-    key: str
-    xs: list[float]
-    ys: list[float]
-    nonfinite_at: float | None
-    style: dict[str, Any]
-
-
-def _clip_limit(peaks: Sequence[float]) -> float | None:
-    """The largest peak on scale, when some peak is more than CLIP_FACTOR above the rest.
-
-    The scale is the lower median of the curves' peaks, so a diverged minority (never a
-    majority) is clipped.
-    """
-    peaks = sorted(p for p in peaks if math.isfinite(p))
-    if len(peaks) < 2:
-        return None
-    ref = peaks[(len(peaks) - 1) // 2]
-    if ref <= 0 or peaks[-1] <= CLIP_FACTOR * ref:
-        return None
-    return max(p for p in peaks if p <= CLIP_FACTOR * ref)
-
-
-def _draw(ax: plt.Axes, lines: Sequence[_Line], x: str) -> list[Clipped]:
-    """Plot ``lines`` on ``ax``, clipping diverged ones; return what was clipped or cut."""
-    limit = _clip_limit([max(abs(y) for y in ln.ys) for ln in lines if ln.ys])
-    out = []
-    for ln in lines:
-        if not ln.xs:
-            continue
-        peak_i = max(range(len(ln.ys)), key=lambda i: abs(ln.ys[i]))
-        over = limit is not None and abs(ln.ys[peak_i]) > limit
-        ys = [max(-limit, min(limit, y)) for y in ln.ys] if over else ln.ys
-        ax.plot(ln.xs, ys, **ln.style)
-        color = ln.style.get("color")
-        if over:
-            for sign, marker in ((1, "^"), (-1, "v")):
-                pts = [(px, py) for px, py, y0 in zip(ln.xs, ys, ln.ys) if sign * y0 > limit]
-                if pts:
-                    ax.plot(*zip(*pts), ls="none", marker=marker, ms=7, color=color,
-                            markeredgecolor="black", clip_on=False, zorder=5)
-        if ln.nonfinite_at is not None:
-            last = [i for i, px in enumerate(ln.xs) if px < ln.nonfinite_at]
-            if last:
-                ax.plot([ln.xs[last[-1]]], [ys[last[-1]]], ls="none", marker="X", ms=8,
-                        color=color, markeredgecolor="black", zorder=5)
-        if over or ln.nonfinite_at is not None:
-            out.append(Clipped(ln.name, ln.key, abs(ln.ys[peak_i]) if over else math.nan,
-                               ln.xs[peak_i] if over else None, ln.nonfinite_at, x))
-    return out
-
-
-def _marker_entries(items: Sequence[Clipped]) -> list[tuple[Any, str]]:
-    out = []
-    if any(math.isfinite(c.peak) for c in items):
-        out.append((Line2D([], [], ls="none", marker="^", ms=7, color="white",
-                           markeredgecolor="black"), "clipped (diverged)"))
-    if any(c.nonfinite_at is not None for c in items):
-        out.append((Line2D([], [], ls="none", marker="X", ms=7, color="white",
-                           markeredgecolor="black"), "last finite value"))
-    return out
-
-
-def _legend(fig: plt.Figure, entries: Sequence[tuple[Any, str]]) -> None:
-    """One legend for the figure, below the axes, in as many columns as its width allows.
-
-    The figure grows by the legend's height, so the axes keep their size; the legend lists each
-    colour group and each style group once (:class:`_Palette`), not every pair.
-    """
-    if not entries:
-        return
-    width, height = fig.get_size_inches()
-    lengths = sorted(len(label) for _, label in entries)
-    typical = lengths[(3 * len(lengths)) // 4]  # a few long labels may widen the figure
-    ncols = max(1, min(len(entries), int(width / (0.6 + 0.075 * typical))))
-    rows = math.ceil(len(entries) / ncols)
-    fig.set_size_inches(width, height + 0.2 * rows + 0.15)
-    handles, labels = zip(*entries)
-    fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize=8,
-               frameon=False)
-
-
-def _log_axis(values: Sequence[float]) -> bool:
-    return bool(values) and min(values) > 0 and max(values) > 10 * min(values)
 
 
 # ---------------------------------------------------------------------------- figures
@@ -284,24 +113,25 @@ def curves(
     axes = grid.ravel()
     for ax in axes[len(keys):]:
         ax.remove()
-    palette = _Palette(list(histories))
+    palette = Palette(list(histories))
     cut: list[Clipped] = []
     for ax, key in zip(axes, keys):
         lines = []
         for label, records in histories.items():
             xs, ys = series(records, key, x)
             style: dict[str, Any] = {"color": palette.color(label), "lw": 1.4,
-                                     "label": _name(label)}
+                                     "label": display_name(label)}
             group = palette.style(label)
             if group is None:
                 style["marker"] = "." if len(xs) < 30 else None
             else:
-                style["ls"], style["marker"] = _STYLES[group % len(_STYLES)]
+                style["ls"], style["marker"] = STYLES[group % len(STYLES)]
                 style["ms"] = 3
-            lines.append(_Line(_name(label), key, xs, ys, _nonfinite_at(records, key, x), style))
-        cut += _draw(ax, lines, x)
+            lines.append(Line(display_name(label), key, xs, ys, _nonfinite_at(records, key, x),
+                              style))
+        cut += draw(ax, lines, x)
         drawn = [y for line in ax.lines for y in line.get_ydata()]
-        if drawn and (("loss" in key and _log_axis(drawn)) if logy is None else logy):
+        if drawn and (("loss" in key and log_axis(drawn)) if logy is None else logy):
             ax.set_yscale("log")
         ax.set_xlabel(x)
         ax.set_ylabel(key)
@@ -311,18 +141,18 @@ def curves(
             ax.text(0.5, 0.5, f"no '{key}' logged", ha="center", va="center",
                     transform=ax.transAxes)
     if any(series(r, k, x)[0] for r in histories.values() for k in keys):
-        _legend(fig, palette.entries(lambda i: Line2D([], [], color="black", lw=1.4,
-                                                      ls=_STYLES[i % len(_STYLES)][0],
-                                                      marker=_STYLES[i % len(_STYLES)][1]))
-                + _marker_entries(cut))
-    _remember(fig, cut)
+        legend(fig, palette.entries(lambda i: Line2D([], [], color="black", lw=1.4,
+                                                      ls=STYLES[i % len(STYLES)][0],
+                                                      marker=STYLES[i % len(STYLES)][1]))
+                + marker_entries(cut))
+    remember(fig, cut)
     return fig
 
 
-def _shared_edges(edges: Sequence[_Line]) -> tuple[list[_Line], list[_Line]]:
+def _shared_edges(edges: Sequence[Line]) -> tuple[list[Line], list[Line]]:
     """Split edge lines into those of one run and constant ones several runs share (drawn once,
     grey, across the union of their steps)."""
-    groups: dict[tuple[str, float], list[_Line]] = {}
+    groups: dict[tuple[str, float], list[Line]] = {}
     for ln in edges:
         if ln.ys and max(ln.ys) - min(ln.ys) <= 1e-12 * max(1.0, abs(ln.ys[0])):
             groups.setdefault((ln.key, round(ln.ys[0], 12)), []).append(ln)
@@ -332,9 +162,9 @@ def _shared_edges(edges: Sequence[_Line]) -> tuple[list[_Line], list[_Line]]:
             continue
         own = [ln for ln in own if all(ln is not m for m in members)]
         lo, hi = min(m.xs[0] for m in members), max(m.xs[-1] for m in members)
-        style = {**members[0].style, "color": _GRAY,
+        style = {**members[0].style, "color": GRAY,
                  "label": f"{', '.join(m.name for m in members)}: {members[0].style['label']}"}
-        shared.append(_Line(", ".join(m.name for m in members), members[0].key, [lo, hi],
+        shared.append(Line(", ".join(m.name for m in members), members[0].key, [lo, hi],
                             [value, value], None, style))
     return own, shared
 
@@ -347,23 +177,23 @@ def eigenvalue_plot(histories: Mapping[Label, Records], *, x: str = "step") -> p
     the first element and the marker the second.
     """
     fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
-    palette = _Palette(list(histories))
+    palette = Palette(list(histories))
     lams, edges, present = [], [], []
     for label, records in histories.items():
         xs, ys = series(records, "lambda_max", x)
         if not xs:
             continue
-        name, color = _name(label), palette.color(label)
+        name, color = display_name(label), palette.color(label)
         group = palette.style(label)
-        marker = "o" if group is None else _MARKERS[group % len(_MARKERS)]
-        lams.append(_Line(name, "lambda_max", xs, ys, _nonfinite_at(records, "lambda_max", x),
+        marker = "o" if group is None else MARKERS[group % len(MARKERS)]
+        lams.append(Line(name, "lambda_max", xs, ys, _nonfinite_at(records, "lambda_max", x),
                           {"color": color, "lw": 1.6, "marker": marker, "ms": 3,
                            "label": f"{name}: λ_max"}))
         for key, qname, style in _EDGES:
             ex, ey = series(records, key, x)
             if ex:
                 present.append(key)
-                edges.append(_Line(name, key, ex, ey, None, {
+                edges.append(Line(name, key, ex, ey, None, {
                     "color": color, "ls": style, "lw": 1.0, "alpha": 0.8,
                     "label": f"{name}: {qname}"}))
     ordered = []
@@ -371,26 +201,26 @@ def eigenvalue_plot(histories: Mapping[Label, Records], *, x: str = "step") -> p
         ordered += [lam] + [e for e in edges if e.name == lam.name]
     own, shared = _shared_edges(edges)
     ordered = [ln for ln in ordered if ln.key == "lambda_max" or any(ln is o for o in own)]
-    cut = _draw(ax, ordered + shared, x)
+    cut = draw(ax, ordered + shared, x)
     ax.set_xlabel(x)
     ax.set_ylabel("top Hessian eigenvalue")
     ax.set_title("Top eigenvalue vs edge of stability")
     ax.grid(alpha=0.3)
     if lams:
-        entries = palette.entries(lambda i: Line2D([], [], ls="none", color=_GRAY,
-                                                   marker=_MARKERS[i % len(_MARKERS)]))
+        entries = palette.entries(lambda i: Line2D([], [], ls="none", color=GRAY,
+                                                   marker=MARKERS[i % len(MARKERS)]))
         if len(palette.styles) == 0:  # plain labels: the colour entries carry λ_max's marker
             entries = [(Line2D([], [], color=h.get_color(), lw=1.6, marker="o", ms=3), t)
                        for h, t in entries]
-        entries.append((Line2D([], [], color=_GRAY, lw=1.6), "λ_max"))
-        entries += [(Line2D([], [], color=_GRAY, ls=style, lw=1.0), qname)
+        entries.append((Line2D([], [], color=GRAY, lw=1.6), "λ_max"))
+        entries += [(Line2D([], [], color=GRAY, ls=style, lw=1.0), qname)
                     for key, qname, style in _EDGES if key in present]
         if shared:
-            entries.append((Patch(color=_GRAY), "grey: edge of several runs"))
-        _legend(fig, entries + _marker_entries(cut))
+            entries.append((Patch(color=GRAY), "grey: edge of several runs"))
+        legend(fig, entries + marker_entries(cut))
     else:
         ax.text(0.5, 0.5, "no eigenvalues logged", ha="center", va="center", transform=ax.transAxes)
-    _remember(fig, cut)
+    remember(fig, cut)
     return fig
 
 
@@ -412,8 +242,8 @@ def bars(values: Mapping[str, float], *, ylabel: str, title: str = "") -> plt.Fi
     labels = list(values)
     heights = [float(values[k]) for k in labels]
     fig, ax = plt.subplots(figsize=(max(3.5, 0.9 * len(values) + 1.5), 3.4), layout="constrained")
-    limit = _clip_limit([abs(h) for h in heights])
-    colors = _Palette(labels)
+    limit = clip_limit([abs(h) for h in heights])
+    colors = Palette(labels)
     shown = [h if not (limit and abs(h) > limit) else math.copysign(limit, h) for h in heights]
     rects = ax.bar(range(len(labels)), [h if math.isfinite(h) else 0.0 for h in shown],
                    color=[colors.color(k) for k in labels])
@@ -433,7 +263,7 @@ def bars(values: Mapping[str, float], *, ylabel: str, title: str = "") -> plt.Fi
     ax.set_ylabel(ylabel)
     ax.set_title(title or ylabel)
     ax.grid(alpha=0.3, axis="y")
-    _remember(fig, cut)
+    remember(fig, cut)
     return fig
 
 
@@ -448,7 +278,7 @@ def domain_bars(
     width = 0.8 / max(len(labels), 1)
     fig, ax = plt.subplots(figsize=(max(4.5, 0.5 * len(domains) * max(len(labels), 1) + 2), 3.6),
                            layout="constrained")
-    palette = _Palette(labels)
+    palette = Palette(labels)
     for i, label in enumerate(labels):
         xs = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(domains))]
         ax.bar(xs, [float(values[label].get(d, math.nan)) for d in domains], width,
@@ -458,5 +288,5 @@ def domain_bars(
     ax.set_ylabel(ylabel)
     ax.set_title(title or f"{ylabel} per domain")
     ax.grid(alpha=0.3, axis="y")
-    _legend(fig, [(Patch(color=palette.color(k)), k) for k in labels])
+    legend(fig, [(Patch(color=palette.color(k)), k) for k in labels])
     return fig
