@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from flatlab._checks import check_positive, check_positive_int
+from flatlab.curvature._progress import Meter
 from flatlab.curvature.eigen import _orthogonalize, _work_dtype
 from flatlab.curvature.operator import as_operator
 
@@ -41,6 +42,8 @@ class DensityResult:
         grid, density: the smoothed density ``sum_j w_j N(t; theta_j, sigma^2)`` on a grid.
         sigma: the Gaussian width used.
         n_matvecs: operator products used (``runs * steps``).
+        converged: every planned Lanczos step ran (``False``: a budget ended the
+            measurement; the runs done are averaged, a cut run as its shorter Gauss rule).
     """
 
     nodes: torch.Tensor
@@ -49,13 +52,15 @@ class DensityResult:
     density: torch.Tensor
     sigma: float
     n_matvecs: int
+    converged: bool = True
 
     def moment(self, p: int) -> float:
         """``sum_j w_j theta_j^p``, an estimate of ``tr(A^p) / n``."""
         return float((self.weights * self.nodes**p).sum())
 
 
-def _lanczos_quadrature(op, v: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _lanczos_quadrature(op, v: torch.Tensor, steps: int,
+                        meter: Meter | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     n = v.shape[0]
     Q = torch.empty(n, steps, dtype=v.dtype, device=v.device)  # v is float32 or float64
     alpha, beta = [], []
@@ -64,11 +69,15 @@ def _lanczos_quadrature(op, v: torch.Tensor, steps: int) -> tuple[torch.Tensor, 
     for j in range(steps):
         w = op.matvec(Q[:, j]).to(v.dtype)
         used += 1
+        if meter is not None:
+            meter.update(1)
         w, h = _orthogonalize(w, Q[:, : j + 1])
         alpha.append(float(h[j]))
         b = float(w.norm())
         if j + 1 == steps or b <= 1e3 * torch.finfo(v.dtype).eps * max(abs(a) for a in alpha):
             break  # the Krylov space is invariant: the rule is exact
+        if meter is not None and meter.exhausted:
+            break  # a budget ended: the shorter rule is still a Gauss rule
         beta.append(b)
         Q[:, j + 1] = w / b
     T = torch.diag(torch.tensor(alpha, dtype=torch.float64))
@@ -89,6 +98,9 @@ def spectral_density(
     sigma: float | None = None,
     grid_points: int = 1000,
     seed: int = 0,
+    max_matvecs: int | None = None,
+    max_seconds: float | None = None,
+    progress: Any = True,
     params: Any = None,
     eval_mode: bool = True,
 ) -> DensityResult:
@@ -102,6 +114,9 @@ def spectral_density(
         sigma: width of the Gaussian smoothing (default 1% of the spectral range).
         grid_points: size of the grid, which spans the nodes plus 5 sigma either side.
         seed: seed of the probes.
+        max_matvecs, max_seconds: budgets; when one ends, the runs so far are averaged (the
+            cut run with its shorter Gauss rule) and ``converged=False``.
+        progress: a progress bar on stderr when it is a terminal (``False``: never).
 
     Example:
         >>> A = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
@@ -118,14 +133,22 @@ def spectral_density(
     gen = torch.Generator().manual_seed(int(seed))
     nodes = torch.zeros(runs, steps, dtype=torch.float64)
     weights = torch.zeros(runs, steps, dtype=torch.float64)
-    used = 0
-    for r in range(runs):
-        v = (torch.randint(0, 2, (n,), generator=gen).to(torch.float64) * 2 - 1).to(
-            dtype=_work_dtype(op.dtype), device=op.device)
-        theta, tau, u = _lanczos_quadrature(op, v, steps)
-        used += u
-        nodes[r, : len(theta)] = theta
-        weights[r, : len(theta)] = tau / tau.sum() / runs  # padding keeps weight 0
+    used, done = 0, 0
+    meter = Meter("spectral density (SLQ)", runs * steps, max_matvecs=max_matvecs,
+                  max_seconds=max_seconds, progress=progress)
+    with meter:
+        for r in range(runs):
+            if r > 0 and meter.exhausted:
+                break
+            v = (torch.randint(0, 2, (n,), generator=gen).to(torch.float64) * 2 - 1).to(
+                dtype=_work_dtype(op.dtype), device=op.device)
+            theta, tau, u = _lanczos_quadrature(op, v, steps, meter)
+            used += u
+            done += 1
+            nodes[r, : len(theta)] = theta
+            weights[r, : len(theta)] = tau / tau.sum()  # padding keeps weight 0
+    weights /= done
+    converged = not meter.stopped
     lo, hi = float(nodes[weights > 0].min()), float(nodes[weights > 0].max())
     if sigma is None:
         sigma = max(hi - lo, abs(hi), 1e-12) / 100
@@ -134,4 +157,4 @@ def spectral_density(
     z = (grid[:, None] - nodes.reshape(1, -1)) / sigma
     kernel = torch.exp(-0.5 * z**2) / (sigma * math.sqrt(2 * math.pi))
     density = kernel @ weights.reshape(-1)
-    return DensityResult(nodes, weights, grid, density, sigma, used)
+    return DensityResult(nodes, weights, grid, density, sigma, used, converged)

@@ -27,12 +27,15 @@ Shapes: ``values (k,)``, ``vectors (n, k)`` (columns), ``residuals (k,)``.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from flatlab._checks import check_choice, check_positive, check_positive_int
+from flatlab.curvature._progress import Meter
 from flatlab.curvature.operator import as_operator
 
 _WHICH = ("largest", "smallest", "magnitude")
@@ -119,6 +122,8 @@ def lanczos(
     krylov_dim: int | None = None,
     init: Any = None,
     seed: int | None = None,
+    max_seconds: float | None = None,
+    progress: Any = False,
 ) -> EigenResult:
     """Thick-restart Lanczos with full reorthogonalization (see module docstring).
 
@@ -133,6 +138,10 @@ def lanczos(
         init: start vector ``(n,)``, several ``(n, m)`` (their sum is used), or an
             :class:`EigenResult` (its vectors): warm start.
         seed: seed of the random start when ``init`` is not given.
+        max_seconds: wall-clock budget; when it (or ``max_matvecs``) ends first, the current
+            Ritz pairs are returned with ``converged=False``.
+        progress: a progress bar on stderr when it is a terminal (see
+            :mod:`flatlab.curvature._progress`).
     """
     op = as_operator(op)
     n = op.shape[0]
@@ -155,9 +164,12 @@ def lanczos(
     S = torch.zeros(m, m, dtype=torch.float64)  # projected matrix T = Q^T A Q
     j, used = 0, 0
     gen = torch.Generator().manual_seed(12345 if seed is None else int(seed) + 1)
+    meter = Meter(f"eigenvalues (lanczos, k={k})", None, max_matvecs=max_matvecs,
+                  max_seconds=max_seconds, progress=progress)
     while True:
         w = op.matvec(Q[:, j]).to(dtype)
         used += 1
+        meter.update(1)
         w, h = _orthogonalize(w, Q[:, : j + 1])
         hh = h.to(torch.float64).cpu()
         S[: j + 1, j] = hh
@@ -170,7 +182,7 @@ def lanczos(
         want = order[:k]
         done = j + 1 >= k and bool((resid[want] <= tol * scale).all())
         exhausted = j + 1 == n
-        if done or exhausted or used >= max_matvecs:
+        if done or exhausted or meter.exhausted:
             break
         if beta <= 10 * eps * scale:  # invariant subspace: continue from a fresh direction
             r = torch.randn(n, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
@@ -198,6 +210,7 @@ def lanczos(
     vectors = Q[:, : j + 1] @ s
     values = theta[want].to(dtype=dtype, device=device)
     residuals = resid[want].to(dtype=dtype, device=device)
+    meter.close()
     converged = done or exhausted
     return EigenResult(values, vectors, residuals, used, converged, which, "lanczos")
 
@@ -211,12 +224,16 @@ def power_iteration(
     max_matvecs: int | None = None,
     init: Any = None,
     seed: int | None = None,
+    max_seconds: float | None = None,
+    progress: Any = False,
 ) -> EigenResult:
     """Deflated power iteration; stops when ``||A v - theta v|| <= tol * |theta|``.
 
     ``which="magnitude"`` is the plain method. ``"largest"``/``"smallest"`` first estimate
     the largest-magnitude eigenvalue ``mu`` and, if it is at the wrong end of the spectrum,
-    iterate on ``A - mu I`` instead. ``max_matvecs`` (default 1000) is per eigenpair.
+    iterate on ``A - mu I`` instead. ``max_matvecs`` (default 1000) is per eigenpair;
+    ``max_seconds`` is for the whole call: when it ends, the pairs found so far (fewer than
+    ``k`` if need be) are returned with ``converged=False``.
     """
     op = as_operator(op)
     n = op.shape[0]
@@ -226,17 +243,25 @@ def power_iteration(
     which = check_choice("which", which, _WHICH)
     tol = _default_tol(op.dtype) if tol is None else check_positive("tol", tol)
     budget = 1000 if max_matvecs is None else check_positive_int("max_matvecs", max_matvecs)
+    t0 = time.perf_counter()
     shift, used = 0.0, 0
     if which != "magnitude":
         first = power_iteration(op, 1, "magnitude", tol=max(tol, 1e-3), max_matvecs=budget,
-                                init=init, seed=seed)
+                                init=init, seed=seed, max_seconds=max_seconds)
         used += first.n_matvecs
         mu = first.value
         if (which == "largest" and mu < 0) or (which == "smallest" and mu > 0):
             shift = mu
     found: list[torch.Tensor] = []
     values, residuals, converged = [], [], True
+    if max_seconds is not None and which != "magnitude":  # what the first estimate left
+        max_seconds = max(max_seconds - (time.perf_counter() - t0), 1e-9)
+    meter = Meter(f"eigenvalues (power, k={k})", None, max_seconds=max_seconds,
+                  progress=progress)
     for i in range(k):
+        if i > 0 and meter.exhausted:
+            converged = False
+            break
         v = _start(n, 1, init if i == 0 else None, op.dtype, op.device,
                    (0 if seed is None else seed) + i)
         theta, res = 0.0, float("inf")
@@ -246,11 +271,15 @@ def power_iteration(
                 v = v / v.norm()
             w = op.matvec(v) - shift * v
             used += 1
+            meter.update(1)
             if found:
                 w, _ = _orthogonalize(w, torch.stack(found, dim=1))
             theta = float(v @ w)
             res = float((w - theta * v).norm())
             if res <= tol * max(abs(theta), torch.finfo(op.dtype).tiny):
+                break
+            if meter.exhausted:
+                converged = False
                 break
             v = w / w.norm()
         else:
@@ -258,6 +287,7 @@ def power_iteration(
         found.append(v)
         values.append(theta + shift)
         residuals.append(res)
+    meter.close()
     vals = torch.tensor(values, dtype=op.dtype, device=op.device)
     order = _select(vals, which)
     vectors = torch.stack(found, dim=1)[:, order]
@@ -265,15 +295,38 @@ def power_iteration(
     return EigenResult(vals[order], vectors, res_t, used, converged, which, "power")
 
 
+def _model_args(op_or_model: Any, args: tuple, names: tuple[str, ...], given: dict) -> dict:
+    """Map ``top_eigenvalues``' positional arguments to names: ``(model, loss_fn, data, k,
+    which)`` for a model, ``(op, k, which)`` for an operator or tensor."""
+    is_model = isinstance(op_or_model, nn.Module)
+    order = ("loss_fn", "data", "k", "which") if is_model else ("k", "which")
+    if is_model and args and isinstance(args[0], int) and not isinstance(args[0], bool):
+        raise TypeError("top_eigenvalues(model, loss_fn, data, k, ...) takes the model's "
+                        f"loss_fn and data positionally before k, got k={args[0]!r} second")
+    if len(args) > len(order):
+        form = "model, loss_fn, data, k, which" if is_model else "op, k, which"
+        raise TypeError(f"top_eigenvalues({form}) takes at most {len(order) + 1} positional "
+                        f"arguments, got {len(args) + 1}")
+    out = dict(given)
+    for name, value in zip(order, args):
+        if name in names:
+            raise TypeError(f"top_eigenvalues got {name} both positionally and by keyword")
+        out[name] = value
+    return out
+
+
 def top_eigenvalues(
     op_or_model: Any,
+    *args: Any,
     k: int = 1,
     which: str = "largest",
-    *,
     tol: float | None = None,
     method: str = "lanczos",
     max_matvecs: int | None = None,
+    max_seconds: float | None = None,
+    progress: Any = True,
     krylov_dim: int | None = None,
+    block_size: int = 1,
     init: Any = None,
     seed: int | None = None,
     loss_fn: Any = None,
@@ -283,31 +336,54 @@ def top_eigenvalues(
 ) -> EigenResult:
     """The ``k`` extreme eigenvalues of a Hessian (or any symmetric operator).
 
+    Called as ``top_eigenvalues(model, loss_fn, data, k=1, which="largest", ...)``, like every
+    instrument, or ``top_eigenvalues(op, k=1, which="largest", ...)`` for an operator or a
+    square tensor.
+
     Args:
         op_or_model: an operator, a square tensor, or an ``nn.Module`` (then ``loss_fn`` and
-            ``data`` are required and the operator is ``hessian_operator(model, loss_fn,
-            data, params, eval_mode=eval_mode)``).
+            ``data`` follow, positionally or by keyword, and the operator is
+            ``hessian_operator(model, loss_fn, data, params, eval_mode=eval_mode)``).
         k: number of eigenpairs.
         which: ``"largest"`` (algebraic, the default), ``"smallest"`` or ``"magnitude"``.
         tol: relative residual tolerance ``||H v - lambda v|| <= tol * ||H||``.
         method: ``"lanczos"`` (default) or ``"power"``.
-        max_matvecs, krylov_dim, seed: see :func:`lanczos` / :func:`power_iteration`.
+        max_matvecs, max_seconds: budgets; when one ends first, the current estimates are
+            returned with ``converged=False``.
+        progress: a progress bar on stderr when it is a terminal (``False``: never).
+        block_size: ``b > 1`` runs block Lanczos (:func:`~flatlab.curvature.block_lanczos`),
+            which resolves eigenvalues of multiplicity up to ``b`` without a restart.
+        krylov_dim, seed: see :func:`lanczos` / :func:`power_iteration`.
         init: warm start: a vector ``(n,)``, vectors ``(n, m)`` or a previous
             :class:`EigenResult`.
 
     Raises:
+        TypeError: the old ``top_eigenvalues(model, k, loss_fn=..., data=...)`` positional
+            order, or an argument given twice.
         ValueError: ``k`` larger than the dimension, a bad ``which``/``method``, or the
             errors of :func:`~flatlab.curvature.hessian_operator`.
 
     Example:
         >>> A = torch.diag(torch.tensor([3.0, 1.0, -2.0], dtype=torch.float64))
-        >>> top_eigenvalues(A, k=2).values.tolist()
+        >>> top_eigenvalues(A, 2).values.tolist()
         [3.0, 1.0]
     """
+    given = {"k": k, "which": which, "loss_fn": loss_fn, "data": data}
+    defaults = {"k": 1, "which": "largest", "loss_fn": None, "data": None}
+    named = tuple(n for n, v in given.items() if v is not defaults[n] and v != defaults[n])
+    a = _model_args(op_or_model, args, named, given)
+    k, which = a["k"], a["which"]
     method = check_choice("method", method, ("lanczos", "power"))
-    op = as_operator(op_or_model, loss_fn=loss_fn, data=data, params=params, eval_mode=eval_mode)
+    block_size = check_positive_int("block_size", block_size)
+    op = as_operator(op_or_model, loss_fn=a["loss_fn"], data=a["data"], params=params,
+                     eval_mode=eval_mode)
+    budget = {"max_matvecs": max_matvecs, "max_seconds": max_seconds, "progress": progress}
     if method == "power":
-        return power_iteration(op, k, which, tol=tol, max_matvecs=max_matvecs, init=init,
-                               seed=seed)
-    return lanczos(op, k, which, tol=tol, max_matvecs=max_matvecs, krylov_dim=krylov_dim,
-                   init=init, seed=seed)
+        return power_iteration(op, k, which, tol=tol, init=init, seed=seed, **budget)
+    if block_size > 1:
+        from flatlab.curvature.block_lanczos import block_lanczos
+
+        return block_lanczos(op, k, which, block_size=block_size, tol=tol, init=init,
+                             seed=seed, krylov_dim=krylov_dim, **budget)
+    return lanczos(op, k, which, tol=tol, krylov_dim=krylov_dim, init=init, seed=seed,
+                   **budget)

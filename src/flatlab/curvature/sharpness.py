@@ -43,6 +43,7 @@ from flatlab.curvature._model import (
     resolve_params,
     unflatten,
 )
+from flatlab.curvature._progress import Meter
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,11 @@ class SharpnessResult:
         loss: ``L(w)``.
         perturbed_loss: loss at the maximizer (mean perturbed loss for average sharpness).
         stderr: Monte-Carlo standard error (average sharpness), else ``None``.
-        n_evals: full-data loss / gradient evaluations used.
+        n_evals: full-data loss / gradient evaluations used (Hessian-vector products
+            included, for first-order flatness).
         measure: which measure; rho: the radius.
+        converged: the planned steps / samples all ran (``False``: a budget ended the
+            measurement, and the best point or the samples so far are reported).
     """
 
     value: float
@@ -65,6 +69,7 @@ class SharpnessResult:
     n_evals: int
     measure: str
     rho: float
+    converged: bool = True
 
 
 @dataclass(frozen=True)
@@ -89,12 +94,18 @@ class DomainSharpnessResult:
         """Mean per-domain sharpness over pooled sharpness."""
         return self.mean / self.pooled
 
+    @property
+    def converged(self) -> bool:
+        """Every per-domain measurement ran to the end (budgets apply to each)."""
+        return all(r.converged for r in self.details.values())
+
 
 class _Ball:
     """The loss at ``w + c * u`` for the selected parameters, as a function of flat ``u``."""
 
-    def __init__(self, model, loss_fn, data, params, adaptive: bool):
+    def __init__(self, model, loss_fn, data, params, adaptive: bool, meter: Meter | None = None):
         names, tensors = resolve_params(model, params)
+        self.meter = meter
         self.floss = FunctionalLoss(model, loss_fn, names)
         self.data = data
         self.w = [t.detach() for t in tensors]
@@ -108,10 +119,14 @@ class _Ball:
 
     def loss(self, u: torch.Tensor) -> float:
         self.evals += 1
+        if self.meter is not None:
+            self.meter.update(1)
         return float(mean_loss_and_grad(self.floss, self.point(u), self.data, grad=False)[0])
 
     def loss_grad(self, u: torch.Tensor) -> tuple[float, torch.Tensor]:
         self.evals += 1
+        if self.meter is not None:
+            self.meter.update(1)
         loss, g = mean_loss_and_grad(self.floss, self.point(u), self.data)
         g = flatten(g)
         return float(loss), g if self.c is None else self.c * g
@@ -156,7 +171,7 @@ def _worst_case(ball: _Ball, rho: float, norm: str, steps: int, seed: int):
     lr = 2 * rho
     for _ in range(steps - 1):
         d = _direction(g, norm)
-        if d is None:
+        if d is None or (ball.meter is not None and ball.meter.exhausted):
             break
         cand = _project(u + lr * d, rho, norm)
         loss, gc = ball.loss_grad(cand)
@@ -180,6 +195,9 @@ def worst_case_sharpness(
     params: Any = None,
     eval_mode: bool = True,
     seed: int = 0,
+    max_matvecs: int | None = None,
+    max_seconds: float | None = None,
+    progress: Any = True,
 ) -> SharpnessResult:
     """``max_{||u||_p <= rho} L(w + c u) - L(w)`` by projected gradient ascent.
 
@@ -191,6 +209,9 @@ def worst_case_sharpness(
         batchwise: m-sharpness: maximize per batch of ``data`` and average (size-weighted).
         params, eval_mode: as for :func:`~flatlab.curvature.hessian_operator`.
         seed: seed of the start direction when the gradient vanishes.
+        max_matvecs, max_seconds: budgets in full-data evaluations and seconds; when one
+            ends, the best point so far is reported with ``converged=False``.
+        progress: a progress bar on stderr when it is a terminal (``False``: never).
 
     Example:
         >>> net = torch.nn.Linear(2, 1)
@@ -203,9 +224,13 @@ def worst_case_sharpness(
     groups = [[(x, y)] for x, y, _ in batches(data)] if batchwise else [data]
     total = base_sum = pert_sum = 0.0
     count, evals = 0, 0
-    with measurement_mode(model, eval_mode):
+    meter = Meter("worst-case sharpness", len(groups) * (steps + 1), max_matvecs=max_matvecs,
+                  max_seconds=max_seconds, progress=progress, unit="evaluations")
+    with measurement_mode(model, eval_mode), meter:
         for group in groups:
-            ball = _Ball(model, loss_fn, group if batchwise else data, params, adaptive)
+            if count and meter.exhausted:
+                break
+            ball = _Ball(model, loss_fn, group if batchwise else data, params, adaptive, meter)
             base, best = _worst_case(ball, rho, norm, steps, seed)
             n = sum(b[0].shape[0] for b in group) if batchwise else 1
             total += n * (best - base)
@@ -215,7 +240,7 @@ def worst_case_sharpness(
             evals += ball.evals
     name = ("adaptive_" if adaptive else "") + f"worst_case_{norm}" + ("_m" if batchwise else "")
     return SharpnessResult(total / count, base_sum / count, pert_sum / count, None, evals, name,
-                           rho)
+                           rho, not meter.stopped)
 
 
 def average_sharpness(
@@ -230,28 +255,40 @@ def average_sharpness(
     params: Any = None,
     eval_mode: bool = True,
     seed: int = 0,
+    max_matvecs: int | None = None,
+    max_seconds: float | None = None,
+    progress: Any = True,
 ) -> SharpnessResult:
-    """``E[L(w + rho c eps)] - L(w)`` over ``samples`` draws of ``eps`` (Gaussian or uniform)."""
+    """``E[L(w + rho c eps)] - L(w)`` over ``samples`` draws of ``eps`` (Gaussian or uniform).
+
+    ``max_matvecs`` (loss evaluations) and ``max_seconds`` are budgets: when one ends, the
+    mean over the samples so far is reported with ``converged=False``; ``progress`` as for
+    :func:`worst_case_sharpness`.
+    """
     rho = check_nonnegative("rho", rho)
     samples = check_positive_int("samples", samples)
     noise = check_choice("noise", noise, ("gaussian", "uniform"))
     gen = torch.Generator().manual_seed(int(seed))
-    with measurement_mode(model, eval_mode):
-        ball = _Ball(model, loss_fn, data, params, adaptive)
+    meter = Meter("average sharpness", samples + 1, max_matvecs=max_matvecs,
+                  max_seconds=max_seconds, progress=progress, unit="evaluations")
+    with measurement_mode(model, eval_mode), meter:
+        ball = _Ball(model, loss_fn, data, params, adaptive, meter)
         zero = torch.zeros(ball.n, dtype=ball.w[0].dtype, device=ball.w[0].device)
         base = ball.loss(zero)
         values = []
         for _ in range(samples):
+            if values and meter.exhausted:
+                break
             if noise == "gaussian":
                 eps = torch.randn(ball.n, generator=gen, dtype=torch.float64)
             else:
                 eps = torch.rand(ball.n, generator=gen, dtype=torch.float64) * 2 - 1
             values.append(ball.loss(rho * eps.to(zero)) - base)
     v = torch.tensor(values, dtype=torch.float64)
-    stderr = float(v.std() / samples**0.5) if samples > 1 else float("inf")
+    stderr = float(v.std() / len(values)**0.5) if len(values) > 1 else float("inf")
     name = ("adaptive_" if adaptive else "") + f"average_{noise}"
     return SharpnessResult(float(v.mean()), base, base + float(v.mean()), stderr, ball.evals,
-                           name, rho)
+                           name, rho, len(values) == samples)
 
 
 def first_order_flatness(
@@ -264,17 +301,28 @@ def first_order_flatness(
     params: Any = None,
     eval_mode: bool = True,
     seed: int = 0,
+    max_matvecs: int | None = None,
+    max_seconds: float | None = None,
+    progress: Any = True,
 ) -> SharpnessResult:
-    """GAM's ``rho * max_{||d|| <= rho} ||grad L(w + d)||`` by ascent along ``H grad L``."""
+    """GAM's ``rho * max_{||d|| <= rho} ||grad L(w + d)||`` by ascent along ``H grad L``.
+
+    Each step is a gradient and a Hessian-vector product (two evaluations of the budget
+    ``max_matvecs``); when a budget ends, the best point so far is reported with
+    ``converged=False``.
+    """
     from flatlab.curvature.hvp import HessianOperator
 
     rho, _, steps = _check_common(rho, "l2", steps)
-    with measurement_mode(model, eval_mode):
-        ball = _Ball(model, loss_fn, data, params, adaptive=False)
+    meter = Meter("first-order flatness", 2 * steps + 3, max_matvecs=max_matvecs,
+                  max_seconds=max_seconds, progress=progress, unit="evaluations")
+    with measurement_mode(model, eval_mode), meter:
+        ball = _Ball(model, loss_fn, data, params, adaptive=False, meter=meter)
         op = HessianOperator(model, loss_fn, data, params, eval_mode)
 
         def norm_and_ascent(u):
             _, g = ball.loss_grad(u)
+            meter.update(1)  # the product below
             return float(g.norm()), op.matvec_at(ball.point(u), g)
 
         zero = torch.zeros(ball.n, dtype=ball.w[0].dtype, device=ball.w[0].device)
@@ -290,7 +338,7 @@ def first_order_flatness(
             lr = 2 * rho
             for _ in range(steps - 1):
                 d = _direction(a, "l2")
-                if d is None:
+                if d is None or meter.exhausted:
                     break
                 cand = _project(u + lr * d, rho, "l2")
                 gn, ac = norm_and_ascent(cand)
@@ -300,7 +348,7 @@ def first_order_flatness(
                     lr /= 2
             best = max(best, gnorm0)
     return SharpnessResult(rho * best, base_loss, base_loss, None, ball.evals + op.n_matvecs,
-                           "first_order_flatness", rho)
+                           "first_order_flatness", rho, not meter.stopped)
 
 
 def gradient_norm(

@@ -249,7 +249,7 @@ def measure(model: nn.Module, splits: Any, cfg: Config) -> dict[str, float]:
     out = {"train_acc": train.get("acc", float("nan")), "train_loss": train["loss"],
            "test_acc": test.get("acc", float("nan")), "test_loss": test["loss"]}
     out["gen_gap"] = out["train_acc"] - out["test_acc"]
-    out["lambda_max"] = float(top_eigenvalues(model, k=1, loss_fn=loss_fn, data=data).values[0])
+    out["lambda_max"] = float(top_eigenvalues(model, loss_fn, data, 1).values[0])
     probes = 9 if cfg.quick else cfg.trace_probes
     out["trace"] = float(hessian_trace(model, loss_fn, data, probes=probes).value)
     steps = 3 if cfg.quick else 10

@@ -208,8 +208,8 @@ class CurvatureMonitor(Callback):
         top_eigenvalues = _curvature("top_eigenvalues")
         data = _data(self.data, state)
         init = self.init if self.warm_start else None
-        res = top_eigenvalues(state.model, k=self.k, loss_fn=state.loss_fn, data=data,
-                              init=init, **self.kwargs)
+        res = top_eigenvalues(state.model, state.loss_fn, data, self.k, init=init,
+                              **self.kwargs)
         values = [float(v) for v in torch.as_tensor(res.values).flatten()]
         if self.warm_start and getattr(res, "vectors", None) is not None:
             vec = torch.as_tensor(res.vectors)
