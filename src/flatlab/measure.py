@@ -11,9 +11,11 @@ the ``nn.Module``. Data comes from ``data="package.module:function"``, which ret
 Quantities (``what``), all on the full data, in eval mode, the model untouched:
 
 * ``eig``: the ``k`` largest Hessian eigenvalues (Lanczos), ``lambda_1`` ... ``lambda_k``;
-* ``trace``: ``tr(H)`` by Hutch++ (``trace``, ``trace_stderr``);
+* ``trace``: ``tr(H)`` by XTrace (``trace``, ``trace_stderr``);
 * ``density``: SLQ spectral density, summarized by its support (``density_min``,
-  ``density_max``) and the first two moments (``density_m1``, ``density_m2``);
+  ``density_max``) and the first two moments (``density_m1``, ``density_m2``); from
+  :func:`measure_checkpoint` it is also drawn into the run folder, ``plots/density.png``
+  (``density_plot``: its path);
 * ``sharpness``: worst-case L2 sharpness, adaptive L-infinity sharpness, first-order flatness
   and the gradient norm at radius ``rho``.
 """
@@ -105,26 +107,36 @@ def measure(
     probes: int = 99,
     steps: int = 80,
     seed: int = 0,
-) -> dict[str, float]:
-    """Measure the chosen quantities; returns a flat ``{name: value}`` dict."""
+    density_plot: str | Path | None = None,
+    progress: Any = True,
+) -> dict[str, float | str]:
+    """Measure the chosen quantities; returns a flat ``{name: value}`` dict.
+
+    ``density_plot``: a PNG path for the spectral density (:func:`~flatlab.curvature.
+    plot_density`); its parent folder is created. ``progress``: bars on a terminal.
+    """
     unknown = [w for w in what if w not in QUANTITIES]
     if unknown or not what:
         raise ConfigError(f"what must be a comma list of {', '.join(QUANTITIES)}, got "
                           f"{','.join(what)!r}")
-    out: dict[str, float] = {}
+    out: dict[str, float | str] = {}
     op = curvature.hessian_operator(model, loss_fn, data)
     if "eig" in what:
-        res = curvature.top_eigenvalues(op, k=min(k, op.shape[0]), seed=seed)
+        res = curvature.top_eigenvalues(op, min(k, op.shape[0]), seed=seed, progress=progress)
         out.update({f"lambda_{i + 1}": float(v) for i, v in enumerate(res.values)})
         out["eig_converged"] = float(res.converged)
     if "trace" in what:
-        tr = curvature.hessian_trace(op, probes=probes, seed=seed)
+        tr = curvature.hessian_trace(op, probes=probes, seed=seed, progress=progress)
         out.update(trace=tr.value, trace_stderr=tr.stderr)
     if "density" in what:
-        d = curvature.spectral_density(op, steps=steps, seed=seed)
+        d = curvature.spectral_density(op, steps=steps, seed=seed, progress=progress)
         live = d.weights > 0
         out.update(density_min=float(d.nodes[live].min()), density_max=float(d.nodes[live].max()),
                    density_m1=d.moment(1), density_m2=d.moment(2))
+        if density_plot is not None:
+            Path(density_plot).parent.mkdir(parents=True, exist_ok=True)
+            curvature.plot_density(d, path=density_plot)
+            out["density_plot"] = str(density_plot)
     if "sharpness" in what:
         out["loss"] = curvature.gradient_norm(model, loss_fn, data).loss
         out["grad_norm"] = curvature.gradient_norm(model, loss_fn, data).value
@@ -154,10 +166,25 @@ def measure_checkpoint(
     if loss_fn is None:
         raise ConfigError(f"loss must name a torch.nn.functional loss, got {loss!r}")
     net = load_model(checkpoint, model, tag)
+    if "density" in what:
+        kwargs.setdefault("density_plot", run_folder(checkpoint, tag) / "plots" / "density.png")
     return measure(net, loss_fn, load_data(data), list(what), **kwargs)
 
 
-def format_results(results: dict[str, float]) -> str:
-    """Two aligned columns, one quantity a line."""
+def run_folder(checkpoint: str | Path, tag: str | None = None) -> Path:
+    """The run folder of a checkpoint: the folder given, the folder above
+    ``checkpoints/<tag>/latest.pt``, or else the checkpoint file's own folder."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        return path
+    found = find_checkpoint(path, tag)
+    if found.parent.parent.name == "checkpoints":
+        return found.parents[2]
+    return found.parent
+
+
+def format_results(results: dict[str, float | str]) -> str:
+    """Two aligned columns, one quantity a line (paths as they are)."""
     width = max(len(k) for k in results)
-    return "\n".join(f"{k.ljust(width)}  {v:.6g}" for k, v in results.items())
+    return "\n".join(f"{k.ljust(width)}  {v if isinstance(v, str) else format(v, '.6g')}"
+                     for k, v in results.items())

@@ -67,3 +67,43 @@ def test_cli_measure(tmp_path, capsys):
     assert "lambda_2" in out.out and "trace" in out.out
     assert main(["measure", str(tmp_path), "--data", f"{SPEC}:make_data"]) == 2
     assert "model must be given" in capsys.readouterr().err
+
+
+def test_measure_density_writes_a_png_into_the_run_folder(tmp_path, capsys):
+    import matplotlib.image
+
+    from flatlab.cli import main
+
+    save_checkpoint(tmp_path / "checkpoints" / "fit" / "latest.pt",
+                    {"model": make_model().state_dict()})
+    code = main(["measure", str(tmp_path), "--model", f"{SPEC}:make_model", "--data",
+                 f"{SPEC}:make_data", "--what", "density"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    png = tmp_path / "plots" / "density.png"
+    assert f"density_plot  {png}" in out.out
+    image = matplotlib.image.imread(png)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert float(image[..., :3].std()) > 0.01  # something is drawn, not a blank canvas
+    # from a checkpoint file inside the run folder: the same place
+    png.unlink()
+    measure_checkpoint(tmp_path / "checkpoints" / "fit" / "latest.pt",
+                       model=f"{SPEC}:make_model", data=f"{SPEC}:make_data", what="density",
+                       steps=10)
+    assert png.exists()
+
+
+def test_plot_density_on_given_axes_and_log_clip(tmp_path):
+    from matplotlib.figure import Figure
+
+    from flatlab.curvature import plot_density, spectral_density
+
+    d = spectral_density(torch.diag(torch.tensor([0.0, 0.01, 0.02, 5.0], dtype=torch.float64)),
+                         steps=4)
+    ax = Figure().subplots()
+    assert plot_density(d, ax=ax) is ax
+    assert ax.get_yscale() == "log" and ax.get_xlabel() == "eigenvalue"
+    line = ax.get_lines()[0]
+    assert float(min(line.get_ydata())) > 0  # clipped, so the log axis can draw it
+    plot_density(d, path=tmp_path / "d.png", log=False)
+    assert (tmp_path / "d.png").stat().st_size > 1000

@@ -5,7 +5,8 @@ a DataLoader, weighted by batch size) or an operator / dense symmetric tensor, n
 the model, and returns a frozen dataclass.
 """
 
-from flatlab.curvature.density import DensityResult, spectral_density
+from flatlab.curvature.block_lanczos import block_lanczos
+from flatlab.curvature.density import DensityResult, plot_density, spectral_density
 from flatlab.curvature.eigen import EigenResult, lanczos, power_iteration, top_eigenvalues
 from flatlab.curvature.hvp import (
     GGNOperator,
@@ -29,7 +30,14 @@ from flatlab.curvature.sharpness import (
     gradient_norm,
     worst_case_sharpness,
 )
-from flatlab.curvature.trace import TraceResult, hessian_trace, hutchinson, hutchpp
+from flatlab.curvature.trace import (
+    TraceResult,
+    hessian_trace,
+    hutchinson,
+    hutchpp,
+    xnystrace,
+    xtrace,
+)
 
 __all__ = [
     "DenseOperator",
@@ -44,6 +52,7 @@ __all__ = [
     "TraceResult",
     "as_operator",
     "average_sharpness",
+    "block_lanczos",
     "domain_sharpness",
     "filter_normalized_direction",
     "first_order_flatness",
@@ -55,9 +64,12 @@ __all__ = [
     "hutchpp",
     "lanczos",
     "loss_landscape",
+    "plot_density",
     "plot_landscape",
     "power_iteration",
     "spectral_density",
     "top_eigenvalues",
     "worst_case_sharpness",
+    "xnystrace",
+    "xtrace",
 ]
