@@ -27,8 +27,11 @@ def test_sde_quick_end_to_end(tmp_path, restore_threads):
     assert {"trajectories", "noise_scaling", "heavy_tails", "adamw_weight_decay",
             "scaling_rule", "adamw_sde", "network"} <= plots
     report = (run.path / "report.md").read_text()
-    for title in ("Results", "T1: SignSGD against its SDE", "T5: scaling rule"):
+    for title in ("Results", "T1: SignSGD against its SDE", "T5: scaling rule",
+                  "Earlier SDEs: Malladi et al. 2022 vs Compagnoni et al. 2025"):
         assert title in report
+    earlier = next(s for s in run.sections() if s["title"] == "Earlier SDEs: verdicts")["table"]
+    assert len(earlier) == 2 * 3 and all(v["n"] == 2 for v in earlier)  # 2 optimizers, 3 sigmas
     done = json.loads((run.path / "done").read_text()) if (run.path / "done").is_file() else {}
     records = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("tag") == "t1" for r in records)

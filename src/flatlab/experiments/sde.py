@@ -27,13 +27,13 @@ from flatlab.experiments._registry import ExperimentConfig, register
 from flatlab.sde import targets as T
 from flatlab.train import Run
 
-Target = Literal["t1", "t2", "t3", "t4", "t5", "t6", "network"]
+Target = Literal["t1", "t2", "t3", "t4", "t5", "t6", "network", "earlier"]
 
 
 class Config(ExperimentConfig):
     """Settings of ``flatlab run sde`` (full sizes by default: ~7 min on 1 CPU core)."""
 
-    targets: list[Target] = Field(["t1", "t2", "t3", "t4", "t5", "t6", "network"],
+    targets: list[Target] = Field(["t1", "t2", "t3", "t4", "t5", "t6", "network", "earlier"],
                                   description="which targets to run (e.g. [t3,t4])")
     threads: int = Field(1, ge=0, description="torch CPU threads (0: torch's default)")
     lr: float = Field(0.01, gt=0, description="learning rate eta (= SDE time step)")
@@ -55,6 +55,11 @@ class Config(ExperimentConfig):
     sde_paths: int = Field(500, ge=2, description="paths of T6 (dt = lr/4)")
     network_steps: int = Field(400, ge=0, description="steps of the MLP comparison (0: skip)")
     network_paths: int = Field(32, ge=2, description="copies of the MLP")
+    earlier_sigmas: list[float] = Field([0.1, 1.0, 4.0], description="noise levels of the "
+                                        "comparison with Malladi et al.'s SDEs")
+    earlier_steps: int = Field(4000, ge=10, description="steps of that comparison")
+    earlier_paths: int = Field(500, ge=2, description="paths of that comparison")
+    earlier_seeds: int = Field(5, ge=2, description="seeds of that comparison")
 
 
 def _check(ok: bool) -> str:
@@ -232,6 +237,22 @@ def run(cfg: Config, run: Run) -> dict:
                             f"examples, full-batch gradient + N(0, {net['sigma']}^2) noise.",
                             table=net["rows"], figures=[run.savefig(fig, "network")])
 
+    # Compagnoni et al.'s SDEs vs Malladi et al.'s earlier ones, against the same optimizer.
+    if "earlier" in cfg.targets:
+        etoy = T.Toy(lr=cfg.lr, dim=cfg.dim, paths=min(cfg.earlier_paths, 50) if q
+                     else cfg.earlier_paths, seed=cfg.seed)
+        ee = T.earlier_sdes(etoy, cfg.earlier_sigmas, min(cfg.earlier_steps, 200) if q
+                            else cfg.earlier_steps, 2 if q else cfg.earlier_seeds)
+        table, verdicts = _earlier_tables(ee)
+        run.add_section("Earlier SDEs: Malladi et al. 2022 vs Compagnoni et al. 2025",
+                        f"Stacked quadratic (d = {cfg.dim} per noise level), lr {cfg.lr}, "
+                        f"{ee['steps']} steps, dt = lr, {etoy.paths} paths; RMSprop beta 0.999, "
+                        "Adam betas (0.98, 0.999), no weight decay. Relative gap of the mean loss "
+                        "to the discrete optimizer (same run for both SDEs), mean over seeds, at "
+                        "fractions of the run and averaged over it. Verdicts: paired over seeds, "
+                        "log10 of the mean gap (capped at 1e6), 95% t CI.", table=table)
+        run.add_section("Earlier SDEs: verdicts", "", table=verdicts)
+
     run.add_section("Results", "Every target of the issue with its measured value, the closed "
                     "form, and the tolerance.", table=rows)
     passed = sum(r["result"] == "pass" for r in rows)
@@ -252,3 +273,35 @@ def _cross(sigmas: list[float], t2: dict) -> float:
         if d0 > 0 >= d1:
             return math.exp(math.log(s0) + d0 / (d0 - d1) * (math.log(s1) - math.log(s0)))
     return float("inf")  # no crossing inside the range
+
+
+def _earlier_tables(ee: dict) -> tuple[list[dict], list[dict]]:
+    """Mean gaps over seeds per (optimizer, SDE, sigma), and one verdict per (optimizer, sigma)."""
+    from flatlab.report.stats import Gate, paired_difference
+
+    rows = ee["rows"]
+    marks = [k for k in rows[0] if k.startswith("gap@")]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["optimizer"], r["sde"], r["sigma"]), []).append(r)
+    table = []
+    for (opt, sde, sigma), rs in groups.items():
+        out = {"optimizer": opt, "SDE": sde, "sigma": sigma, "seeds": len(rs)}
+        for k in (*marks, "mean_gap"):
+            v = sum(min(r[k], 1e6) for r in rs) / len(rs)
+            out[k] = f"{v:.3g}" if v < 1e6 else ">= 1e6"
+        table.append(out)
+    verdicts = []
+    for opt in dict.fromkeys(r["optimizer"] for r in rows):
+        for sigma in ee["sigmas"]:
+            old = groups[(opt, "Malladi et al. 2022", sigma)]
+            new = groups[(opt, "Compagnoni et al. 2025", sigma)]
+
+            def lg(rs: list[dict]) -> list[float]:
+                return [math.log10(max(min(r["mean_gap"], 1e6), 1e-12)) for r in rs]
+
+            v = Gate(f"{opt}, sigma {sigma:g}: Compagnoni et al.'s SDE tracks better "
+                     "(log10 gap, Malladi - Compagnoni)", "greater").check(
+                paired_difference(lg(old), lg(new)))
+            verdicts.append(v.as_row())
+    return table, verdicts

@@ -24,11 +24,13 @@ from flatlab.sde.integrate import (
     grouped_loss_statistics,
     simulate,
 )
+from flatlab.sde.malladi import MalladiAdamSDE, MalladiRMSpropSDE
 from flatlab.sde.models import SGDSDE, AdamWSDE, OptimizerSDE, RMSpropWSDE, SignSGDSDE
 from flatlab.sde.noise import GaussianNoise, StudentTNoise, student_t_sign_mean
 from flatlab.sde.objectives import FunctionObjective, NetworkObjective, Objective, Quadratic
 
 __all__ = [
+    "MalladiAdamSDE", "MalladiRMSpropSDE",
     "SGDSDE",
     "AdamWSDE",
     "Comparison",

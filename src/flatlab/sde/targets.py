@@ -25,7 +25,7 @@ from flatlab.sde.noise import GaussianNoise, StudentTNoise
 from flatlab.sde.objectives import Quadratic
 
 __all__ = ["Toy", "tracking", "noise_scaling", "heavy_tails", "weight_decay", "scaling",
-           "adamw_sde_gap", "network", "loglog_slope"]
+           "adamw_sde_gap", "network", "loglog_slope", "earlier_sdes"]
 
 TAIL = 1 / 3
 
@@ -255,3 +255,46 @@ def network(steps: int, paths: int, *, sigma: float = 0.5, seed: int = 0,
         out["curves"][name] = (c.discrete.steps.tolist(), c.discrete["loss_mean"].tolist(),
                                c.sde["loss_mean"].tolist())
     return out
+
+
+def earlier_sdes(toy: Toy, sigmas: list[float], steps: int, seeds: int, *,
+                 beta: float = 0.999, betas: tuple[float, float] = (0.98, 0.999),
+                 marks: tuple[float, ...] = (0.01, 0.1, 0.5, 1.0)) -> dict:
+    """Compagnoni et al.'s RMSpropW / AdamW SDEs against Malladi et al.'s (NeurIPS 2022) RMSprop
+    / Adam SDEs, each against the same discrete optimizer run, on the stacked quadratic (one
+    block per noise level), for ``seeds`` seeds.
+
+    Per seed, optimizer, SDE and noise level: the relative gap of the mean loss,
+    ``|E L_sde - E L_opt| / E L_opt``, at the fractions ``marks`` of the run and averaged over
+    it (the discrete run of a seed is shared by both SDEs: paired).
+    """
+    from flatlab.sde.compare import optimizer_for
+    from flatlab.sde.malladi import MalladiAdamSDE, MalladiRMSpropSDE
+    from flatlab.sde.models import RMSpropWSDE
+
+    q, noise, x0, stats = toy.stacked(sigmas)
+    pairs = {"RMSprop": (RMSpropWSDE(q, noise, toy.lr, beta=beta),
+                         MalladiRMSpropSDE(q, noise, toy.lr, beta=beta)),
+             "Adam": (AdamWSDE(q, noise, toy.lr, betas=betas),
+                      MalladiAdamSDE(q, noise, toy.lr, betas=betas))}
+    every = max(1, steps // 100)
+    rows = []
+    for opt, (new, old) in pairs.items():
+        for s in range(seeds):
+            seed = toy.seed + 100 * s
+            disc = run_optimizer(optimizer_for(new), q, noise, x0, steps, lr=toy.lr,
+                                 paths=toy.paths, record_every=every, statistics=stats,
+                                 seed=seed + 1)
+            b = disc["group_loss"][1:]  # (records - 1, len(sigmas))
+            for name, sde in (("Compagnoni et al. 2025", new), ("Malladi et al. 2022", old)):
+                cont = simulate(sde, x0, steps, paths=toy.paths, dt=toy.lr, record_every=every,
+                                statistics=stats, seed=seed)
+                gap = (cont["group_loss"][1:] - b).abs() / b
+                n = gap.shape[0]
+                for j, sigma in enumerate(sigmas):
+                    row = {"optimizer": opt, "sde": name, "seed": s, "sigma": sigma,
+                           "mean_gap": float(gap[:, j].mean())}
+                    for m in marks:
+                        row[f"gap@{m:g}"] = float(gap[min(n - 1, max(0, round(m * n) - 1)), j])
+                    rows.append(row)
+    return {"sigmas": sigmas, "steps": steps, "rows": rows}
