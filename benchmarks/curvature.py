@@ -165,7 +165,7 @@ def trace_table(model, x, y, truth, reps):
         for seed in range(reps):
             t0 = time.perf_counter()
             op = hessian_operator(model, nn.functional.cross_entropy, (x, y))
-            r = hessian_trace(op, probes=probes, seed=seed)
+            r = hessian_trace(op, probes=probes, seed=seed, method="hutch++")
             ts.append(time.perf_counter() - t0)
             e.append((r.value - truth) / truth)
         return rms(e), sum(ts) / len(ts)
@@ -184,14 +184,218 @@ def trace_table(model, x, y, truth, reps):
     return rows
 
 
+# ---- trace error on small networks against their dense Hessian (--part trace-error) -------
+
+def small_network(kind: str, width: int, classes: int, seed: int = 0, n: int = 256):
+    """A float64 MLP (8 or 16 inputs) on teacher labels: ``init`` or Adam-``trained``."""
+    torch.manual_seed(seed)
+    act = nn.Tanh if kind.startswith("tanh") else nn.ReLU
+    d = 16 if classes > 4 else 8
+    model = nn.Sequential(nn.Linear(d, width), act(), nn.Linear(width, width), act(),
+                          nn.Linear(width, classes)).double()
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = (x @ torch.randn(d, classes, generator=g, dtype=torch.float64)).argmax(1)
+    if kind.endswith("trained"):
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(300):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    return model, x, y
+
+
+def pyhessian_hutchinson(model, x, y, products: int, seed: int) -> float:
+    """PyHessian's ``trace()`` run for exactly ``products`` probes (its tol rule disabled)."""
+    ph = importlib.import_module("pyhessian.hessian")
+    torch.manual_seed(seed)
+    hc = ph.hessian(copy.deepcopy(model), nn.functional.cross_entropy, data=(x, y), cuda=False)
+    vhv = hc.trace(maxIter=products, tol=-float("inf"))
+    assert len(vhv) == products
+    return float(sum(vhv) / len(vhv))
+
+
+TRACE_NETWORKS = (("tanh-init", 8, 4), ("tanh-init", 16, 10), ("relu-init", 16, 10),
+                  ("relu-trained", 12, 4), ("relu-trained", 16, 10), ("tanh-trained", 16, 10))
+
+
+def trace_error_table(products: int = 60, seeds: int = 48) -> None:
+    """Median relative error |t - tr H| / |tr H| over seeds, every estimator at ``products``.
+
+    PyHessian runs on the model; flatlab's estimators run on the dense Hessian (the same
+    products; ``tests/curvature/test_xtrace.py`` checks the model operator against it), so
+    that many seeds are affordable. The last row is the geometric mean of the ratios.
+    """
+    import math
+
+    from flatlab.curvature.trace import hutchinson, hutchpp, xtrace
+
+    print(f"trace error at {products} products, median over {seeds} seeds, dense float64 "
+          "Hessian as the truth")
+    head = (f"| {'network':22} | {'n':>4} | {'tr H':>8} | {'lambda_min/max':>15} | "
+            f"{'PyHessian':>9} | {'Hutch++':>8} | {'XTrace':>8} | {'XTrace/PyH':>10} |")
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    logs = {"hutch++": [], "xtrace": [], "hutchinson": []}
+    for kind, width, classes in TRACE_NETWORKS:
+        model, x, y = small_network(kind, width, classes)
+        H = hessian_operator(model, nn.functional.cross_entropy, (x, y)).to_dense()
+        op = H
+        ev = torch.linalg.eigvalsh(H)
+        truth = float(torch.trace(H))
+
+        def med(values, truth=truth):
+            errs = sorted(abs(v - truth) / abs(truth) for v in values)
+            return (errs[(len(errs) - 1) // 2] + errs[len(errs) // 2]) / 2
+
+        ph = med(pyhessian_hutchinson(model, x, y, products, s) for s in range(seeds))
+        hpp = med(hutchpp(op, products, seed=s).value for s in range(seeds))
+        xt = med(xtrace(op, products, seed=s).value for s in range(seeds))
+        # the same estimator in flatlab, as a check of the PyHessian reference
+        hut = med(hutchinson(op, products, seed=s).value for s in range(seeds))
+        for key, v in (("hutch++", hpp), ("xtrace", xt), ("hutchinson", hut)):
+            logs[key].append(math.log(v / ph))
+        name = f"{kind} {width}w {classes}c"
+        print(f"| {name:22} | {H.shape[0]:4d} | {truth:8.3f} | "
+              f"{float(ev[0]):7.3f}/{float(ev[-1]):.3f} | {ph:9.4f} | {hpp:8.4f} | {xt:8.4f} | "
+              f"{xt / ph:10.2f} |  (flatlab Hutchinson {hut:.4f})")
+    gm = {k: math.exp(sum(v) / len(v)) for k, v in logs.items()}
+    print(f"geometric mean of error / PyHessian's: Hutch++ {gm['hutch++']:.2f}, XTrace "
+          f"{gm['xtrace']:.2f}, flatlab Hutchinson {gm['hutchinson']:.2f}")
+
+
+# ---- CIFAR-shaped ResNet-20 against PyHessian, CPU time, interleaved rounds (--part resnet) -
+
+def resnet20(seed: int = 0, batch: int = 64):
+    """ResNet-20 (272k parameters), BatchNorm statistics from 8 training-mode passes, then
+    eval mode; one CIFAR-shaped batch of random images with random labels (offline)."""
+    from flatlab.models.resnet import ResNet
+
+    torch.manual_seed(seed)
+    model = ResNet(depth=20)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _ in range(8):
+            model(torch.randn(batch, 3, 32, 32, generator=g))
+    model.eval()
+    x = torch.randn(batch, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    return model, x, y
+
+
+def _cpu(fn):
+    t0 = time.process_time()
+    out = fn()
+    return out, time.process_time() - t0
+
+
+def resnet_table(rounds: int = 3, seed: int = 0) -> None:
+    """top-1 (tol 1e-3), top-3 and trace at equal estimated error: median CPU seconds."""
+    import random
+    import statistics
+
+    ph = importlib.import_module("pyhessian.hessian")
+    CE = nn.functional.cross_entropy
+    model, x, y = resnet20(seed)
+    n = sum(p.numel() for p in model.parameters())
+
+    # high-precision reference: float64 copy, Lanczos to a residual of 1e-9
+    m64 = copy.deepcopy(model).double()
+    ref_op = hessian_operator(m64, CE, (x.double(), y))
+    (ref, ref_s) = _cpu(lambda: top_eigenvalues(ref_op, 3, tol=1e-9, progress=False))
+    truth = ref.values.tolist()
+    print(f"ResNet-20, {n} parameters, batch {x.shape[0]}, float32, BatchNorm eval, threads "
+          f"{torch.get_num_threads()}; reference (float64 Lanczos, tol 1e-9, "
+          f"{ref.n_matvecs} products, {ref_s:.0f} CPU s): top-3 {[f'{v:.6g}' for v in truth]}")
+
+    def fl_eigs(k):
+        op = hessian_operator(model, CE, (x, y))
+        r = top_eigenvalues(op, k, tol=1e-3, progress=False)
+        return r.values.tolist(), r.n_matvecs
+
+    def ph_eigs(k):
+        torch.manual_seed(seed)
+        counter = Counter(ph)
+        try:
+            hc = ph.hessian(copy.deepcopy(model), CE, data=(x, y), cuda=False)
+            vals, _ = hc.eigenvalues(maxIter=100, tol=1e-3, top_n=k)
+        finally:
+            ph.hessian_vector_product = counter.orig
+        return sorted(vals, reverse=True), counter.count
+
+    def ph_trace(s):
+        torch.manual_seed(s)
+        hc = ph.hessian(copy.deepcopy(model), CE, data=(x, y), cuda=False)
+        vhv = torch.tensor(hc.trace(maxIter=100, tol=1e-3), dtype=torch.float64)
+        se = float(vhv.std() / len(vhv) ** 0.5) if len(vhv) > 1 else float("inf")
+        return float(vhv.mean()), se, len(vhv)
+
+    def fl_trace(probes, s):
+        op = hessian_operator(model, CE, (x, y))
+        r = hessian_trace(op, probes=probes, seed=s, progress=False)
+        return r.value, r.stderr, r.n_matvecs
+
+    # equal error: the fewest XTrace products whose own error estimate is at most the
+    # median of PyHessian's (std / sqrt(K) of its Hutchinson samples, its default stop rule)
+    ph_se = statistics.median(ph_trace(s)[1] for s in range(3))
+    probes = None
+    for p in (10, 20, 30, 40, 60, 80, 120, 160):
+        if fl_trace(p, 0)[1] <= ph_se:
+            probes = p
+            break
+    probes = probes or 160
+    print(f"trace: PyHessian's error estimate {ph_se:.4g} (median of 3 runs); XTrace reaches it "
+          f"at {probes} products")
+
+    tasks = {
+        ("top-1", "flatlab"): lambda r: fl_eigs(1), ("top-1", "PyHessian"): lambda r: ph_eigs(1),
+        ("top-3", "flatlab"): lambda r: fl_eigs(3), ("top-3", "PyHessian"): lambda r: ph_eigs(3),
+        ("trace", "flatlab"): lambda r: fl_trace(probes, r),
+        ("trace", "PyHessian"): lambda r: ph_trace(r),
+    }
+    times = {key: [] for key in tasks}
+    last = {}
+    order = list(tasks)
+    rng = random.Random(seed)
+    for r in range(rounds):
+        rng.shuffle(order)
+        for key in order:
+            last[key], dt = _cpu(lambda key=key, r=r: tasks[key](r))
+            times[key].append(dt)
+    print(f"| quantity | {'method':9} | {'CPU s (median)':>14} | {'ratio':>5} | {'products':>8} "
+          f"| {'max rel. error vs reference / stderr':36} |")
+    print(f"|----------|{'-' * 11}|{'-' * 16}|{'-' * 7}|{'-' * 10}|{'-' * 38}|")
+    for q in ("top-1", "top-3", "trace"):
+        base = statistics.median(times[(q, "PyHessian")])
+        for who in ("PyHessian", "flatlab"):
+            t = statistics.median(times[(q, who)])
+            out = last[(q, who)]
+            if q == "trace":
+                value, se, used = out
+                acc = f"{value:.5g} +- {se:.3g}"
+            else:
+                vals, used = out
+                k = len(vals)
+                acc = f"{rel_err(vals, torch.tensor(truth[:k], dtype=torch.float64)):.2e}"
+            print(f"| {q:8} | {who:9} | {t:14.2f} | {t / base:5.2f} | {used:8d} | {acc:36} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("mlp", "trace-error", "resnet"), default="mlp")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--reps", type=int, default=10, help="mlp: seeds of the trace rows")
+    parser.add_argument("--rounds", type=int, default=3, help="resnet: interleaved rounds")
     args = parser.parse_args()
     # PyHessian calls backward(create_graph=True), which makes torch warn about a reference cycle
     warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
     torch.set_num_threads(args.threads)
+    if args.part == "trace-error":
+        trace_error_table()
+        return
+    if args.part == "resnet":
+        resnet_table(args.rounds)
+        return
     model, x, y = build()
     n_params = sum(p.numel() for p in model.parameters())
     t0 = time.perf_counter()
