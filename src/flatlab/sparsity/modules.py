@@ -17,9 +17,9 @@ with ``k = min(step / ramp_steps, 1)``; at ``k = 0`` the output is ReLU's, bit f
 token position; ``(d,)`` when ``tokens`` is None, which then folds into the first bias) that
 starts at 0 and is added to every sample, either at the MLP input, ``MLP(LN(x) + b0)``
 (``placement="input"``, the paper's text and its early code), or at its output,
-``MLP(LN(x)) + b0`` (``"output"``, the authors' later code, and the default). After each step it is clipped
-elementwise to ``|b0| <= c |gamma|``, ``gamma`` the scale of the LayerNorm before the MLP
-(1 when there is none or it has no affine), ``c = 0.1`` by default.
+``MLP(LN(x)) + b0`` (``"output"``, the authors' later code, and the default). After each step
+it is clipped elementwise to ``|b0| <= c |gamma|``, ``gamma`` the scale of the LayerNorm before
+the MLP (1 when there is none or it has no affine), ``c = 0.1`` by default.
 
 **Restricted LayerNorm** in front of each sparsified MLP: from scratch (``mode="scratch"``) the
 bias is removed and ``gamma >= 1`` is enforced after each step; for finetuning
