@@ -32,6 +32,8 @@ def test_sde_quick_end_to_end(tmp_path, restore_threads):
         assert title in report
     earlier = next(s for s in run.sections() if s["title"] == "Earlier SDEs: verdicts")["table"]
     assert len(earlier) == 2 * 3 and all(v["n"] == 2 for v in earlier)  # 2 optimizers, 3 sigmas
+    net = next(s for s in run.sections() if s["title"] == "Earlier SDEs on the small network")
+    assert sum("verdict" in r for r in net["table"]) == 2
     done = json.loads((run.path / "done").read_text()) if (run.path / "done").is_file() else {}
     records = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("tag") == "t1" for r in records)

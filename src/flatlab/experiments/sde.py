@@ -252,6 +252,14 @@ def run(cfg: Config, run: Run) -> dict:
                         "fractions of the run and averaged over it. Verdicts: paired over seeds, "
                         "log10 of the mean gap (capped at 1e6), 95% t CI.", table=table)
         run.add_section("Earlier SDEs: verdicts", "", table=verdicts)
+        en = T.earlier_sdes_network(min(cfg.network_steps, 20) if q else cfg.network_steps,
+                                    4 if q else cfg.network_paths, 2 if q else cfg.earlier_seeds,
+                                    lr=cfg.lr)
+        table, verdicts = _earlier_tables(en)
+        run.add_section("Earlier SDEs on the small network",
+                        f"MLP 8-16-3 ({en['params']} parameters) of 'Small network', full-batch "
+                        f"gradient + N(0, 0.5^2) noise, lr {cfg.lr}, {en['steps']} steps; same "
+                        "statistics and verdicts as on the quadratic.", table=table + verdicts)
 
     run.add_section("Results", "Every target of the issue with its measured value, the closed "
                     "form, and the tolerance.", table=rows)

@@ -25,7 +25,8 @@ from flatlab.sde.noise import GaussianNoise, StudentTNoise
 from flatlab.sde.objectives import Quadratic
 
 __all__ = ["Toy", "tracking", "noise_scaling", "heavy_tails", "weight_decay", "scaling",
-           "adamw_sde_gap", "network", "loglog_slope", "earlier_sdes"]
+           "adamw_sde_gap", "network", "loglog_slope", "earlier_sdes",
+           "earlier_sdes_network"]
 
 TAIL = 1 / 3
 
@@ -298,3 +299,42 @@ def earlier_sdes(toy: Toy, sigmas: list[float], steps: int, seeds: int, *,
                         row[f"gap@{m:g}"] = float(gap[min(n - 1, max(0, round(m * n) - 1)), j])
                     rows.append(row)
     return {"sigmas": sigmas, "steps": steps, "rows": rows}
+
+
+def earlier_sdes_network(steps: int, paths: int, seeds: int, *, sigma: float = 0.5,
+                         lr: float = 0.01, hidden: int = 16) -> dict:
+    """:func:`earlier_sdes` on the small network of :func:`network` (MLP 8 -> hidden -> 3 on
+    256 teacher-labelled examples, full-batch gradient plus N(0, sigma^2) noise): RMSprop
+    (beta 0.999) and Adam (betas 0.98, 0.999), both SDEs against the same discrete run."""
+    from torch import nn
+
+    from flatlab.sde.compare import optimizer_for
+    from flatlab.sde.malladi import MalladiAdamSDE, MalladiRMSpropSDE
+    from flatlab.sde.models import RMSpropWSDE
+    from flatlab.sde.objectives import NetworkObjective
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=g, dtype=torch.float64)
+    y = (x @ torch.randn(8, 3, generator=g, dtype=torch.float64)).argmax(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, hidden), nn.Tanh(), nn.Linear(hidden, 3)).double()
+    obj, noise = NetworkObjective(model, nn.functional.cross_entropy, (x, y)), GaussianNoise(sigma)
+    pairs = {"RMSprop": (RMSpropWSDE(obj, noise, lr), MalladiRMSpropSDE(obj, noise, lr)),
+             "Adam": (AdamWSDE(obj, noise, lr, betas=(0.98, 0.999)),
+                      MalladiAdamSDE(obj, noise, lr, betas=(0.98, 0.999)))}
+    every, rows = max(1, steps // 50), []
+    for opt, (new, old) in pairs.items():
+        for s in range(seeds):
+            disc = run_optimizer(optimizer_for(new), obj, noise, obj.initial_point(), steps,
+                                 lr=lr, paths=paths, record_every=every, seed=100 * s + 1)
+            b = disc["loss_mean"][1:]
+            for name, sde in (("Compagnoni et al. 2025", new), ("Malladi et al. 2022", old)):
+                cont = simulate(sde, obj.initial_point(), steps, paths=paths, dt=lr,
+                                record_every=every, seed=100 * s)
+                gap = (cont["loss_mean"][1:] - b).abs() / b
+                n = gap.shape[0]
+                rows.append({"optimizer": opt, "sde": name, "seed": s, "sigma": sigma,
+                             "mean_gap": float(gap.mean()),
+                             **{f"gap@{m:g}": float(gap[min(n - 1, max(0, round(m * n) - 1))])
+                                for m in (0.01, 0.1, 0.5, 1.0)}})
+    return {"sigmas": [sigma], "steps": steps, "rows": rows, "params": obj.dim}
