@@ -96,7 +96,7 @@ from flatlab.optim.schedules import Schedule
 
 __all__ = [
     "GSAM", "WSAM", "LookSAM", "FriendlySAM",
-    "gsam_descent_", "wsam_mix_", "looksam_component", "looksam_reuse_", "fsam_ascent",
+    "gsam_descent_", "wsam_mix_", "looksam_component", "looksam_reuse_", "fsam_ascent_",
 ]
 
 LOOKSAM_KEY = "looksam_gv"
@@ -141,21 +141,20 @@ def looksam_reuse_(g: list[torch.Tensor], g_v: list[torch.Tensor], *, alpha: flo
     torch._foreach_add_(g, g_v, alpha=scale)
 
 
-def fsam_ascent(g: list[torch.Tensor], m: list[torch.Tensor | None], *, sigma: float,
-                lmbda: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """FriendlySAM's ``(a, m_new)``: ``a = g - sigma m`` and ``m_new = lmbda m + (1 - lmbda)
-    g``, both new tensors; where ``m`` is None (a first step) ``a = g`` and ``m_new = g``."""
+def fsam_ascent_(g: list[torch.Tensor], m: list[torch.Tensor | None], *, sigma: float,
+                 lmbda: float) -> list[torch.Tensor]:
+    """FriendlySAM's ascent direction in place, ``g <- a = g - sigma m``, and the new EMA
+    ``m_new = lmbda m + (1 - lmbda) g`` (new tensors, from ``g`` before the update); where
+    ``m`` is None (a first step) ``a = g`` and ``m_new = g``."""
     have = [i for i, x in enumerate(m) if x is not None]
-    a = [t.clone() for t in g]
     m_new = [t.clone() for t in g]
     if have:
         gs = [g[i] for i in have]
         ms = [m[i] for i in have]
-        torch._foreach_add_([a[i] for i in have], ms, alpha=-sigma)
-        lerped = torch._foreach_lerp(ms, gs, 1.0 - lmbda)
-        for i, t in zip(have, lerped):
+        for i, t in zip(have, torch._foreach_lerp(ms, gs, 1.0 - lmbda)):
             m_new[i] = t
-    return a, m_new
+        torch._foreach_add_(gs, ms, alpha=-sigma)
+    return m_new
 
 
 # ---------------------------------------------------------------------- shell helpers
@@ -366,7 +365,8 @@ class FriendlySAM(TwoPass):
             ctx.perturb_(g, "rho", _ascent_scale(ctx, loss, g, self.perturb_eps))
             return None
         m = [self.state[p].get(FSAM_KEY) if p in self.state else None for p in ctx.params]
-        a, m_new = fsam_ascent(g, m, sigma=self.sigma, lmbda=self.lmbda)
-        ctx.perturb_(a, "rho", _ascent_scale(ctx, loss, a, self.perturb_eps))
+        m_new = fsam_ascent_(g, m, sigma=self.sigma, lmbda=self.lmbda)  # p.grad is now a;
+        # the pass at the perturbed point replaces it (carried gradients are kept apart)
+        ctx.perturb_(g, "rho", _ascent_scale(ctx, loss, g, self.perturb_eps))
         ctx.stage_state(FSAM_KEY, m_new)
         return None
