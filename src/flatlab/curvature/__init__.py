@@ -11,6 +11,7 @@ from flatlab.curvature.eigen import EigenResult, lanczos, power_iteration, top_e
 from flatlab.curvature.hvp import (
     GGNOperator,
     HessianOperator,
+    as_operator,
     ggn_operator,
     hessian_operator,
 )
@@ -20,7 +21,7 @@ from flatlab.curvature.landscape import (
     loss_landscape,
     plot_landscape,
 )
-from flatlab.curvature.operator import DenseOperator, LinearOperator, as_operator
+from flatlab.curvature.operator import DenseOperator, LinearOperator
 from flatlab.curvature.sharpness import (
     DomainSharpnessResult,
     SharpnessResult,

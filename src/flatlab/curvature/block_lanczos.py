@@ -30,8 +30,7 @@ from typing import Any
 import torch
 
 from flatlab._checks import check_choice, check_positive, check_positive_int
-from flatlab.curvature._progress import Meter
-from flatlab.curvature.eigen import (
+from flatlab.curvature._krylov import (
     _WHICH,
     EigenResult,
     _default_tol,
@@ -39,7 +38,8 @@ from flatlab.curvature.eigen import (
     _start,
     _work_dtype,
 )
-from flatlab.curvature.operator import as_operator
+from flatlab.curvature._progress import Meter
+from flatlab.curvature.hvp import as_operator
 
 
 def _orth_block(W: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from flatlab._checks import check_positive, check_positive_int
+from flatlab.curvature._krylov import _orthogonalize, _work_dtype
 from flatlab.curvature._progress import Meter
-from flatlab.curvature.eigen import _orthogonalize, _work_dtype
-from flatlab.curvature.operator import as_operator
+from flatlab.curvature.hvp import as_operator
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ from flatlab.curvature._model import (
     resolve_params,
     unflatten,
 )
-from flatlab.curvature.operator import LinearOperator
+from flatlab.curvature.operator import DenseOperator, LinearOperator
 
 _METHODS = ("auto", "forward_ad", "func", "double_backward")
 _PATHS = ("auto", "cached", "streamed")
@@ -394,3 +394,39 @@ def ggn_operator(
     The model's outputs must be a single tensor.
     """
     return GGNOperator(model, loss_fn, data, params, eval_mode, check_deterministic)
+
+
+def as_operator(
+    obj: Any,
+    *,
+    loss_fn: Any = None,
+    data: Any = None,
+    params: Any = None,
+    **kwargs: Any,
+) -> LinearOperator:
+    """Return ``obj`` as an operator.
+
+    ``obj`` may be an operator (returned as is), a square tensor (wrapped in
+    :class:`DenseOperator`), or an ``nn.Module``, in which case ``loss_fn`` and ``data`` are
+    required and the result is its :func:`~flatlab.curvature.hessian_operator` (``kwargs``
+    are passed on).
+
+    Raises:
+        ValueError: if a model is given without ``loss_fn`` or ``data``.
+        TypeError: for anything else.
+    """
+    if isinstance(obj, nn.Module):
+        if loss_fn is None or data is None:
+            raise ValueError(
+                "loss_fn and data must be given when measuring a model, got "
+                f"loss_fn={loss_fn!r}, data={'None' if data is None else type(data).__name__}"
+            )
+        return hessian_operator(obj, loss_fn, data, params=params, **kwargs)
+    if isinstance(obj, torch.Tensor):
+        return DenseOperator(obj)
+    if callable(getattr(obj, "matvec", None)) and hasattr(obj, "shape"):
+        return obj
+    raise TypeError(
+        "op must be a LinearOperator, a square tensor or an nn.Module, "
+        f"got {type(obj).__name__}"
+    )

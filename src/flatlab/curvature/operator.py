@@ -10,16 +10,14 @@ A symmetric linear operator ``A`` of size ``n x n`` is anything with
 
 :class:`LinearOperator` is the base class; :class:`DenseOperator` wraps an explicit symmetric
 matrix, so every estimator (eigenvalues, trace, density) also runs on a dense tensor, which
-is how the tests check them against closed forms. :func:`as_operator` turns "a model plus
-loss and data", a dense tensor, or an operator into an operator.
+is how the tests check them against closed forms. :func:`flatlab.curvature.hvp.as_operator`
+turns "a model plus loss and data", a dense tensor, or an operator into an operator (it lives
+beside the model operators, so this module imports nothing of flatlab).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from torch import nn
 
 
 class LinearOperator:
@@ -84,41 +82,3 @@ class DenseOperator(LinearOperator):
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self.matrix @ V
-
-
-def as_operator(
-    obj: Any,
-    *,
-    loss_fn: Any = None,
-    data: Any = None,
-    params: Any = None,
-    **kwargs: Any,
-) -> LinearOperator:
-    """Return ``obj`` as an operator.
-
-    ``obj`` may be an operator (returned as is), a square tensor (wrapped in
-    :class:`DenseOperator`), or an ``nn.Module``, in which case ``loss_fn`` and ``data`` are
-    required and the result is its :func:`~flatlab.curvature.hessian_operator` (``kwargs``
-    are passed on).
-
-    Raises:
-        ValueError: if a model is given without ``loss_fn`` or ``data``.
-        TypeError: for anything else.
-    """
-    if isinstance(obj, nn.Module):
-        if loss_fn is None or data is None:
-            raise ValueError(
-                "loss_fn and data must be given when measuring a model, got "
-                f"loss_fn={loss_fn!r}, data={'None' if data is None else type(data).__name__}"
-            )
-        from flatlab.curvature.hvp import hessian_operator
-
-        return hessian_operator(obj, loss_fn, data, params=params, **kwargs)
-    if isinstance(obj, torch.Tensor):
-        return DenseOperator(obj)
-    if callable(getattr(obj, "matvec", None)) and hasattr(obj, "shape"):
-        return obj
-    raise TypeError(
-        "op must be a LinearOperator, a square tensor or an nn.Module, "
-        f"got {type(obj).__name__}"
-    )

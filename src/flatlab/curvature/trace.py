@@ -58,9 +58,9 @@ from typing import Any
 import torch
 
 from flatlab._checks import check_choice, check_positive_int
+from flatlab.curvature._krylov import _work_dtype
 from flatlab.curvature._progress import Meter
-from flatlab.curvature.eigen import _work_dtype
-from flatlab.curvature.operator import as_operator
+from flatlab.curvature.hvp import as_operator
 
 METHODS = ("xtrace", "xnystrace", "hutch++", "hutchinson")
 
