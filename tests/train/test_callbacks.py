@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from flatlab.optim import LinearWarmup
 from flatlab.train import (
     ActivationSparsity,
     CurvatureMonitor,
@@ -65,6 +66,43 @@ def test_curvature_monitor_sam_edge_uses_the_full_batch_gradient_norm() -> None:
     assert rec["grad_norm"] == pytest.approx(grad.norm().item(), rel=1e-9)
     lam_star = rec["edge_sam"]  # solves lr * lam (1 + rho lam / |g|) = 2
     assert 0.05 * lam_star * (1 + 0.1 * lam_star / rec["grad_norm"]) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, edge",
+    [
+        ("sgd", {}, None),
+        ("sam", {"rho": 0.1}, "edge_sam"),
+        ("usam", {"rho": 0.1}, "edge_usam"),
+        ("asam", {"rho": 0.1}, None),
+        ("sam", {"rho": LinearWarmup(0.2, warmup_steps=4)}, "edge_sam"),
+    ],
+    ids=["sgd", "sam", "usam", "asam", "sam-rho-warmup"],
+)
+def test_curvature_monitor_reads_edge_and_radius_from_the_optimizer(name, kwargs, edge) -> None:
+    """method="auto" and rho=None: the edge the optimizer has, at the radius its next step
+    uses, equal to passing them by hand."""
+    from flatlab.optim.stability import edge_of_stability
+
+    model, x, y = _least_squares()
+    opt = build_optimizer(name, model.parameters(), lr=0.05, **kwargs)
+    mon = CurvatureMonitor(every=1, tol=1e-8)
+    res = fit(model, opt, (x, y), steps=3, loss_fn=F.mse_loss, callbacks=[mon], progress=False)
+    recs = [r for r in res.history if "lambda_max" in r]
+    others = {"edge_sam", "edge_usam"} - {edge}
+    for r in recs:
+        assert not others & set(r)
+        if edge is None:
+            continue
+        rho = kwargs["rho"]
+        rho = rho(r["step"], 0.05) if callable(rho) else rho
+        if rho == 0:
+            assert edge not in r  # the warm-up starts at rho = 0: no SAM edge yet
+            continue
+        want = (edge_of_stability("sam", 0.05, rho, grad_norm=r["grad_norm"])
+                if edge == "edge_sam" else edge_of_stability("usam", 0.05, rho))
+        assert r[edge] == pytest.approx(want)
+    assert len(recs) == 4
 
 
 def test_evaluate_accuracy_and_weighted_loss_over_batches() -> None:
@@ -125,7 +163,8 @@ def test_sharpness_callback_logs_the_curvature_measure(measure: str) -> None:
     ("factory", "match"),
     [
         (lambda: CurvatureMonitor(every=0), "every must be >= 1, got 0"),
-        (lambda: CurvatureMonitor(method="adam"), "method must be one of 'gd', 'usam', 'sam'"),
+        (lambda: CurvatureMonitor(method="adam"),
+         "method must be one of 'auto', 'gd', 'usam', 'sam'"),
         (lambda: CurvatureMonitor(rho=-1.0), "rho must be >= 0, got -1.0"),
         (lambda: Sharpness(measure="max"), "measure must be one of"),
         (lambda: ActivationSparsity(every=-2), "every must be >= 1, got -2"),

@@ -73,10 +73,6 @@ def _optimizer(name: str, model: torch.nn.Module, cfg: Config) -> torch.optim.Op
     return build_optimizer(name, model.parameters(), **kw)
 
 
-def _edge_method(name: str) -> str:
-    return {"sam": "sam", "usam": "usam"}.get(name, "gd")
-
-
 @register("demo", Config, help="MLP on MNIST-1D: SGD vs SAM vs GAM, top eigenvalue vs 2/lr")
 def run(cfg: Config, run: Run) -> dict:
     from flatlab.data import mnist1d
@@ -95,11 +91,10 @@ def run(cfg: Config, run: Run) -> dict:
     for name in cfg.optimizers:
         torch.manual_seed(cfg.seed)  # the same initial network for every optimizer
         model = MLP(x.shape[1], 10, width=cfg.width, depth=cfg.depth, activation=cfg.activation)
-        rho = cfg.rho if name in ("sam", "usam") else 0.0
         callbacks = [
             Evaluate({"train": data.train, "val": data.val}, every=max(steps // 30, 1)),
-            CurvatureMonitor(eig_data, every=eig_every, method=_edge_method(name), rho=rho,
-                             tol=1e-3, seed=cfg.seed),
+            CurvatureMonitor(eig_data, every=eig_every, tol=1e-3, seed=cfg.seed),  # edge and
+            # radius from the optimizer
             Sharpness(eig_data, every=steps, measure="worst_case", rho=cfg.sharpness_rho),
             Checkpoint(every=ckpt_every),
         ]

@@ -273,12 +273,14 @@ class SharpnessAware(Optimizer):
             out[name] = values
         return out
 
-    def radius(self, name: str, group: int = 0) -> float:
+    def radius(self, name: str, group: int = 0, *, upcoming: bool = False) -> float:
         """Value of radius ``name`` in param group ``group`` used by the latest step (before
-        the first step: the value the first step will use)."""
+        the first step: the value the first step will use); ``upcoming=True``: the value the
+        next step will use (its schedule at the current step and learning rate)."""
         if name not in self._schedules:
             raise KeyError(f"{type(self).__name__} has no radius {name!r}")
-        radii = self._radii_used if self._radii_used is not None else self._current_radii()
+        use_last = self._radii_used is not None and not upcoming
+        radii = self._radii_used if use_last else self._current_radii()
         return radii[name][group]
 
     @property

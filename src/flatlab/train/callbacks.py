@@ -177,27 +177,33 @@ class CurvatureMonitor(Callback):
     ``rho > 0``, ``edge_usam`` (``method="usam"``) or ``edge_sam`` and ``grad_norm``
     (``method="sam"``).
 
+    By default the edge and the radius come from the optimizer being trained: flatlab's
+    ``SAM`` gives ``method="sam"`` (``normalize=False``: ``"usam"``; ``adaptive=True`` and every
+    other optimizer: ``"gd"``), and ``rho`` is the radius its next step uses
+    (``opt.radius("rho", upcoming=True)``, so a rho schedule is followed).
+
     Args:
         data: where the Hessian is measured (default: the whole training set).
         every: run every this many steps.
         k: number of top eigenvalues.
-        method: ``"gd"``, ``"usam"`` or ``"sam"``: which edge to add besides 2/lr.
-        rho: the SAM radius for the USAM / SAM edge: a float, or a
-            :class:`flatlab.optim.schedules.Schedule` (e.g. a rho warm-up) evaluated as
+        method: ``"auto"`` (default, from the optimizer), ``"gd"``, ``"usam"`` or ``"sam"``:
+            which edge to add besides 2/lr.
+        rho: None (default: the optimizer's radius), or the SAM radius for the USAM / SAM
+            edge: a float, or a :class:`flatlab.optim.schedules.Schedule` evaluated as
             ``rho(step, lr)``, the radius the optimizer's next step uses.
         warm_start: start Lanczos from the previous top eigenvector.
         **kwargs: passed to :func:`flatlab.curvature.top_eigenvalues`.
     """
 
     def __init__(
-        self, data: Any = None, every: int = 10, k: int = 1, method: str = "gd",
-        rho: Any = 0.0, warm_start: bool = True, **kwargs: Any,
+        self, data: Any = None, every: int = 10, k: int = 1, method: str = "auto",
+        rho: Any = None, warm_start: bool = True, **kwargs: Any,
     ) -> None:
         super().__init__(every)
         self.data = data
         self.k = check_positive_int("k", k)
-        self.method = check_choice("method", method, ("gd", "usam", "sam"))
-        self.rho = rho if callable(rho) else check_nonnegative("rho", rho)
+        self.method = check_choice("method", method, ("auto", "gd", "usam", "sam"))
+        self.rho = rho if rho is None or callable(rho) else check_nonnegative("rho", rho)
         self.warm_start = warm_start
         self.kwargs = kwargs
         self.init: torch.Tensor | None = None
@@ -218,15 +224,34 @@ class CurvatureMonitor(Callback):
         for i, v in enumerate(values[1:], start=2):
             out[f"lambda_{i}"] = v
         lr = state.lr
-        rho = float(self.rho(state.step, lr)) if callable(self.rho) else self.rho
+        method, rho = self._edge(state)
         out["edge_gd"] = edge_of_stability("gd", lr)
-        if rho > 0 and self.method == "usam":
+        if rho > 0 and method == "usam":
             out["edge_usam"] = edge_of_stability("usam", lr, rho)
-        elif rho > 0 and self.method == "sam":
+        elif rho > 0 and method == "sam":
             g = _grad_norm(state.model, state.loss_fn, data)
             out["grad_norm"] = g
             out["edge_sam"] = edge_of_stability("sam", lr, rho, grad_norm=g)
         return out
+
+    def _edge(self, state: FitState) -> tuple[str, float]:
+        """(method, rho) for this measurement: given, or read from the optimizer."""
+        from flatlab.optim import SAM
+
+        opt = state.optimizer
+        method = self.method
+        if method == "auto":
+            method = "gd"
+            if isinstance(opt, SAM) and not opt.adaptive:
+                method = "sam" if opt.normalize else "usam"
+        if method == "gd":
+            return method, 0.0
+        if self.rho is None:
+            radius = getattr(opt, "radius", None)
+            return method, float(radius("rho", upcoming=True)) if radius else 0.0
+        if callable(self.rho):
+            return method, float(self.rho(state.step, state.lr))
+        return method, float(self.rho)
 
     def state_dict(self) -> dict[str, Any]:
         return {"init": self.init}
