@@ -24,7 +24,6 @@ itself needs neither.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flatlab import curvature
 from flatlab._batches import batches
 from flatlab._checks import check_choice, check_nonnegative, check_positive_int
 
@@ -144,32 +144,6 @@ class Evaluate(Callback):
         return out
 
 
-def _curvature(name: str) -> Any:
-    module = importlib.import_module("flatlab.curvature")
-    fn = getattr(module, name, None)
-    if fn is None:
-        raise ImportError(f"flatlab.curvature.{name} is not available in this flatlab")
-    return fn
-
-
-def _grad_norm(model: nn.Module, loss_fn: Any, data: Any) -> float:
-    """Full-data gradient norm ``‖∇L‖`` of the mean loss (eval mode)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = [torch.zeros_like(p) for p in params]
-    was = model.training
-    model.eval()
-    total = 0
-    try:
-        for x, y, n in batches(data):
-            g = torch.autograd.grad(loss_fn(model(x), y), params)
-            for acc, gi in zip(grads, g):
-                acc.add_(gi, alpha=n)
-            total += n
-    finally:
-        model.train(was)
-    return float(torch.sqrt(sum((g / total).pow(2).sum() for g in grads)))
-
-
 class CurvatureMonitor(Callback):
     """Top Hessian eigenvalue(s) of the training loss every ``every`` steps, with the edges.
 
@@ -211,10 +185,9 @@ class CurvatureMonitor(Callback):
     def on_step(self, state: FitState) -> dict[str, float]:
         from flatlab.optim.stability import edge_of_stability
 
-        top_eigenvalues = _curvature("top_eigenvalues")
         data = _data(self.data, state)
         init = self.init if self.warm_start else None
-        res = top_eigenvalues(state.model, state.loss_fn, data, self.k, init=init,
+        res = curvature.top_eigenvalues(state.model, state.loss_fn, data, self.k, init=init,
                               **self.kwargs)
         values = [float(v) for v in torch.as_tensor(res.values).flatten()]
         if self.warm_start and getattr(res, "vectors", None) is not None:
@@ -229,7 +202,7 @@ class CurvatureMonitor(Callback):
         if rho > 0 and method == "usam":
             out["edge_usam"] = edge_of_stability("usam", lr, rho)
         elif rho > 0 and method == "sam":
-            g = _grad_norm(state.model, state.loss_fn, data)
+            g = curvature.gradient_norm(state.model, state.loss_fn, data).value
             out["grad_norm"] = g
             out["edge_sam"] = edge_of_stability("sam", lr, rho, grad_norm=g)
         return out
@@ -294,7 +267,7 @@ class Sharpness(Callback):
 
     def on_step(self, state: FitState) -> dict[str, float]:
         name, takes_rho = _SHARPNESS[self.measure]
-        fn = _curvature(name)
+        fn = getattr(curvature, name)
         kwargs = dict(self.kwargs)
         if takes_rho:
             kwargs.setdefault("rho", self.rho)
