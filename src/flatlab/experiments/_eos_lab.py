@@ -145,9 +145,7 @@ class Trajectory:
 
     phases: tuple[Phase, ...]
     records: list[dict[str, Any]] = field(default_factory=list)
-    starts: list[int] = field(default_factory=list)  # global step at which each phase starts
     diverged_at: int | None = None  # global step of divergence (non-finite / skipped steps)
-    model: Any = None  # the model at the end of the last phase run
 
     def points(self, phase: int | None = None) -> list[tuple[int, float, float, float]]:
         """``(step, λ_max, threshold, loss)`` of the measured records (of one phase if given).
@@ -206,13 +204,11 @@ class Lab:
                 self._cache[tag] = self._run_phase(model, ph, tag, i, offset)
             state, recs, diverged_at = self._cache[tag]
             model.load_state_dict(state)
-            traj.starts.append(offset)
             traj.records.extend(recs)
             offset += ph.steps
             if diverged_at is not None:
                 traj.diverged_at = diverged_at
                 break
-        traj.model = model
         return traj
 
     def _run_phase(self, model: nn.Module, ph: Phase, tag: str, index: int,

@@ -25,7 +25,7 @@ itself needs neither.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,7 +55,6 @@ class FitState:
     step: int = 0
     loss: float = float("nan")
     diverged: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def lr(self) -> float:
