@@ -164,3 +164,5 @@ def test_help_types_are_readable() -> None:
     assert proc.returncode == 0
     assert "_Pydantic" not in proc.stdout and "Metadata" not in proc.stdout
     assert "one of float32|float64" in proc.stdout
+    assert "AfterValidator" not in proc.stdout and "<function" not in proc.stdout
+    assert "each one of quadratics|qrm|" in proc.stdout

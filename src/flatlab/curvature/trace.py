@@ -145,13 +145,22 @@ def _exact(op: Any, block: int, meter: Meter) -> TraceResult:
     return TraceResult(float(AE.diagonal().sum()), 0.0, n, "exact", AE.diagonal(), True)
 
 
+def _prepare(op: Any, probes: int, seed: int, name: str, meter: Meter | None,
+             minimum: int = 1) -> tuple[Any, int, Meter, torch.Generator]:
+    """What every estimator starts with: the operator, the checked product budget, a meter
+    and the seeded probe generator."""
+    op = as_operator(op)
+    probes = check_positive_int("probes", probes)
+    if probes < minimum:
+        raise ValueError(f"probes must be >= {minimum} for {name}, got {probes}")
+    meter = meter or Meter(f"trace ({name})", probes, progress=False)
+    return op, probes, meter, torch.Generator().manual_seed(int(seed))
+
+
 def hutchinson(op: Any, probes: int = 100, *, seed: int = 0, block: int = 16,
                meter: Meter | None = None) -> TraceResult:
     """Hutchinson's estimator with ``probes`` Rademacher probes (see module docstring)."""
-    op = as_operator(op)
-    probes = check_positive_int("probes", probes)
-    meter = meter or Meter("trace (hutchinson)", probes, progress=False)
-    gen = torch.Generator().manual_seed(int(seed))
+    op, probes, meter, gen = _prepare(op, probes, seed, "hutchinson", meter)
     Z = _rademacher(op.shape[0], probes, gen, op.dtype, op.device)
     AZ = _apply(op, Z, block, meter)
     samples = (Z[:, : AZ.shape[1]] * AZ).sum(dim=0)
@@ -161,13 +170,8 @@ def hutchinson(op: Any, probes: int = 100, *, seed: int = 0, block: int = 16,
 def hutchpp(op: Any, probes: int = 99, *, seed: int = 0, block: int = 16,
             meter: Meter | None = None) -> TraceResult:
     """Hutch++ with a budget of ``probes >= 3`` products (see module docstring)."""
-    op = as_operator(op)
-    probes = check_positive_int("probes", probes)
-    if probes < 3:
-        raise ValueError(f"probes must be >= 3 for hutch++, got {probes}")
-    meter = meter or Meter("trace (hutch++)", probes, progress=False)
+    op, probes, meter, gen = _prepare(op, probes, seed, "hutch++", meter, minimum=3)
     n = op.shape[0]
-    gen = torch.Generator().manual_seed(int(seed))
     r = min(probes // 3, n)
     g = probes - 2 * r  # the remainder goes to the Hutchinson part
     S = _rademacher(n, r, gen, op.dtype, op.device)
@@ -227,16 +231,11 @@ def xtrace(op: Any, probes: int = 100, *, seed: int = 0, block: int = 16,
     Raises:
         ValueError: ``probes < 4``.
     """
-    op = as_operator(op)
-    probes = check_positive_int("probes", probes)
-    if probes < 4:
-        raise ValueError(f"probes must be >= 4 for xtrace, got {probes}")
+    op, probes, meter, gen = _prepare(op, probes, seed, "xtrace", meter, minimum=4)
     n = op.shape[0]
-    meter = meter or Meter("trace (xtrace)", probes, progress=False)
     if probes >= n:
         return _exact(op, block, meter)
     s = probes // 2
-    gen = torch.Generator().manual_seed(int(seed))
     Om = _sphere(n, s, gen, op.dtype, op.device)
     Y = _apply(op, Om, block, meter)
     if Y.shape[1] < s:
@@ -283,15 +282,10 @@ def xnystrace(op: Any, probes: int = 100, *, seed: int = 0, block: int = 16,
     Raises:
         ValueError: ``probes < 2``, or an operator that is not PSD on the probes.
     """
-    op = as_operator(op)
-    probes = check_positive_int("probes", probes)
-    if probes < 2:
-        raise ValueError(f"probes must be >= 2 for xnystrace, got {probes}")
+    op, probes, meter, gen = _prepare(op, probes, seed, "xnystrace", meter, minimum=2)
     n = op.shape[0]
-    meter = meter or Meter("trace (xnystrace)", probes, progress=False)
     if probes >= n:
         return _exact(op, block, meter)
-    gen = torch.Generator().manual_seed(int(seed))
     Om = _sphere(n, probes, gen, op.dtype, op.device)
     Y = _apply(op, Om, block, meter)
     if Y.shape[1] < probes:

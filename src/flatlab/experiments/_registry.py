@@ -45,6 +45,21 @@ def _existing_dir(path: Path) -> Path:
 ExistingDir = Annotated[Path, AfterValidator(_existing_dir)]
 
 
+def parts_of(known: Sequence[str]) -> Any:
+    """A config field type for an experiment's ``parts`` selector: a list of names, each one
+    of ``known`` (else a ValueError naming the unknown ones)."""
+    known = tuple(known)
+
+    def check(v: list[str]) -> list[str]:
+        bad = [p for p in v if p not in known]
+        if bad:
+            raise ValueError(f"parts must be among {list(known)}, got {bad}")
+        return v
+
+    check.constraint = "each one of " + "|".join(known)  # type: ignore[attr-defined]
+    return Annotated[list[str], AfterValidator(check)]
+
+
 class ExperimentConfig(BaseModel):
     """Base class of every experiment ``Config``: strict keys, a seed, and the ``quick`` switch.
 
@@ -348,6 +363,9 @@ def _type_name(ann: Any) -> str:
 
 def _constraint(meta: Any) -> str:
     """``> 0``, ``len >= 1``, ``one of float32|float64``: a field constraint in words."""
+    described = getattr(getattr(meta, "func", None), "constraint", None)
+    if described:  # a validator of this module that says what it checks
+        return described
     for attr, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
         if getattr(meta, attr, None) is not None:
             return f"{sym} {getattr(meta, attr)}"

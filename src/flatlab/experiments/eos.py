@@ -57,6 +57,7 @@ from flatlab.experiments._eos_lab import (
 from flatlab.experiments._eos_net import minibatch_study
 from flatlab.experiments._eos_switch import matched, switching
 from flatlab.experiments._eos_toys import qrm_table, quadratic_table
+from flatlab.experiments._registry import parts_of
 from flatlab.models import MLP
 from flatlab.report import plots
 
@@ -94,7 +95,7 @@ class Config(ExperimentConfig):
     mnist1d_steps: int = Field(1200, ge=10, description="steps of the MNIST-1D runs")
     sgd_batch: int = Field(100, ge=1, description="minibatch size of SGD vs SGD+SAM")
     sgd_steps: int = Field(1000, ge=10, description="steps of SGD vs SGD+SAM")
-    parts: list[str] = Field(list(PARTS), description=f"parts to run, of {list(PARTS)}")
+    parts: parts_of(PARTS) = Field(list(PARTS), description=f"parts to run, of {list(PARTS)}")
     net_models: list[str] = Field(["mlp", "cnn"], description="networks of SGD vs SGD+SAM "
                                   "(mlp, cnn)")
     net_seeds: int = Field(5, ge=2, description="paired seeds of SGD vs SGD+SAM")
@@ -111,14 +112,6 @@ class Config(ExperimentConfig):
     t7_seeds: int = Field(3, ge=1, description="inits of the late USAM switch (seed 0 + others)")
     threads: int = Field(1, ge=1, description="torch threads during the run (small models "
                          "run fastest on one; restored afterwards)")
-
-    @field_validator("parts")
-    @classmethod
-    def _known_parts(cls, v: list[str]) -> list[str]:
-        bad = [p for p in v if p not in PARTS]
-        if bad:
-            raise ValueError(f"parts must be among {list(PARTS)}, got {bad}")
-        return v
 
     @field_validator("net_models")
     @classmethod

@@ -41,10 +41,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from flatlab.data import mnist1d, teacher_student_classification
 from flatlab.experiments import ExperimentConfig, Run, register
+from flatlab.experiments._registry import parts_of
 from flatlab.experiments._sparsity_band import band_study
 from flatlab.experiments._sparsity_finetune import Constrain, finetune_study
 from flatlab.experiments._sparsity_vit import vit_study
@@ -85,7 +86,7 @@ class Config(ExperimentConfig):
     mnist1d_n: int = Field(4000, ge=100, description="MNIST-1D examples for the modules")
     patch: int = Field(4, ge=1, description="MNIST-1D patch length (40 / patch tokens)")
     mixer_dim: int = Field(32, ge=2, description="token width of the MLP-mixer")
-    parts: list[str] = Field(list(PARTS), description=f"parts to run, of {list(PARTS)}")
+    parts: parts_of(PARTS) = Field(list(PARTS), description=f"parts to run, of {list(PARTS)}")
     band_seeds: int = Field(5, ge=2, description="paired seeds of target 5 (shifted S-shape)")
     band_output_tol: float = Field(0.1, ge=0, description="target 5: |f(h)| <= tol counts as "
                                    "a near-zero output")
@@ -100,14 +101,6 @@ class Config(ExperimentConfig):
     vit_lr: float = Field(3e-3, gt=0, description="AdamW lr of the ViT runs")
     vit_dim: int = Field(32, ge=2, description="ViT token width")
     vit_heads: int = Field(4, ge=1, description="ViT attention heads")
-
-    @field_validator("parts")
-    @classmethod
-    def _known_parts(cls, v: list[str]) -> list[str]:
-        bad = [p for p in v if p not in PARTS]
-        if bad:
-            raise ValueError(f"parts must be among {list(PARTS)}, got {bad}")
-        return v
 
 
 def _spearman(x: list[float], y: list[float]) -> float:
