@@ -16,7 +16,6 @@ state_dict round trip through ``torch.distributed.checkpoint`` resumes bit for b
 
 from __future__ import annotations
 
-import socket
 import traceback
 
 import pytest
@@ -27,6 +26,7 @@ from torch import nn
 
 from flatlab.optim import SAM
 from tests.optim._registry import REGISTRY, step
+from tests.optim.test_distributed import free_port
 
 WORLD, STEPS, LR = 2, 5, 0.05
 NAN_STEP = 2
@@ -159,12 +159,6 @@ def _resume(rank: int, out: str) -> list[torch.Tensor] | str:
         return _full(model2)
     except Exception:  # noqa: BLE001
         return traceback.format_exc()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,8 @@ def _existing_dir(path: Path) -> Path:
     return path
 
 
+_existing_dir.constraint = "an existing folder"  # type: ignore[attr-defined]
+
 #: A config field type for data directories: validated to exist when the config is built.
 ExistingDir = Annotated[Path, AfterValidator(_existing_dir)]
 
