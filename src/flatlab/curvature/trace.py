@@ -157,6 +157,21 @@ def _prepare(op: Any, probes: int, seed: int, name: str, meter: Meter | None,
     return op, probes, meter, torch.Generator().manual_seed(int(seed))
 
 
+def _range_sketch(op: Any, Om: torch.Tensor, block: int, meter: Meter) -> Any:
+    """``(Y, Q, R, Z)`` with ``Y = A Om``, ``Y = Q R`` and ``Z = A Q``: the two sketches of
+    Hutch++ and XTrace (``Om`` is ``(n, s)``). When a budget ends before both are done, the
+    Hutchinson estimate from the products so far (a :class:`TraceResult`) instead."""
+    s = Om.shape[1]
+    Y = _apply(op, Om, block, meter)
+    if Y.shape[1] < s:
+        return _fallback(Om, Y, Y.shape[1])
+    Q, R = torch.linalg.qr(Y)
+    Z = _apply(op, Q, block, meter)
+    if Z.shape[1] < s:
+        return _fallback(Om, Y, s + Z.shape[1])
+    return Y, Q, R, Z
+
+
 def hutchinson(op: Any, probes: int = 100, *, seed: int = 0, block: int = 16,
                meter: Meter | None = None) -> TraceResult:
     """Hutchinson's estimator with ``probes`` Rademacher probes (see module docstring)."""
@@ -175,13 +190,10 @@ def hutchpp(op: Any, probes: int = 99, *, seed: int = 0, block: int = 16,
     r = min(probes // 3, n)
     g = probes - 2 * r  # the remainder goes to the Hutchinson part
     S = _rademacher(n, r, gen, op.dtype, op.device)
-    AS = _apply(op, S, block, meter)
-    if AS.shape[1] < r:
-        return _fallback(S, AS, AS.shape[1])
-    Q, _ = torch.linalg.qr(AS)
-    AQ = _apply(op, Q, block, meter)
-    if AQ.shape[1] < r:
-        return _fallback(S, AS, r + AQ.shape[1])
+    sketch = _range_sketch(op, S, block, meter)
+    if isinstance(sketch, TraceResult):
+        return sketch
+    _, Q, _, AQ = sketch
     low_rank = float(torch.trace(Q.T @ AQ))
     G = _rademacher(n, g, gen, op.dtype, op.device)
     G = G - Q @ (Q.T @ G)
@@ -237,13 +249,10 @@ def xtrace(op: Any, probes: int = 100, *, seed: int = 0, block: int = 16,
         return _exact(op, block, meter)
     s = probes // 2
     Om = _sphere(n, s, gen, op.dtype, op.device)
-    Y = _apply(op, Om, block, meter)
-    if Y.shape[1] < s:
-        return _fallback(Om, Y, Y.shape[1])
-    Q, R = torch.linalg.qr(Y)
-    Z = _apply(op, Q, block, meter)
-    if Z.shape[1] < s:
-        return _fallback(Om, Y, s + Z.shape[1])
+    sketch = _range_sketch(op, Om, block, meter)
+    if isinstance(sketch, TraceResult):
+        return sketch
+    Y, Q, R, Z = sketch
     return _result(xtrace_estimates(Om, Y, Q, R, Z), 2 * s, "xtrace", True)
 
 
