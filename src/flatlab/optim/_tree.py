@@ -63,19 +63,16 @@ def _reduced_sums(parts: list[torch.Tensor], sharded: list[bool], group: object,
                   op: str = "sum") -> torch.Tensor:
     """``parts`` (0-d, one per tensor, from local shards) combined over ranks: the sharded
     ones summed (or maxed) over ``group`` in one all-reduce, the others taken once."""
-    stacked = torch.stack(parts)
-    mask = torch.tensor(sharded, device=stacked.device)
-    zero = torch.zeros((), dtype=stacked.dtype, device=stacked.device)
+    zero = parts[0].new_zeros(())
+    shard = torch.stack([p for p, f in zip(parts, sharded) if f] or [zero])
+    rest = torch.stack([p for p, f in zip(parts, sharded) if not f] or [zero])
     if op == "max":
-        local = torch.stack([torch.where(mask, stacked, zero).max(),
-                             torch.where(mask, zero, stacked).max()])
-        dist.all_reduce(local[:1], op=dist.ReduceOp.MAX, group=group)
-        return local.max()
-    local = torch.stack([torch.where(mask, stacked, zero).sum(),
-                         torch.where(mask, zero, stacked).sum()])
-    shard_sum = local[:1].clone()
-    dist.all_reduce(shard_sum, group=group)
-    return shard_sum[0] + local[1]
+        local = shard.max().reshape(1)
+        dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
+        return torch.maximum(local[0], rest.max())
+    local = shard.sum().reshape(1)
+    dist.all_reduce(local, group=group)
+    return local[0] + rest.sum()
 
 
 def _precise(t: torch.Tensor) -> torch.Tensor:
