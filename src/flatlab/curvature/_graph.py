@@ -115,7 +115,8 @@ class GradientGraphs:
         return [p._version for p in primals] != self.versions
 
     def products(self, tangents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """``sum_b (n_b / N) H_b t`` for one tangent (a list shaped like the parameters)."""
+        """``sum_b n_b H_b t`` for one tangent (a list shaped like the parameters); divide by
+        :attr:`count` (summed over the ranks first, in a data-parallel measurement)."""
         total = None
         for n, leaves, g, used in self.graphs:
             hv = backward_through(leaves, g, used, tangents, self.like, retain=True)
@@ -123,5 +124,4 @@ class GradientGraphs:
                 total = [h * n for h in hv]
             else:
                 torch._foreach_add_(total, hv, alpha=n)
-        torch._foreach_div_(total, self.count)
         return total

@@ -27,6 +27,38 @@ from torch.func import functional_call
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 
 
+def measured_model(model: Any) -> nn.Module:
+    """The module a measurement differentiates: a DDP wrapper's ``.module``, else ``model``.
+
+    DDP keeps a full replica on every rank, so its inner module is measured (with
+    ``distributed=`` for the data-parallel sum). FSDP2 parameters are DTensor shards tied to
+    the forward pass by FSDP's own all-gather hooks, which :func:`torch.func.functional_call`
+    bypasses, so a sharded model is refused.
+
+    Raises:
+        TypeError: a non-module, or a model with DTensor (FSDP2) parameters.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.4, or a build without torch.distributed
+        DTensor = ()  # noqa: N806
+    sharded = next((n for n, p in model.named_parameters() if isinstance(p, DTensor)), None)
+    if sharded is not None:
+        raise TypeError(
+            f"model has sharded (FSDP2 / DTensor) parameters ({sharded!r}): curvature "
+            "measurements need full parameters on every rank. Measure an unsharded replica "
+            "(load torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+            "options=StateDictOptions(full_state_dict=True)) into a plain copy) and pass "
+            "distributed=True to sum over the ranks' data")
+    return model
+
+
 def resolve_params(
     model: nn.Module, params: nn.Module | Iterable[torch.Tensor | str] | None = None
 ) -> tuple[list[str], list[torch.Tensor]]:
@@ -146,11 +178,14 @@ def mean_loss_and_grad(
     data: Any,
     *,
     grad: bool = True,
+    ranks: Any = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """Full-data mean loss ``L = sum_b n_b L_b / N`` and its gradient at ``tensors``.
 
     One forward (and backward) pass per batch; no graph outlives a batch. Returns the loss as
     a detached 0-d tensor and the gradient as a list aligned with ``tensors`` (or ``None``).
+    With ``ranks`` (:class:`flatlab._ranks.Ranks`), the sums and ``N`` run over every rank's
+    shard of the data, in one all-reduce.
     """
     from flatlab._batches import batches
 
@@ -174,6 +209,10 @@ def mean_loss_and_grad(
         loss = loss.detach() * n
         total = loss if total is None else total + loss
         count += n
+    if ranks is not None:
+        parts = [total.reshape(1)] + ([] if grads is None else list(grads))
+        mean = ranks.mean(flatten(parts), count)
+        return mean[0], None if grads is None else unflatten(mean[1:], tensors)
     if grads is not None:
         torch._foreach_div_(grads, count)
     return total / count, grads

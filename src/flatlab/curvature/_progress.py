@@ -48,11 +48,14 @@ class Meter:
         max_seconds: wall-clock budget in seconds, or ``None``.
         progress: ``True`` (stderr, if it is a terminal), ``False``, or a text stream.
         unit: the word for one product in the bar.
+        ranks: in a data-parallel measurement (:mod:`flatlab._ranks`), the ranks that must
+            stop together: the time budget's verdict is their minimum (one small all-reduce
+            per check, only when ``max_seconds`` is set), and only rank 0 draws.
     """
 
     def __init__(self, label: str, total: int | None = None, *, max_matvecs: int | None = None,
                  max_seconds: float | None = None, progress: Any = True,
-                 unit: str = "products"):
+                 unit: str = "products", ranks: Any = None):
         self.label, self.unit = label, unit
         self.max_matvecs = None if max_matvecs is None else check_positive_int(
             "max_matvecs", max_matvecs)
@@ -61,7 +64,8 @@ class Meter:
         if total is not None and self.max_matvecs is not None:
             total = min(total, self.max_matvecs)
         self.total = total
-        self.stream = _stream(progress)
+        self.ranks = ranks
+        self.stream = _stream(progress) if ranks is None or ranks.rank == 0 else None
         self.start = time.perf_counter()
         self.done = 0
         self.stopped = False  # a budget ended the measurement
@@ -83,6 +87,8 @@ class Meter:
             elif self.done > 0:
                 per = self.elapsed() / self.done
                 n = min(n, math.floor(left / per)) if per > 0 else n
+            if self.ranks is not None:  # per-process clocks: stop on every rank together
+                n = self.ranks.agree_min(max(n, 0))
         if n <= 0:
             self.stopped = True
             return 0

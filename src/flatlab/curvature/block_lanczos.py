@@ -122,7 +122,7 @@ def block_lanczos(
     T = torch.zeros(m, m, dtype=torch.float64)
     j, bj, used = 0, b, 0  # the current block is Q[:, j : j + bj]
     meter = Meter(f"eigenvalues (block lanczos, k={k}, b={b})", None, max_matvecs=max_matvecs,
-                  max_seconds=max_seconds, progress=progress)
+                  max_seconds=max_seconds, progress=progress, ranks=getattr(op, "ranks", None))
     with meter:
         while True:
             W = op.matmat(Q[:, j : j + bj]).to(dtype)

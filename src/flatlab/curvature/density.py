@@ -103,6 +103,7 @@ def spectral_density(
     progress: Any = True,
     params: Any = None,
     eval_mode: bool = True,
+    distributed: Any = False,
 ) -> DensityResult:
     """Estimate the spectral density of a Hessian (or operator) by SLQ.
 
@@ -117,6 +118,7 @@ def spectral_density(
         max_matvecs, max_seconds: budgets; when one ends, the runs so far are averaged (the
             cut run with its shorter Gauss rule) and ``converged=False``.
         progress: a progress bar on stderr when it is a terminal (``False``: never).
+        params, eval_mode, distributed: as for :func:`~flatlab.curvature.hessian_operator`.
 
     Example:
         >>> A = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
@@ -127,7 +129,8 @@ def spectral_density(
     steps = check_positive_int("steps", steps)
     runs = check_positive_int("runs", runs)
     grid_points = check_positive_int("grid_points", grid_points)
-    op = as_operator(op_or_model, loss_fn=loss_fn, data=data, params=params, eval_mode=eval_mode)
+    op = as_operator(op_or_model, loss_fn=loss_fn, data=data, params=params, eval_mode=eval_mode,
+                     distributed=distributed)
     n = op.shape[0]
     steps = min(steps, n)
     gen = torch.Generator().manual_seed(int(seed))
@@ -135,7 +138,7 @@ def spectral_density(
     weights = torch.zeros(runs, steps, dtype=torch.float64)
     used, done = 0, 0
     meter = Meter("spectral density (SLQ)", runs * steps, max_matvecs=max_matvecs,
-                  max_seconds=max_seconds, progress=progress)
+                  max_seconds=max_seconds, progress=progress, ranks=getattr(op, "ranks", None))
     with meter:
         for r in range(runs):
             if r > 0 and meter.exhausted:

@@ -101,7 +101,7 @@ def lanczos(
     j, used = 0, 0
     gen = torch.Generator().manual_seed(12345 if seed is None else int(seed) + 1)
     meter = Meter(f"eigenvalues (lanczos, k={k})", None, max_matvecs=max_matvecs,
-                  max_seconds=max_seconds, progress=progress)
+                  max_seconds=max_seconds, progress=progress, ranks=getattr(op, "ranks", None))
     while True:
         w = op.matvec(Q[:, j]).to(dtype)
         used += 1
@@ -193,7 +193,7 @@ def power_iteration(
     if max_seconds is not None and which != "magnitude":  # what the first estimate left
         max_seconds = max(max_seconds - (time.perf_counter() - t0), 1e-9)
     meter = Meter(f"eigenvalues (power, k={k})", None, max_seconds=max_seconds,
-                  progress=progress)
+                  progress=progress, ranks=getattr(op, "ranks", None))
     for i in range(k):
         if i > 0 and meter.exhausted:
             converged = False
@@ -269,6 +269,7 @@ def top_eigenvalues(
     data: Any = None,
     params: Any = None,
     eval_mode: bool = True,
+    distributed: Any = False,
 ) -> EigenResult:
     """The ``k`` extreme eigenvalues of a Hessian (or any symmetric operator).
 
@@ -292,6 +293,9 @@ def top_eigenvalues(
         krylov_dim, seed: see :func:`lanczos` / :func:`power_iteration`.
         init: warm start: a vector ``(n,)``, vectors ``(n, m)`` or a previous
             :class:`EigenResult`.
+        distributed: ``True`` or a process group: every rank passes its own shard of the
+            data and gets the eigenvalues of the full-data Hessian (see
+            :func:`~flatlab.curvature.hessian_operator`); only for a model.
 
     Raises:
         TypeError: the old ``top_eigenvalues(model, k, loss_fn=..., data=...)`` positional
@@ -312,7 +316,7 @@ def top_eigenvalues(
     method = check_choice("method", method, ("lanczos", "power"))
     block_size = check_positive_int("block_size", block_size)
     op = as_operator(op_or_model, loss_fn=a["loss_fn"], data=a["data"], params=params,
-                     eval_mode=eval_mode)
+                     eval_mode=eval_mode, distributed=distributed)
     budget = {"max_matvecs": max_matvecs, "max_seconds": max_seconds, "progress": progress}
     if method == "power":
         return power_iteration(op, k, which, tol=tol, init=init, seed=seed, **budget)

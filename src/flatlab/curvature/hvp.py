@@ -45,6 +45,7 @@ from torch.func import grad, jvp, vjp, vmap
 
 from flatlab._batches import batches
 from flatlab._checks import check_choice, check_positive
+from flatlab._ranks import ranks_of, weighted_mean
 from flatlab.curvature._graph import (
     GradientGraphs,
     backward_through,
@@ -55,6 +56,7 @@ from flatlab.curvature._model import (
     FunctionalLoss,
     LossFn,
     flatten,
+    measured_model,
     measurement_mode,
     model_device_dtype,
     resolve_params,
@@ -78,7 +80,9 @@ class _ModelOperator(LinearOperator):
         params: nn.Module | Iterable[torch.Tensor | str] | None,
         eval_mode: bool,
         check_deterministic: bool = True,
+        distributed: Any = False,
     ):
+        model = measured_model(model)
         names, tensors = resolve_params(model, params)
         device, dtype = model_device_dtype(tensors)
         super().__init__(sum(t.numel() for t in tensors), dtype, device)
@@ -92,6 +96,27 @@ class _ModelOperator(LinearOperator):
         self.params = tensors
         self.eval_mode = bool(eval_mode)
         self.floss = FunctionalLoss(model, loss_fn, names)
+        self.ranks = ranks_of(distributed)
+        self._vector_checked = self.ranks is None
+        if self.ranks is not None:
+            self.ranks.check_same("the measured parameters", flatten(tensors),
+                                  "broadcast the model from rank 0 before measuring")
+
+    @property
+    def group(self) -> Any:
+        """The process group the products are summed over (``None``: one process)."""
+        return None if self.ranks is None else self.ranks.group
+
+    def _check(self, x: torch.Tensor, ndim: int) -> torch.Tensor:
+        x = super()._check(x, ndim)
+        if not self._vector_checked:  # the first product: every rank must multiply the same
+            self.ranks.check_same("the first vector multiplied", x,
+                                  "pass the same init and seed on every rank")
+            self._vector_checked = True
+        return x
+
+    def _mean(self, total: torch.Tensor, count: float) -> torch.Tensor:
+        return weighted_mean(total, count, self.ranks)
 
     def unflatten(self, vector: torch.Tensor) -> list[torch.Tensor]:
         """Split a flat vector into tensors shaped like the selected parameters."""
@@ -118,7 +143,7 @@ class _ModelOperator(LinearOperator):
                 flat = _flat_out(out, batched)
                 total = flat * n if total is None else total.add_(flat, alpha=n)
                 count += n
-        return total / count
+        return self._mean(total, count)
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self._accumulate(v, batched=False)
@@ -196,8 +221,9 @@ class HessianOperator(_ModelOperator):
     """
 
     def __init__(self, model, loss_fn, data, params=None, eval_mode=True, method="auto",
-                 check_deterministic=True, path="auto", memory_budget=None):
-        super().__init__(model, loss_fn, data, params, eval_mode, check_deterministic)
+                 check_deterministic=True, path="auto", memory_budget=None, distributed=False):
+        super().__init__(model, loss_fn, data, params, eval_mode, check_deterministic,
+                         distributed)
         self.method = check_choice("method", method, _METHODS)
         self.path = check_choice("path", path, _PATHS)
         if path == "cached" and method in ("func", "forward_ad"):
@@ -222,17 +248,22 @@ class HessianOperator(_ModelOperator):
             return None
         if self._graphs is not None and not self._graphs.stale(self.params):
             return self._graphs
-        if self.path == "auto" and not (
-                isinstance(self.data, (tuple, list)) and self.eval_mode
-                and self.method in ("auto", "double_backward")):
+        forced = self.path == "cached"
+        eligible = forced or (isinstance(self.data, (tuple, list)) and self.eval_mode
+                              and self.method in ("auto", "double_backward"))
+        if not forced and self.ranks is not None:  # every rank takes the same path
+            eligible = bool(self.ranks.agree_min(int(eligible)))
+        if not eligible:
             self.path = "streamed"
             return None
-        forced = self.path == "cached"
         with measurement_mode(self.model, self.eval_mode):
             graphs = GradientGraphs(self.floss, self.params, batches(self.data, self.device),
                                     float("inf") if forced else self.memory_budget)
         self.cache_nbytes = graphs.nbytes
-        if not graphs.fits:
+        fits = graphs.fits
+        if not forced and self.ranks is not None:
+            fits = bool(self.ranks.agree_min(int(fits)))
+        if not fits:
             self.path = "streamed"
             return None
         self.path, self._graphs = "cached", graphs
@@ -244,14 +275,14 @@ class HessianOperator(_ModelOperator):
         graphs = self._cache()
         if graphs is None:
             return self._accumulate(v, batched=False)
-        return flatten(graphs.products(self.unflatten(v)))
+        return self._mean(flatten(graphs.products(self.unflatten(v))), graphs.count)
 
     def _matmat(self, V: torch.Tensor, chunk: int = 16) -> torch.Tensor:
         graphs = self._cache()
         if graphs is None:
             return super()._matmat(V, chunk)
         cols = [flatten(graphs.products(self.unflatten(V[:, j]))) for j in range(V.shape[1])]
-        return torch.stack(cols, dim=1)
+        return self._mean(torch.stack(cols, dim=1), graphs.count)
 
     def _func(self, primals, tangents, inputs, targets, batched):
         argnums = tuple(range(len(primals)))
@@ -337,6 +368,7 @@ def hessian_operator(
     check_deterministic: bool = True,
     path: str = "auto",
     memory_budget: float | None = None,
+    distributed: Any = False,
 ) -> HessianOperator:
     """Return the Hessian of the full-data mean loss of ``model`` as an operator.
 
@@ -362,10 +394,18 @@ def hessian_operator(
             (see :class:`HessianOperator`; ``op.path`` reports the choice).
         memory_budget: bytes the cached path may hold (default 2 GiB); over it, ``"auto"``
             streams.
+        distributed: ``True`` (the default process group) or a process group: a
+            data-parallel measurement. Every rank passes its own shard of the data (sizes
+            may differ) and every product is summed over the ranks, so the operator is the
+            Hessian of the mean loss over the union of the shards (see
+            :mod:`flatlab._ranks`). The ranks must hold the same parameters (checked). A
+            DDP-wrapped model is measured through its ``.module``.
 
     Raises:
         ValueError: for empty data, parameters not in the model, a non-scalar loss
-            (at the first product), or ``path="cached"`` with a forward-mode ``method``.
+            (at the first product), ``path="cached"`` with a forward-mode ``method``, or
+            ``distributed`` ranks whose parameters (or first vectors) differ.
+        TypeError: a model with FSDP2 (DTensor) parameters.
         RuntimeError: data that does not repeat (see ``check_deterministic``).
 
     Example:
@@ -376,7 +416,7 @@ def hessian_operator(
         (4, 4)
     """
     return HessianOperator(model, loss_fn, data, params, eval_mode, method, check_deterministic,
-                           path, memory_budget)
+                           path, memory_budget, distributed)
 
 
 def ggn_operator(
@@ -387,13 +427,15 @@ def ggn_operator(
     *,
     eval_mode: bool = True,
     check_deterministic: bool = True,
+    distributed: Any = False,
 ) -> GGNOperator:
     """Return the generalized Gauss-Newton matrix of the full-data loss as an operator.
 
     ``G v = sum_b (n_b / N) J_b^T H_ell J_b v``; same arguments as :func:`hessian_operator`.
     The model's outputs must be a single tensor.
     """
-    return GGNOperator(model, loss_fn, data, params, eval_mode, check_deterministic)
+    return GGNOperator(model, loss_fn, data, params, eval_mode, check_deterministic,
+                       distributed)
 
 
 def as_operator(
@@ -409,10 +451,11 @@ def as_operator(
     ``obj`` may be an operator (returned as is), a square tensor (wrapped in
     :class:`DenseOperator`), or an ``nn.Module``, in which case ``loss_fn`` and ``data`` are
     required and the result is its :func:`~flatlab.curvature.hessian_operator` (``kwargs``
-    are passed on).
+    are passed on; ``distributed=`` is only for a model).
 
     Raises:
-        ValueError: if a model is given without ``loss_fn`` or ``data``.
+        ValueError: if a model is given without ``loss_fn`` or ``data``, or ``distributed``
+            with an operator or tensor.
         TypeError: for anything else.
     """
     if isinstance(obj, nn.Module):
@@ -422,6 +465,10 @@ def as_operator(
                 f"loss_fn={loss_fn!r}, data={'None' if data is None else type(data).__name__}"
             )
         return hessian_operator(obj, loss_fn, data, params=params, **kwargs)
+    if kwargs.get("distributed"):
+        raise ValueError("distributed applies to a model: build the operator with "
+                         "hessian_operator(model, loss_fn, data, distributed=...) instead, got "
+                         f"a {type(obj).__name__}")
     if isinstance(obj, torch.Tensor):
         return DenseOperator(obj)
     if callable(getattr(obj, "matvec", None)) and hasattr(obj, "shape"):

@@ -24,9 +24,12 @@ from typing import Any
 import torch
 
 from flatlab._checks import check_positive, check_positive_int
+from flatlab._ranks import ranks_of
 from flatlab.curvature._model import (
     FunctionalLoss,
+    flatten,
     mean_loss_and_grad,
+    measured_model,
     measurement_mode,
     resolve_params,
 )
@@ -82,6 +85,7 @@ def loss_landscape(
     params: Any = None,
     eval_mode: bool = True,
     seed: int = 0,
+    distributed: Any = False,
 ) -> LandscapeResult:
     """Loss on a 1-D line or 2-D plane through the weights along filter-normalized directions.
 
@@ -90,7 +94,10 @@ def loss_landscape(
         span: the grid covers ``[-span, span]`` in each coordinate.
         points: grid points per coordinate.
         directions: your own directions (lists shaped like the selected parameters);
-            random filter-normalized ones by default.
+            random filter-normalized ones by default (seeded: the same on every rank).
+        distributed: ``True`` or a process group: every rank passes its own shard of the
+            data and every loss is the full-data one (see
+            :func:`~flatlab.curvature.hessian_operator`).
 
     Raises:
         ValueError: ``dims`` not 1 or 2, or directions of the wrong number or shapes.
@@ -99,6 +106,8 @@ def loss_landscape(
         raise ValueError(f"dims must be 1 or 2, got {dims!r}")
     span = check_positive("span", span)
     points = check_positive_int("points", points)
+    ranks = ranks_of(distributed)
+    model = measured_model(model)
     names, tensors = resolve_params(model, params)
     w = [t.detach() for t in tensors]
     if directions is None:
@@ -109,6 +118,9 @@ def loss_landscape(
         len(d) != len(w) or any(a.shape != b.shape for a, b in zip(d, w)) for d in directions
     ):
         raise ValueError(f"directions must be {dims} lists shaped like the selected parameters")
+    if ranks is not None:
+        ranks.check_same("the parameters and directions", flatten(w + [
+            t for d in directions for t in d]), "broadcast the model (and your directions)")
     floss = FunctionalLoss(model, loss_fn, names)
     grid = torch.linspace(-span, span, points, dtype=torch.float64)
 
@@ -116,7 +128,7 @@ def loss_landscape(
         point = [wi + a * d1 for wi, d1 in zip(w, directions[0])]
         if dims == 2:
             point = [p + b * d2 for p, d2 in zip(point, directions[1])]
-        return float(mean_loss_and_grad(floss, point, data, grad=False)[0])
+        return float(mean_loss_and_grad(floss, point, data, grad=False, ranks=ranks)[0])
 
     with measurement_mode(model, eval_mode):
         if dims == 1:

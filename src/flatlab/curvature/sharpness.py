@@ -35,10 +35,12 @@ import torch
 
 from flatlab._batches import batches
 from flatlab._checks import check_choice, check_nonnegative, check_positive_int
+from flatlab._ranks import Ranks, ranks_of
 from flatlab.curvature._model import (
     FunctionalLoss,
     flatten,
     mean_loss_and_grad,
+    measured_model,
     measurement_mode,
     resolve_params,
     unflatten,
@@ -103,15 +105,20 @@ class DomainSharpnessResult:
 class _Ball:
     """The loss at ``w + c * u`` for the selected parameters, as a function of flat ``u``."""
 
-    def __init__(self, model, loss_fn, data, params, adaptive: bool, meter: Meter | None = None):
+    def __init__(self, model, loss_fn, data, params, adaptive: bool, meter: Meter | None = None,
+                 ranks: Ranks | None = None):
+        model = measured_model(model)
         names, tensors = resolve_params(model, params)
-        self.meter = meter
+        self.meter, self.ranks = meter, ranks
         self.floss = FunctionalLoss(model, loss_fn, names)
         self.data = data
         self.w = [t.detach() for t in tensors]
         self.c = flatten([w.abs() for w in self.w]) if adaptive else None
         self.n = sum(w.numel() for w in self.w)
         self.evals = 0
+        if ranks is not None:
+            ranks.check_same("the measured parameters", flatten(self.w),
+                             "broadcast the model from rank 0 before measuring")
 
     def point(self, u: torch.Tensor) -> list[torch.Tensor]:
         step = u if self.c is None else self.c * u
@@ -121,13 +128,14 @@ class _Ball:
         self.evals += 1
         if self.meter is not None:
             self.meter.update(1)
-        return float(mean_loss_and_grad(self.floss, self.point(u), self.data, grad=False)[0])
+        return float(mean_loss_and_grad(self.floss, self.point(u), self.data, grad=False,
+                                        ranks=self.ranks)[0])
 
     def loss_grad(self, u: torch.Tensor) -> tuple[float, torch.Tensor]:
         self.evals += 1
         if self.meter is not None:
             self.meter.update(1)
-        loss, g = mean_loss_and_grad(self.floss, self.point(u), self.data)
+        loss, g = mean_loss_and_grad(self.floss, self.point(u), self.data, ranks=self.ranks)
         g = flatten(g)
         return float(loss), g if self.c is None else self.c * g
 
@@ -198,6 +206,7 @@ def worst_case_sharpness(
     max_matvecs: int | None = None,
     max_seconds: float | None = None,
     progress: Any = True,
+    distributed: Any = False,
 ) -> SharpnessResult:
     """``max_{||u||_p <= rho} L(w + c u) - L(w)`` by projected gradient ascent.
 
@@ -212,6 +221,11 @@ def worst_case_sharpness(
         max_matvecs, max_seconds: budgets in full-data evaluations and seconds; when one
             ends, the best point so far is reported with ``converged=False``.
         progress: a progress bar on stderr when it is a terminal (``False``: never).
+        distributed: ``True`` or a process group: every rank passes its own shard of the
+            data, and every loss and gradient is the full-data one, summed over the ranks
+            (see :func:`~flatlab.curvature.hessian_operator`). With ``batchwise``, every
+            rank's batches are ascended on their own and the size-weighted mean runs over
+            all the ranks' batches.
 
     Example:
         >>> net = torch.nn.Linear(2, 1)
@@ -221,16 +235,19 @@ def worst_case_sharpness(
         True
     """
     rho, norm, steps = _check_common(rho, norm, steps)
+    ranks = ranks_of(distributed)
     groups = [[(x, y)] for x, y, _ in batches(data)] if batchwise else [data]
     total = base_sum = pert_sum = 0.0
     count, evals = 0, 0
+    local = None if batchwise else ranks  # a batch's ascent needs no other rank
     meter = Meter("worst-case sharpness", len(groups) * (steps + 1), max_matvecs=max_matvecs,
-                  max_seconds=max_seconds, progress=progress, unit="evaluations")
+                  max_seconds=max_seconds, progress=progress, unit="evaluations", ranks=local)
     with measurement_mode(model, eval_mode), meter:
         for group in groups:
             if count and meter.exhausted:
                 break
-            ball = _Ball(model, loss_fn, group if batchwise else data, params, adaptive, meter)
+            ball = _Ball(model, loss_fn, group if batchwise else data, params, adaptive, meter,
+                         local)
             base, best = _worst_case(ball, rho, norm, steps, seed)
             n = sum(b[0].shape[0] for b in group) if batchwise else 1
             total += n * (best - base)
@@ -238,9 +255,15 @@ def worst_case_sharpness(
             pert_sum += n * best
             count += n
             evals += ball.evals
+    stopped = meter.stopped
+    if batchwise and ranks is not None:  # the mean over every rank's batches
+        sums = ranks.sum(torch.tensor([total, base_sum, pert_sum, count, evals, stopped],
+                                      dtype=torch.float64, device=ranks.device))
+        total, base_sum, pert_sum, count, evals, stopped = sums.tolist()
+        evals, stopped = int(evals), stopped > 0
     name = ("adaptive_" if adaptive else "") + f"worst_case_{norm}" + ("_m" if batchwise else "")
     return SharpnessResult(total / count, base_sum / count, pert_sum / count, None, evals, name,
-                           rho, not meter.stopped)
+                           rho, not stopped)
 
 
 def average_sharpness(
@@ -258,21 +281,24 @@ def average_sharpness(
     max_matvecs: int | None = None,
     max_seconds: float | None = None,
     progress: Any = True,
+    distributed: Any = False,
 ) -> SharpnessResult:
     """``E[L(w + rho c eps)] - L(w)`` over ``samples`` draws of ``eps`` (Gaussian or uniform).
 
     ``max_matvecs`` (loss evaluations) and ``max_seconds`` are budgets: when one ends, the
-    mean over the samples so far is reported with ``converged=False``; ``progress`` as for
-    :func:`worst_case_sharpness`.
+    mean over the samples so far is reported with ``converged=False``; ``progress`` and
+    ``distributed`` as for :func:`worst_case_sharpness` (the draws are the same on every
+    rank).
     """
     rho = check_nonnegative("rho", rho)
     samples = check_positive_int("samples", samples)
     noise = check_choice("noise", noise, ("gaussian", "uniform"))
+    ranks = ranks_of(distributed)
     gen = torch.Generator().manual_seed(int(seed))
     meter = Meter("average sharpness", samples + 1, max_matvecs=max_matvecs,
-                  max_seconds=max_seconds, progress=progress, unit="evaluations")
+                  max_seconds=max_seconds, progress=progress, unit="evaluations", ranks=ranks)
     with measurement_mode(model, eval_mode), meter:
-        ball = _Ball(model, loss_fn, data, params, adaptive, meter)
+        ball = _Ball(model, loss_fn, data, params, adaptive, meter, ranks)
         zero = torch.zeros(ball.n, dtype=ball.w[0].dtype, device=ball.w[0].device)
         base = ball.loss(zero)
         values = []
@@ -304,21 +330,23 @@ def first_order_flatness(
     max_matvecs: int | None = None,
     max_seconds: float | None = None,
     progress: Any = True,
+    distributed: Any = False,
 ) -> SharpnessResult:
     """GAM's ``rho * max_{||d|| <= rho} ||grad L(w + d)||`` by ascent along ``H grad L``.
 
     Each step is a gradient and a Hessian-vector product (two evaluations of the budget
     ``max_matvecs``); when a budget ends, the best point so far is reported with
-    ``converged=False``.
+    ``converged=False``. ``distributed`` as for :func:`worst_case_sharpness`.
     """
     from flatlab.curvature.hvp import HessianOperator
 
     rho, _, steps = _check_common(rho, "l2", steps)
+    ranks = ranks_of(distributed)
     meter = Meter("first-order flatness", 2 * steps + 3, max_matvecs=max_matvecs,
-                  max_seconds=max_seconds, progress=progress, unit="evaluations")
+                  max_seconds=max_seconds, progress=progress, unit="evaluations", ranks=ranks)
     with measurement_mode(model, eval_mode), meter:
-        ball = _Ball(model, loss_fn, data, params, adaptive=False, meter=meter)
-        op = HessianOperator(model, loss_fn, data, params, eval_mode)
+        ball = _Ball(model, loss_fn, data, params, adaptive=False, meter=meter, ranks=ranks)
+        op = HessianOperator(model, loss_fn, data, params, eval_mode, distributed=ranks)
 
         def norm_and_ascent(u):
             _, g = ball.loss_grad(u)
@@ -359,10 +387,12 @@ def gradient_norm(
     p: float = 2.0,
     params: Any = None,
     eval_mode: bool = True,
+    distributed: Any = False,
 ) -> SharpnessResult:
-    """``||grad L(w)||_p`` of the full-data loss (``rho`` is reported as 0)."""
+    """``||grad L(w)||_p`` of the full-data loss (``rho`` is reported as 0; ``distributed``
+    as for :func:`worst_case_sharpness`)."""
     with measurement_mode(model, eval_mode):
-        ball = _Ball(model, loss_fn, data, params, adaptive=False)
+        ball = _Ball(model, loss_fn, data, params, adaptive=False, ranks=ranks_of(distributed))
         zero = torch.zeros(ball.n, dtype=ball.w[0].dtype, device=ball.w[0].device)
         loss, g = ball.loss_grad(zero)
     value = float(torch.linalg.vector_norm(g, ord=p))

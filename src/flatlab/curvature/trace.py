@@ -153,7 +153,8 @@ def _prepare(op: Any, probes: int, seed: int, name: str, meter: Meter | None,
     probes = check_positive_int("probes", probes)
     if probes < minimum:
         raise ValueError(f"probes must be >= {minimum} for {name}, got {probes}")
-    meter = meter or Meter(f"trace ({name})", probes, progress=False)
+    meter = meter or Meter(f"trace ({name})", probes, progress=False,
+                           ranks=getattr(op, "ranks", None))
     return op, probes, meter, torch.Generator().manual_seed(int(seed))
 
 
@@ -320,6 +321,7 @@ def hessian_trace(
     progress: Any = True,
     params: Any = None,
     eval_mode: bool = True,
+    distributed: Any = False,
 ) -> TraceResult:
     """Estimate ``tr(H)`` with ``probes`` Hessian-vector products.
 
@@ -338,7 +340,9 @@ def hessian_trace(
         max_seconds: wall-clock budget; when it ends, what was computed is returned with
             ``converged=False``.
         progress: a progress bar on stderr when it is a terminal (``False``: never).
-        params, eval_mode: as for :func:`~flatlab.curvature.hessian_operator`.
+        params, eval_mode, distributed: as for :func:`~flatlab.curvature.hessian_operator`
+            (``distributed``: each rank its shard of the data, the trace of the full-data
+            Hessian on every rank; the probes are the same on every rank).
 
     Raises:
         ValueError: a bad ``method``, or ``probes`` below the method's minimum (4 for
@@ -351,11 +355,12 @@ def hessian_trace(
     """
     method = check_choice("method", method, METHODS)
     probes = check_positive_int("probes", probes)
-    op = as_operator(op_or_model, loss_fn=loss_fn, data=data, params=params, eval_mode=eval_mode)
+    op = as_operator(op_or_model, loss_fn=loss_fn, data=data, params=params, eval_mode=eval_mode,
+                     distributed=distributed)
     planned = probes if max_matvecs is None else min(probes, check_positive_int(
         "max_matvecs", max_matvecs))
     with Meter(f"trace ({method})", planned, max_seconds=max_seconds,
-               progress=progress) as meter:
+               progress=progress, ranks=getattr(op, "ranks", None)) as meter:
         res = _ESTIMATORS[method](op, planned, seed=seed, block=block, meter=meter)
     if planned < probes and res.converged:
         res = TraceResult(res.value, res.stderr, res.n_matvecs, res.method, res.samples, False)

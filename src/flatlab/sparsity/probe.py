@@ -43,6 +43,7 @@ from torch import nn
 
 from flatlab._batches import Data, batches
 from flatlab._checks import check_nonnegative, check_positive_int
+from flatlab._ranks import ranks_of
 from flatlab.sparsity._discovery import (
     autograd_region,
     known_region,
@@ -242,13 +243,32 @@ class SparsityProbe:
         self.detach()
 
     # result --------------------------------------------------------------------------
-    def result(self) -> SparsityResult:
+    def result(self, distributed: Any = False) -> SparsityResult:
         """The fractions counted since the last :meth:`reset`.
 
+        Args:
+            distributed: ``True`` or a process group: every rank ran its own shard of the
+                data through the probe; the counts are summed over the ranks (one
+                all-reduce, two with ``per_position``), so every rank gets the fractions over
+                all the data. Every rank must call it.
+
         Raises:
-            RuntimeError: if no forward pass went through a probed module.
+            RuntimeError: if no forward pass went through a probed module (on any rank).
+            ValueError: ``per_position`` counts of different lengths on the ranks.
         """
-        empty = [n for n, c in self._counters.items() if c.entries == 0]
+        ranks = ranks_of(distributed)
+        names = list(self._counters)
+        counts = torch.tensor(
+            [[float(c.entries), _count(c.zero_deriv), _count(c.zero_out)]
+             for c in self._counters.values()] + [[float(self.n_examples), 0.0, 0.0]],
+            dtype=torch.float64)
+        positions = {n: (c.pos_zero, c.pos_entries) for n, c in self._counters.items()
+                     if c.pos_zero is not None}
+        if ranks is not None:
+            counts = ranks.sum(counts.to(ranks.device)).cpu()
+            if self.per_position:
+                positions = _sum_positions(ranks, positions, names)
+        empty = [n for n, row in zip(names, counts) if row[0] == 0]
         if empty:
             raise RuntimeError(
                 f"no activation passed through {empty} since the probe was reset: "
@@ -256,15 +276,16 @@ class SparsityProbe:
             )
         per_layer, zero_out, entries, per_pos = {}, {}, {}, {}
         dense, skip = {}, {}
-        for name, c in self._counters.items():
-            per_layer[name] = _count(c.zero_deriv) / c.entries
-            zero_out[name] = _count(c.zero_out) / c.entries
-            entries[name] = int(c.entries)
-            if c.pos_zero is not None:
-                per_pos[name] = tuple((c.pos_zero.double() / c.pos_entries.double()).tolist())
+        for name, (n_entries, zero_d, zero_o) in zip(names, counts.tolist()):
+            per_layer[name] = zero_d / n_entries
+            zero_out[name] = zero_o / n_entries
+            entries[name] = int(n_entries)
+            if name in positions:
+                pz, pe = positions[name]
+                per_pos[name] = tuple((pz.double() / pe.double()).tolist())
             if name in self._d_out:
-                dense[name] = 2 * self._d_out[name] * int(c.entries)
-                skip[name] = 2 * self._d_out[name] * _count(c.zero_out)
+                dense[name] = 2 * self._d_out[name] * int(n_entries)
+                skip[name] = 2 * self._d_out[name] * zero_o
         n = len(per_layer)
         return SparsityResult(
             mean=sum(per_layer.values()) / n,
@@ -272,12 +293,32 @@ class SparsityProbe:
             zero_output=zero_out,
             mean_zero_output=sum(zero_out.values()) / n,
             entries=entries,
-            n_examples=int(self.n_examples),
+            n_examples=int(counts[-1, 0]),
             per_position=per_pos if self.per_position else None,
             second_matmul_flops=dense,
             skippable_flops=skip,
             flop_savings=sum(skip.values()) / sum(dense.values()) if dense else None,
         )
+
+
+def _sum_positions(ranks: Any, positions: dict, names: list[str]) -> dict:
+    """Per-position counts summed over the ranks; every rank must have the same lengths."""
+    lengths = torch.tensor([len(positions[n][0]) if n in positions else 0 for n in names],
+                           dtype=torch.float64)
+    ranks.check_same("the per-position lengths", lengths,
+                     "give every rank sequences of the same length")
+    kept = [n for n in names if n in positions]
+    if not kept:
+        return positions
+    flat = torch.cat([torch.cat([positions[n][0].double().cpu(), positions[n][1].double().cpu()])
+                      for n in kept])
+    flat = ranks.sum(flat.to(ranks.device)).cpu()
+    out, start = {}, 0
+    for n in kept:
+        t = len(positions[n][0])
+        out[n] = (flat[start:start + t], flat[start + t:start + 2 * t])
+        start += 2 * t
+    return out
 
 
 def activation_sparsity(
@@ -290,6 +331,7 @@ def activation_sparsity(
     per_position: bool = False,
     train_mode: bool = False,
     max_batches: int | None = None,
+    distributed: Any = False,
 ) -> SparsityResult:
     """Zero-derivative and zero-output fractions of the activations of ``model`` over ``data``.
 
@@ -301,7 +343,10 @@ def activation_sparsity(
         deriv_tol: threshold on ``|sigma'(h)|`` for named modules without a declared region.
         per_position: also report fractions per position (dimension 1 of ``h``).
         train_mode: measure in the model's current mode instead of eval mode.
-        max_batches: stop after this many batches (default: all).
+        max_batches: stop after this many batches (default: all; per rank).
+        distributed: ``True`` or a process group: every rank passes its own shard of the
+            data and the counts are summed over the ranks (see :meth:`SparsityProbe.result`);
+            the model may be wrapped in DDP or FSDP2 (only its forward pass runs).
 
     Returns:
         A :class:`SparsityResult`; ``.mean`` and ``.per_layer`` are the zero-derivative
@@ -318,6 +363,7 @@ def activation_sparsity(
     """
     if max_batches is not None:
         check_positive_int("max_batches", max_batches)
+    ranks = ranks_of(distributed)
     probe = SparsityProbe(
         model, modules, output_tol=output_tol, deriv_tol=deriv_tol, per_position=per_position
     )
@@ -332,7 +378,7 @@ def activation_sparsity(
                     break
                 model(inputs)
                 probe.n_examples += n
-        return probe.result()
+        return probe.result(ranks)
     finally:
         probe.detach()
         for m, mode in modes:
