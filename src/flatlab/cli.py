@@ -3,8 +3,8 @@
 Commands::
 
     flatlab run NAME [--quick] [--set a.b=c ...] [--config FILE.yaml|toml] [--out DIR]
-                     [--tensorboard]
-    flatlab run --resume RUN_DIR
+                     [--tensorboard] [--nproc N]
+    flatlab run --resume RUN_DIR [--nproc N]
     flatlab run NAME --help        # the experiment's settings: key, type, default, meaning
     flatlab list                   # registered experiments
     flatlab report RUN_DIR         # (re)write report.html / report.md
@@ -51,6 +51,7 @@ _RUN_OPTIONS = """Options:
   --out DIR             parent folder of the run folder  [default: runs]
   --resume RUN_DIR      continue an interrupted run from its checkpoints
   --tensorboard         also write TensorBoard event files (needs tensorboard)
+  --nproc N             train data-parallel in N processes (torchrun; rank 0 writes)
   --help                show this message and exit"""
 
 
@@ -101,8 +102,9 @@ def run(
     out: Path = typer.Option(Path("runs"), "--out", help="parent folder of the run folder"),
     resume: Path | None = typer.Option(None, "--resume", help="run folder to continue"),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="write TensorBoard events"),
+    nproc: int = typer.Option(1, "--nproc", help="data-parallel processes (torchrun)"),
     show_help: bool = typer.Option(False, "--help", "-h", help="show help and exit"),
-) -> None:
+) -> int | None:
     """Run experiment NAME into runs/NAME-<timestamp>/ (or continue one with --resume)."""
     if show_help:
         if name is None:
@@ -115,9 +117,40 @@ def run(
         raise typer.Exit(0)
     from flatlab.experiments import launch
 
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+    if nproc > 1:
+        return _torchrun(nproc, name, quick, set_, config, out, resume, tensorboard)
     result = launch(name, config_file=config, overrides=set_, quick=quick, out=out,
                     resume=resume, tensorboard=tensorboard)
-    _finish(result.path)
+    if result.writes:
+        _finish(result.path)
+    return None
+
+
+def _torchrun(nproc: int, name: str | None, quick: bool, set_: list[str], config: Path | None,
+              out: Path, resume: Path | None, tensorboard: bool) -> int:
+    """Validate here (exit 2, nothing written), then run the same command at ``nproc`` ranks
+    under ``torch.distributed.run``; its exit status is returned."""
+    import subprocess
+
+    from flatlab.experiments._launch import resolve
+    from flatlab.train.parallel import launched_by_torchrun
+
+    if launched_by_torchrun():
+        raise ConfigError("--nproc starts its own processes; under torchrun drop --nproc")
+    resolve(name, config_file=config, overrides=set_, quick=quick, resume=resume)
+    args = [name] if name is not None else []
+    args += ["--quick"] if quick else []
+    for item in set_:
+        args += ["--set", item]
+    args += ["--config", str(config)] if config is not None else []
+    args += ["--out", str(out)]
+    args += ["--resume", str(resume)] if resume is not None else []
+    args += ["--tensorboard"] if tensorboard else []
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(nproc), "-m", "flatlab", "run", *args]
+    return subprocess.run(command).returncode
 
 
 @app.command("list")
@@ -185,6 +218,10 @@ def sweep(
     threads: int = typer.Option(1, "--threads", help="torch threads per job"),
     timeout_min: int = typer.Option(60, "--timeout-min", help="submitit: job time limit"),
     partition: str | None = typer.Option(None, "--partition", help="submitit: Slurm partition"),
+    nproc: int = typer.Option(1, "--nproc", help="data-parallel ranks per job (flatlab run "
+                              "--nproc)"),
+    gpus_per_job: int = typer.Option(0, "--gpus-per-job", help="submitit: GPUs per job "
+                                     "(Slurm gpus_per_node)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the job commands, run nothing"),
 ) -> None:
     """Expand NAME's sweep (grid x draws x seeds) into runs under OUT; skip finished ones."""
@@ -194,8 +231,10 @@ def sweep(
 
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        if gpus_per_job < 0:
+            raise ValueError(f"--gpus-per-job must be >= 0, got {gpus_per_job}")
         jobs = plan(name, out, grid=grid, search=search, n_hparams=n_hparams, seeds=seed_list,
-                    sets=set_)
+                    sets=set_, nproc=nproc)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     todo = [j for j in jobs if not j.done]
@@ -207,6 +246,8 @@ def sweep(
     params = {"timeout_min": timeout_min} if launcher == "submitit" else {}
     if partition and launcher == "submitit":
         params["slurm_partition"] = partition
+    if gpus_per_job and launcher == "submitit":
+        params["gpus_per_node"] = gpus_per_job
     results = run_sweep(todo, launcher=launcher, workers=workers, threads=threads,
                         progress=lambda r: typer.echo(f"{r.status}: {r.job.run_dir}"), **params)
     failed = [r for r in results if getattr(r, "status", "") == "failed"]

@@ -88,6 +88,26 @@ def test_sweep_dry_run_lists_every_job(tmp_path, capsys):
     assert sum("'methods=[\"dgsam\"]'" in line for line in lines[1:]) == 24
 
 
+def test_sweep_jobs_run_data_parallel_with_nproc(tmp_path, capsys, monkeypatch):
+    assert main(["sweep", "dg", "--out", str(tmp_path), "--dry-run", "--seeds", "0",
+                 "--set", "steps=5", "--nproc", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()[1:]
+    assert lines and all(line.endswith(" --nproc 2") for line in lines)
+    assert main(["sweep", "dg", "--out", str(tmp_path), "--dry-run", "--nproc", "0"]) == 2
+    assert "nproc must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["sweep", "dg", "--out", str(tmp_path), "--dry-run", "--gpus-per-job",
+                 "-1"]) == 2
+    # submitit receives the GPUs per job as Slurm's gpus_per_node
+    import flatlab.sweep.command as command
+
+    seen = {}
+    monkeypatch.setattr(command, "launch_submitit",
+                        lambda jobs, folder, threads, **params: seen.update(params) or [])
+    assert main(["sweep", "dg", "--out", str(tmp_path), "--seeds", "0", "--set", "steps=5",
+                 "--launcher", "submitit", "--nproc", "2", "--gpus-per-job", "2"]) == 0
+    assert seen == {"timeout_min": 60, "gpus_per_node": 2}
+
+
 def test_user_errors_are_one_line(tmp_path, capsys):
     assert main(["run", "dg", "--quick", "--set", "test_domains=[9]", "--out",
                  str(tmp_path)]) == 2

@@ -61,6 +61,8 @@ def test_job_command_and_done_marker(tmp_path):
     (tmp_path / "j" / "dg-20250101-000000" / "done").write_text("{}")
     assert job.done
     assert run_name("dg", {"a": 1, "b": 2}) == run_name("dg", {"b": 2, "a": 1})
+    wide = Job("dg", {"seeds": [1]}, tmp_path / "j", nproc=4)
+    assert wide.command()[-4:] == ["--out", str(tmp_path / "j"), "--nproc", "4"]
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ import torch
 
 from flatlab.experiments._registry import check_factories, check_finite, get, resolve_config
 from flatlab.train.checkpoint import seed_everything
+from flatlab.train.parallel import DataParallel, init_from_env
 from flatlab.train.rundir import ConfigError, Run, read_config_json
 
 
@@ -29,6 +30,62 @@ def _tensorboard_class() -> Any:
     return SummaryWriter
 
 
+def resolve(
+    name: str | None = None,
+    *,
+    config_file: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    quick: bool = False,
+    resume: str | Path | None = None,
+) -> tuple[str, Any, Any]:
+    """Validate everything a launch needs, writing nothing: ``(name, experiment, config)``.
+
+    Raises:
+        ConfigError: unknown experiment or config key, bad value, missing files, a resume
+            folder that is not a run of ``name``.
+    """
+    if resume is not None:
+        if config_file is not None or overrides or quick:
+            raise ConfigError("--resume continues a run with its saved config; "
+                              "drop --config/--set/--quick")
+        saved = read_config_json(resume)
+        if name is not None and name != saved["experiment"]:
+            raise ConfigError(f"--resume folder holds experiment {saved['experiment']!r}, "
+                              f"not {name!r}")
+        name = saved["experiment"]
+        exp = get(name)
+        try:
+            cfg = exp.config_cls.model_validate(saved["config"])
+        except Exception as exc:  # noqa: BLE001 - reported as one line
+            msg = str(exc).splitlines()[0]
+            raise ConfigError(f"saved config of {resume} no longer validates: {msg}") from None
+        check_finite(cfg)
+    else:
+        if name is None:
+            raise ConfigError("an experiment name is needed (see: flatlab list)")
+        exp = get(name)
+        cfg = resolve_config(name, config_file=config_file, overrides=overrides, quick=quick)
+    check_factories(cfg)  # everything is checked before the run folder exists
+    return name, exp, cfg
+
+
+def _open_run(name: str, cfg: Any, out: str | Path, resume: str | Path | None,
+              par: DataParallel | None) -> Run:
+    """Rank 0 (or the only process) creates or reopens the folder; other ranks follow it."""
+    writes = par is None or par.writes
+    run = None
+    if writes:
+        run = (Run.open(resume, resume=True) if resume is not None
+               else Run.create(out, name, cfg.model_dump(mode="json")))
+    if par is None:
+        return run
+    path = par.share(str(run.path) if writes else None)  # after rank 0's truncation on resume
+    if not writes:
+        run = Run.follow(path)
+    run.parallel = par
+    return run
+
+
 def launch(
     name: str | None = None,
     *,
@@ -41,6 +98,10 @@ def launch(
     report: bool = True,
 ) -> Run:
     """Run experiment ``name`` (or resume the run folder ``resume``) and write its report.
+
+    In a process that torchrun started at several ranks (``flatlab run --nproc N``), every
+    rank runs the experiment data-parallel (:mod:`flatlab.train.parallel`) and only rank 0
+    writes the run folder and the report.
 
     Args:
         name: registered experiment name (not needed with ``resume``).
@@ -59,32 +120,11 @@ def launch(
         ConfigError: unknown experiment or config key, bad value, missing files.
     """
     writer_cls = _tensorboard_class() if tensorboard else None  # fail before any work
-    if resume is not None:
-        if config_file is not None or overrides or quick:
-            raise ConfigError("--resume continues a run with its saved config; "
-                              "drop --config/--set/--quick")
-        saved = read_config_json(resume)
-        if name is not None and name != saved["experiment"]:
-            raise ConfigError(f"--resume folder holds experiment {saved['experiment']!r}, "
-                              f"not {name!r}")
-        name = saved["experiment"]
-        exp = get(name)
-        try:
-            cfg = exp.config_cls.model_validate(saved["config"])
-        except Exception as exc:  # noqa: BLE001 - reported as one line
-            msg = str(exc).splitlines()[0]
-            raise ConfigError(f"saved config of {resume} no longer validates: {msg}") from None
-        check_finite(cfg)
-        check_factories(cfg)
-        run = Run.open(resume, resume=True)
-    else:
-        if name is None:
-            raise ConfigError("an experiment name is needed (see: flatlab list)")
-        exp = get(name)
-        cfg = resolve_config(name, config_file=config_file, overrides=overrides, quick=quick)
-        check_factories(cfg)  # everything is checked before the run folder exists
-        run = Run.create(out, name, cfg.model_dump(mode="json"))
-    if writer_cls is not None:
+    name, exp, cfg = resolve(name, config_file=config_file, overrides=overrides, quick=quick,
+                             resume=resume)
+    par = init_from_env()
+    run = _open_run(name, cfg, out, resume, par)
+    if writer_cls is not None and run.writes:
         run.tensorboard = writer_cls(log_dir=str(run.path / "tensorboard"))
     # global torch settings are restored afterwards, so an in-process launch leaves no trace
     before = (torch.are_deterministic_algorithms_enabled(),
@@ -99,8 +139,10 @@ def launch(
         run.close()
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         torch.set_num_threads(before[2])
-    if report:
+    if report and run.writes:
         from flatlab.report import write_report
 
         write_report(run.path)
+    if par is not None:
+        par.close()
     return run

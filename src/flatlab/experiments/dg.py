@@ -290,11 +290,10 @@ def sweep_defaults(cfg: Config) -> dict[str, Any]:
     }
 
 
-def _done_keys(path: Path) -> set[tuple[str, str, int]]:
+def _read_records(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
-        return set()
-    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {(r["method"], r["test_domain"], r["seed"]) for r in recs}
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @register("dg", Config, help="domain generalization (DomainBed protocol): ERM/SAM/GAM/SAGM/DGSAM")
@@ -322,20 +321,19 @@ def run(cfg: Config, run: Run) -> dict[str, Any]:
     if bad:
         raise ConfigError(f"test_domains must be in [0, {len(domains)}), got {bad}")
     path = run.path / "dg_records.jsonl"
-    done = _done_keys(path)
-    records = []
+    records = _read_records(path)  # of a resumed run; only the writing rank appends
+    done = {(r["method"], r["test_domain"], r["seed"]) for r in records}
     for seed in cfg.seeds:
         for t in tests:
             for method in cfg.methods:
                 if (method, domains.names[t], seed) in done:
                     continue
                 rec = train_one(cfg, run, domains, method, t, seed, cfg.steps)
-                with open(path, "a") as fh:
-                    fh.write(json.dumps(rec) + "\n")
+                if run.writes:
+                    with open(path, "a") as fh:
+                        fh.write(json.dumps(rec) + "\n")
                 records.append(rec)
     timing = time_methods(cfg, domains, list(cfg.methods), cfg.timing_steps) if (
         cfg.timing_steps > 0) else {"wall": {}, "cpu": {}}
-    all_records = ([json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-                   if path.exists() else [])
-    return report(run, all_records, timing["wall"], num_train_domains=len(domains) - 1,
+    return report(run, records, timing["wall"], num_train_domains=len(domains) - 1,
                   cpu_timing=timing["cpu"])

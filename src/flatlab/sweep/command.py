@@ -10,12 +10,14 @@ dataset, hence the test domains).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from flatlab._checks import check_positive_int
 from flatlab.sweep.grid import Job, expand
 from flatlab.sweep.launch import JobResult, launch_local, launch_submitit
 
@@ -54,14 +56,19 @@ def plan(
     n_hparams: int = 1,
     seeds: Sequence[int] = (0, 1, 2),
     sets: Sequence[str] = (),
+    nproc: int = 1,
 ) -> list[Job]:
     """The jobs of a sweep (nothing is run). Validates ``--set`` against the experiment config.
+
+    ``nproc > 1`` runs every job data-parallel at that many ranks (``flatlab run --nproc``;
+    on Slurm, ask for as many GPUs per job).
 
     Raises:
         ConfigError / ValueError: unknown experiment or key, bad value, bad grid or space.
     """
     from flatlab.experiments import get, resolve_config
 
+    check_positive_int("nproc", nproc)
     exp = get(experiment)
     cfg = resolve_config(experiment, overrides=list(sets))
     defaults: dict[str, Any] = {}
@@ -74,9 +81,10 @@ def plan(
     grid_ = user_grid or {k: v for k, v in defaults.get("grid", {}).items() if k not in fixed}
     space = user_space or {k: v for k, v in defaults.get("space", {}).items()
                            if k not in fixed and k not in grid_}
-    return expand(experiment, out, grid=grid_, space=space, n_hparams=n_hparams,
+    jobs = expand(experiment, out, grid=grid_, space=space, n_hparams=n_hparams,
                   seeds=list(seeds), seed_key=defaults.get("seed_key", "seed"), fixed=fixed,
                   list_keys=defaults.get("list_keys", ()))
+    return [dataclasses.replace(j, nproc=nproc) for j in jobs] if nproc > 1 else jobs
 
 
 def run_sweep(

@@ -270,7 +270,7 @@ def report(run: Any, records: Sequence[Mapping[str, Any]], timing: Mapping[str, 
     if checks:
         run.add_section("Targets of the issue", "Measured against the issue's targets.",
                         table=checks)
-    (run.path / "results.md").write_text(to_markdown(rows + oracle))
+    run.write_text("results.md", to_markdown(rows + oracle))
     headline: dict[str, Any] = {}
     for r in rows:
         headline[f"{r.method}_avg_acc"] = round(r.average[0], 2)

@@ -128,6 +128,7 @@ class Job:
     run_dir: Path
     hparams_index: int = 0
     hparams: dict[str, Any] = field(default_factory=dict)
+    nproc: int = 1  # ranks of the job's data-parallel run (flatlab run --nproc)
 
     @property
     def done(self) -> bool:
@@ -137,8 +138,9 @@ class Job:
     def command(self) -> list[str]:
         """The equivalent command line (for logs and for users who launch jobs themselves)."""
         sets = [f"{k}={format_value(v)}" for k, v in sorted(self.overrides.items())]
+        ranks = ["--nproc", str(self.nproc)] if self.nproc > 1 else []
         return ["flatlab", "run", self.experiment, *[a for s in sets for a in ("--set", s)],
-                "--out", str(self.run_dir)]
+                "--out", str(self.run_dir), *ranks]
 
 
 def expand(

@@ -18,6 +18,11 @@ generator and permutation, the step, and the callbacks' states. Calling ``fit`` 
 same arguments finds it and continues; the resumed run logs exactly the metrics the
 uninterrupted one would have (bit-for-bit on the same machine with deterministic algorithms).
 
+**Data-parallel.** At R ranks (``distributed=True``, or a laboratory run launched with
+``--nproc R``) every rank draws the same minibatch and trains on its part of it, with
+gradients weighted so that their average over the ranks is the global minibatch's gradient;
+rank 0 writes the checkpoints and every rank resumes from them (:mod:`flatlab.train.parallel`).
+
 Shapes: inputs ``x`` are ``(N, ...)`` and targets ``y`` are ``(N,)`` class indices or
 ``(N, ...)`` regression targets; ``loss_fn(model(x), y)`` must return a mean-reduced scalar.
 """
@@ -40,6 +45,7 @@ from flatlab._checks import check_positive_int
 from flatlab.train.callbacks import Callback, Checkpoint, FitState
 from flatlab.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from flatlab.train.data import Sampler, as_domains
+from flatlab.train.parallel import DataParallel, current, reduces_itself
 from flatlab.train.rundir import Run
 
 __all__ = ["FitResult", "fit"]
@@ -84,12 +90,24 @@ def _loss_value(loss: Any) -> float:
     if isinstance(loss, (list, tuple)):
         return sum(_loss_value(v) for v in loss) / max(len(loss), 1)
     if isinstance(loss, torch.Tensor):
-        return float(loss.detach().float().mean())
+        return float(loss.detach().double().mean())
     return float(loss) if loss is not None else math.nan
 
 
 def _lr(optimizer: Any) -> float:
     return float(optimizer.param_groups[0]["lr"])
+
+
+def _parallel(distributed: bool | None, run: Run | None) -> DataParallel | None:
+    if distributed is None:
+        return getattr(run, "parallel", None)
+    if not distributed:
+        return None
+    par = current()
+    if par is None:
+        raise ValueError("distributed=True needs an initialized process group of more than one "
+                         "rank (torch.distributed.init_process_group, or launch with torchrun)")
+    return par
 
 
 def fit(
@@ -109,6 +127,7 @@ def fit(
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
     stop_on_nonfinite: bool = True,
+    distributed: bool | None = None,
 ) -> FitResult:
     """Train ``model`` with ``optimizer`` for ``steps`` steps on ``train``.
 
@@ -131,12 +150,19 @@ def fit(
         checkpoint_dir: where ``latest.pt`` goes when there is no ``run``.
         progress: show a tqdm progress bar on stderr.
         stop_on_nonfinite: stop when the loss is NaN/inf (``FitResult.diverged``).
+        distributed: train data-parallel over the ranks of the default process group (see
+            :mod:`flatlab.train.parallel`): every rank passes the whole ``train`` and takes
+            its part of each minibatch; only rank 0 writes checkpoints and shows progress.
+            ``None`` (default): as ``run`` says (a laboratory run at several ranks).
 
     Raises:
         ValueError / TypeError: bad ``steps``, ``batch_size``, ``log_every`` or data.
     """
     check_positive_int("steps", steps)
     check_positive_int("log_every", log_every)
+    par = _parallel(distributed, run)
+    writes = par is None or par.writes
+    self_reducing = par is not None and reduces_itself(optimizer)
     if batch_size is not None:
         check_positive_int("batch_size", batch_size)
     domains = as_domains(train)
@@ -178,7 +204,7 @@ def fit(
             history.append(rec)
 
     def save(finished: bool) -> None:
-        if ckpt_path is None:
+        if ckpt_path is None or not writes:
             return
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(),
@@ -212,7 +238,7 @@ def fit(
             emit(record)
 
     bar = None
-    if progress and start < steps and not state.diverged:
+    if progress and writes and start < steps and not state.diverged:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, initial=start, desc=tag, file=sys.stderr, leave=False,
@@ -226,33 +252,47 @@ def fit(
         passes = 0
 
         def make_closure(x: torch.Tensor, y: torch.Tensor) -> Callable[..., torch.Tensor]:
+            weight = 1.0
+            if par is not None:  # this rank's part of the global minibatch (module docstring)
+                x, y, weight = par.part(x, y)
+
             def closure(backward: Callable[..., Any] = torch.autograd.backward) -> torch.Tensor:
                 # ``backward`` is the optimizer's graph-keeping one for exact GAM's HVP passes
                 nonlocal passes
                 passes += 1
                 optimizer.zero_grad()
                 loss = loss_fn(model(x), y)
-                backward(loss)
+                backward(loss if par is None else loss * weight)
+                if par is not None and not self_reducing:
+                    par.average_([p.grad for g in optimizer.param_groups for p in g["params"]
+                                  if p.grad is not None])
                 return loss.detach()
             closure.batch_size = int(x.shape[0])  # type: ignore[attr-defined]  # SAGM's check
+            closure.weight = weight  # type: ignore[attr-defined]
             return closure
 
         lr = _lr(optimizer)
         t0, c0 = time.perf_counter(), time.process_time()
         if per_domain:
-            loss = optimizer.step([make_closure(x, y) for x, y in batches])
+            closures = [make_closure(x, y) for x, y in batches]
+            loss = optimizer.step(closures)
         else:
             if len(batches) == 1:
                 x, y = batches[0]
             else:
                 x = torch.cat([b[0] for b in batches])
                 y = torch.cat([b[1] for b in batches])
-            loss = optimizer.step(make_closure(x, y))
+            closures = [make_closure(x, y)]
+            loss = optimizer.step(closures[0])
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         if scheduler is not None:
             scheduler.step()
         state.step = step + 1
         state.loss = _loss_value(loss)
+        if par is not None:  # the global minibatch's loss, and one model on every rank
+            weight = sum(c.weight for c in closures) / len(closures)
+            state.loss = par.mean_loss(state.loss, weight)
+            par.sync_buffers_(model)
         totals["passes"] += passes
         totals["time"] += elapsed
         totals["cpu"] = totals.get("cpu", 0.0) + cpu  # older checkpoints lack "cpu"

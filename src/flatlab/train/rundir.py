@@ -116,20 +116,33 @@ class Run:
     """A run folder with an append-only metric log, plots, checkpoints and report sections.
 
     Create one with :meth:`Run.create` (a fresh folder) or :meth:`Run.open` (an existing one);
-    experiments receive it as their second argument.
+    experiments receive it as their second argument. The other ranks of a data-parallel run
+    hold a follower (:meth:`Run.follow`) of the folder rank 0 writes: the same methods, with
+    records, sections and figures kept in memory and nothing written.
 
     Attributes:
         path: the folder.
         config: the resolved config (a dict, as saved in ``config.json``).
         tensorboard: a ``SummaryWriter`` when TensorBoard logging was asked for, else None.
+        writes: False on a follower.
+        parallel: the :class:`~flatlab.train.parallel.DataParallel` group of a run at several
+            ranks (``fit`` trains data-parallel when it is set), else None.
     """
 
-    def __init__(self, path: Path, config: dict[str, Any]) -> None:
+    def __init__(self, path: Path, config: dict[str, Any], *, writes: bool = True) -> None:
         self.path = Path(path).resolve()
         self.config = config
         self.tensorboard: Any = None
-        self.plots_dir.mkdir(parents=True, exist_ok=True)
-        self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        self.parallel: Any = None  # the DataParallel group of a run at several ranks
+        self.writes = bool(writes)
+        self._records: list[dict[str, Any]] | None = None
+        self._sections: list[dict[str, Any]] | None = None
+        if self.writes:
+            self.plots_dir.mkdir(parents=True, exist_ok=True)
+            self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        else:  # a follower keeps in memory what rank 0 writes
+            self._records = list(iter_records(self.metrics_path))
+            self._sections = _read_json(self.path / "sections.json", [])
 
     # ------------------------------------------------------------------ creation
     @classmethod
@@ -164,6 +177,12 @@ class Run:
             (path / "done").unlink(missing_ok=True)
         return run
 
+    @classmethod
+    def follow(cls, path: str | Path) -> Run:
+        """Open the folder rank 0 writes, for another rank of a data-parallel run: it reads
+        what is there now and never writes (records, sections, figures stay in memory)."""
+        return cls(Path(path), read_config_json(path)["config"], writes=False)
+
     @property
     def experiment(self) -> str:
         return read_config_json(self.path)["experiment"]
@@ -187,6 +206,9 @@ class Run:
         The line is flushed at once, so a killed process loses at most the line being written.
         """
         rec = _jsonable({**(record or {}), **fields})
+        if not self.writes:
+            self._records.append(rec)
+            return rec
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
             fh.flush()
@@ -200,10 +222,13 @@ class Run:
 
     def metrics(self, tag: str | None = None) -> list[dict[str, Any]]:
         """All complete records of ``metrics.jsonl`` (only those of ``tag`` when given)."""
-        return [r for r in iter_records(self.metrics_path) if tag is None or r.get("tag") == tag]
+        records = iter_records(self.metrics_path) if self.writes else self._records
+        return [r for r in records if tag is None or r.get("tag") == tag]
 
     def metrics_offset(self) -> int:
         """Current byte length of ``metrics.jsonl`` (stored in checkpoints, used by resume)."""
+        if not self.writes:
+            return 0
         return self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
 
     def _truncate_to_newest_checkpoint(self) -> None:
@@ -245,6 +270,14 @@ class Run:
                 fh.truncate(offset)
 
     # ------------------------------------------------------------------ plots and report
+    def write_text(self, name: str, text: str) -> Path:
+        """Atomically write ``text`` to the file ``name`` of the run folder (a follower rank
+        writes nothing); return its path."""
+        path = self.path / name
+        if self.writes:
+            atomic_write_text(path, text)
+        return path
+
     def savefig(self, fig: Any, name: str) -> Path:
         """Save a matplotlib figure as ``plots/<name>.png`` (150 dpi) and close it.
 
@@ -253,6 +286,11 @@ class Run:
         prints it under the figure.
         """
         path = self.plots_dir / (name if name.endswith(".png") else f"{name}.png")
+        if not self.writes:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+            return path
         save_png(fig, path)
         return path
 
@@ -286,15 +324,22 @@ class Run:
         sections.append(
             {"title": title, "text": text, "table": _jsonable(list(table or [])), "figures": figs}
         )
+        if not self.writes:
+            self._sections = sections
+            return
         atomic_write_text(self.path / "sections.json", json.dumps(sections, indent=2) + "\n")
 
     def sections(self) -> list[dict[str, Any]]:
         """The report sections added so far, in order."""
+        if not self.writes:
+            return list(self._sections)
         return _read_json(self.path / "sections.json", [])
 
     # ------------------------------------------------------------------ completion
     def mark_done(self, results: Mapping[str, Any] | None = None) -> None:
         """Write the ``done`` marker holding the experiment's headline ``results``."""
+        if not self.writes:
+            return
         atomic_write_text(self.path / "done", json.dumps(_jsonable(dict(results or {})), indent=2))
 
     @property

@@ -1,0 +1,7 @@
+"""``python -m flatlab``: the command line (what ``torchrun ... -m flatlab run NAME`` runs)."""
+
+import sys
+
+from flatlab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,212 @@
+"""Laboratory runs at two gloo ranks equal the run in one process; rank 0 alone writes.
+
+A float64 toy experiment (three phases: SGD with momentum on minibatches of 7, split 4/3
+over the ranks; SAM, which averages its passes itself; SignSGD on the full batch) is launched
+at 2 ranks the way torchrun starts it (RANK/WORLD_SIZE in the environment), and in one
+process. The metrics must agree to float64 round-off, rank 1's in-memory records must be
+rank 0's, one folder must exist, and a run that crashed at 2 ranks must resume bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from pydantic import Field
+
+from flatlab.experiments import ExperimentConfig, _registry, launch
+from flatlab.train import Callback, Checkpoint, Evaluate, Run, build_optimizer, fit
+from flatlab.train.parallel import _bounds
+from tests.optim.test_distributed import free_port
+
+WORLD = 2
+TIMING = ("step_time", "step_cpu_time")
+
+
+class Config(ExperimentConfig):
+    steps: int = Field(6, ge=1, description="steps per phase")
+
+
+class _Crash(Callback):
+    def __init__(self, at: int) -> None:
+        super().__init__(every=1)
+        self.at = at
+
+    def on_step(self, state):
+        if state.step == self.at:
+            raise RuntimeError("simulated crash")
+        return None
+
+
+def _toy(cfg: Config, run: Run) -> dict:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    y = (x[:, 0] + 0.3 * x[:, 1] > 0).long()
+    results = {}
+    for name, batch in (("sgd", 7), ("sam", 7), ("signsgd", None)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(),
+                                    torch.nn.Linear(8, 2)).double()
+        kw = {"momentum": 0.9} if name == "sgd" else {"rho": 0.1} if name == "sam" else {}
+        opt = build_optimizer(name, model.parameters(), lr=0.05, **kw)
+        callbacks = [Evaluate({"train": (x, y)}, every=2), Checkpoint(every=2)]
+        if os.environ.get("TOY_CRASH_AT") and name == "sam":  # not in the saved config
+            callbacks.append(_Crash(int(os.environ["TOY_CRASH_AT"])))
+        res = fit(model, opt, (x, y), steps=cfg.steps, batch_size=batch, run=run, tag=name,
+                  callbacks=callbacks, progress=False, seed=cfg.seed)
+        results[name] = res.last("loss")
+    run.add_section("Numbers", "Final losses.", table=[results])
+    return results
+
+
+@pytest.fixture(scope="module")
+def toy():
+    _registry.discover()
+    saved = dict(_registry._REGISTRY)
+    _registry.register("parallel_toy", Config, help="float64 toy for data-parallel runs")(_toy)
+    yield
+    _registry._REGISTRY.clear()
+    _registry._REGISTRY.update(saved)
+
+
+def _records(run: Run) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in run.metrics()]
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    try:
+        torch.set_num_threads(1)
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        root = Path(out)
+        fresh = launch("parallel_toy", out=root / "fresh", report=False)
+        crashed = None
+        os.environ["TOY_CRASH_AT"] = "3"
+        try:
+            launch("parallel_toy", out=root / "crashed", report=False)
+        except RuntimeError:
+            dist.barrier()
+            crashed = next((root / "crashed").iterdir())
+        del os.environ["TOY_CRASH_AT"]
+        resumed = launch(resume=crashed, report=False)
+        torch.save({"fresh": _records(fresh), "resumed": _records(resumed),
+                    "writes": (fresh.writes, resumed.writes), "path": str(fresh.path)},
+                   root / f"rank{rank}.pt")
+        dist.barrier()
+        dist.destroy_process_group()
+    except Exception:
+        traceback.print_exc()
+        raise
+
+
+@pytest.fixture(scope="module")
+def ranks(toy, tmp_path_factory):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    out = tmp_path_factory.mktemp("parallel_runs")
+    mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True,
+                       start_method="fork")
+    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def alone(toy, tmp_path_factory):
+    return _records(launch("parallel_toy", out=tmp_path_factory.mktemp("alone"), report=False))
+
+
+def test_two_ranks_equal_one_process(ranks, alone):
+    _, (r0, _) = ranks
+    fresh = r0["fresh"]
+    assert [(r["tag"], r["step"]) for r in fresh] == [(r["tag"], r["step"]) for r in alone]
+    for got, want in zip(fresh, alone):
+        for key in ("loss", "train_loss", "train_acc"):
+            if key in want:
+                assert got[key] == pytest.approx(want[key], rel=1e-10, abs=1e-12), (got, key)
+
+
+def test_only_rank_0_writes_and_rank_1_follows_its_records(ranks):
+    out, (r0, r1) = ranks
+    assert r0["writes"] == (True, True) and r1["writes"] == (False, False)
+    assert r0["path"] == r1["path"]
+    assert len(list((out / "fresh").iterdir())) == 1  # one run folder
+    assert r1["fresh"] == r0["fresh"]  # the follower's in-memory records are rank 0's
+    written = _records(Run.open(r0["path"]))
+    assert written == r0["fresh"]  # each record once in metrics.jsonl
+    folder = Path(r0["path"])
+    assert (folder / "done").exists() and (folder / "sections.json").exists()
+    assert not list(folder.rglob(".*tmp*"))
+
+
+def test_a_run_that_crashed_at_two_ranks_resumes_bit_for_bit(ranks):
+    _, (r0, r1) = ranks
+    assert r0["resumed"] == r0["fresh"]
+    assert r1["resumed"] == r0["fresh"]
+
+
+def test_parts_of_a_minibatch_cover_it_as_tensor_split_does():
+    for n in (7, 8, 40):
+        for world in (1, 2, 3):
+            want = [len(p) for p in torch.tensor_split(torch.arange(n), world)]
+            got = [hi - lo for lo, hi in (_bounds(n, world, r) for r in range(world))]
+            assert got == want and _bounds(n, world, world - 1)[1] == n
+
+
+def test_a_follower_writes_nothing(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = Run.create(tmp_path, "x", {"a": 1})
+    run.log(tag="t", step=0, loss=1.0)
+    before = {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
+    follower = Run.follow(run.path)
+    follower.log(tag="t", step=1, loss=0.5)
+    follower.add_section("S", "text")
+    follower.savefig(plt.figure(), "fig")
+    follower.mark_done({"x": 1})
+    assert [r["step"] for r in follower.metrics("t")] == [0, 1]
+    assert follower.sections()[0]["title"] == "S"
+    after = {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_fit_distributed_without_a_group_is_refused():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="needs an initialized process group"):
+        fit(model, torch.optim.SGD(model.parameters(), lr=0.1),
+            (torch.randn(4, 2), torch.zeros(4, dtype=torch.long)), steps=1, progress=False,
+            distributed=True)
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "flatlab", *args], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=cwd)
+
+
+def test_nproc_with_a_bad_setting_exits_2_before_starting_anything(tmp_path):
+    out = _cli("run", "demo", "--nproc", "2", "--set", "lr=-1", "--out", "runs", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: ") and "lr" in out.stderr
+    assert "torch.distributed" not in out.stderr and not (tmp_path / "runs").exists()
+    out = _cli("run", "demo", "--nproc", "0", cwd=tmp_path)
+    assert out.returncode == 2 and "--nproc must be >= 1, got 0" in out.stderr
+
+
+def test_flatlab_run_nproc_2_writes_one_folder_and_one_report(tmp_path):
+    out = _cli("run", "demo", "--quick", "--nproc", "2", "--set", "steps=8", "--set", "n=300",
+               "--set", "optimizers=[sgd,sam]", "--out", "runs", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.stdout.count("run folder:") == 1  # rank 0 alone prints
+    (folder,) = (tmp_path / "runs").iterdir()
+    assert (folder / "done").exists() and (folder / "report.html").exists()
+    tags = [r["tag"] for r in Run.open(folder).metrics()]
+    assert tags.count("sgd") > 0 and tags.count("sam") == tags.count("sgd")
