@@ -16,7 +16,6 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from flatlab.curvature import (
@@ -32,7 +31,7 @@ from flatlab.curvature import (
     worst_case_sharpness,
 )
 from flatlab.sparsity import activation_sparsity
-from tests.optim.test_distributed import free_port
+from tests.optim.test_distributed import run_ranks
 
 WORLD = 2
 SHARDS = ([4, 3], [5, 5, 3])  # unequal: 7 and 13 examples
@@ -175,10 +174,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 def ranks(tmp_path_factory):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    out = tmp_path_factory.mktemp("dp_curvature")
-    mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True,
-                       start_method="fork")
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(_worker, tmp_path_factory.mktemp("dp_curvature"), WORLD)
 
 
 @pytest.fixture(scope="module")

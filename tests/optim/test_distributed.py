@@ -102,15 +102,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_ranks(worker, out, world: int = 2) -> list:
+    """Run ``worker(rank, port, str(out))`` at ``world`` forked ranks; load each rank's
+    ``out/rank{r}.pt``. Fork: the children reuse the imported torch (spawn re-imports it,
+    ~15 s more here)."""
+    mp.start_processes(worker, args=(free_port(), str(out)), nprocs=world, join=True,
+                       start_method="fork")
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    out = tmp_path_factory.mktemp("dist")
-    # fork: the children reuse the imported torch (spawn re-imports it: ~15 s more here)
-    mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True,
-                       start_method="fork")
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return run_ranks(_worker, tmp_path_factory.mktemp("dist"), WORLD)
 
 
 @pytest.mark.parametrize(

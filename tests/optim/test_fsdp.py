@@ -21,12 +21,11 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from flatlab.optim import SAM
 from tests.optim._registry import REGISTRY, step
-from tests.optim.test_distributed import free_port
+from tests.optim.test_distributed import run_ranks
 
 WORLD, STEPS, LR = 2, 5, 0.05
 NAN_STEP = 2
@@ -168,10 +167,7 @@ def rank_results(tmp_path_factory):
     fsdp = pytest.importorskip("torch.distributed.fsdp")
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("FSDP2 (torch.distributed.fsdp.fully_shard) needs torch >= 2.6")
-    out = tmp_path_factory.mktemp("fsdp")
-    mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True,
-                       start_method="fork")
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(_worker, tmp_path_factory.mktemp("fsdp"), WORLD)
 
 
 #: methods that need a double backward, which FSDP2 cannot give (refused with a clear error);

@@ -18,13 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from pydantic import Field
 
 from flatlab.experiments import ExperimentConfig, _registry, launch
 from flatlab.train import Callback, Checkpoint, Evaluate, Run, build_optimizer, fit
 from flatlab.train.parallel import _bounds
-from tests.optim.test_distributed import free_port
+from tests.optim.test_distributed import run_ranks
 
 WORLD = 2
 TIMING = ("step_time", "step_cpu_time")
@@ -111,9 +110,7 @@ def ranks(toy, tmp_path_factory):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     out = tmp_path_factory.mktemp("parallel_runs")
-    mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True,
-                       start_method="fork")
-    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return out, run_ranks(_worker, out, WORLD)
 
 
 @pytest.fixture(scope="module")
