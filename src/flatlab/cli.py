@@ -34,7 +34,7 @@ from pathlib import Path
 import typer
 from typer.exceptions import TyperException
 
-from flatlab.train.rundir import ConfigError
+from flatlab.rundir import ConfigError
 
 app = typer.Typer(
     name="flatlab",
@@ -257,7 +257,7 @@ def sweep(
 @app.command()
 def collect(runs_dir: Path = typer.Argument(..., help="folder holding finished dg runs")) -> None:
     """Rebuild the DomainBed-style results tables (Markdown + LaTeX) from RUNS_DIR's runs."""
-    from flatlab.sweep.collect import collect as collect_tables
+    from flatlab.report.dg import collect as collect_tables
 
     try:
         md, _ = collect_tables(runs_dir)

@@ -166,28 +166,45 @@ def _check_common(rho, norm, steps):
     return rho, norm, steps
 
 
-def _worst_case(ball: _Ball, rho: float, norm: str, steps: int, seed: int):
-    zero = torch.zeros(ball.n, dtype=ball.w[0].dtype, device=ball.w[0].device)
-    base, g = ball.loss_grad(zero)
+def _ascend(objective, zero: torch.Tensor, rho: float, norm: str, steps: int, seed: int,
+            exhausted) -> tuple[float, float]:
+    """Projected ascent with step halving on ``{||u||_p <= rho}``: ``(f(0), best f found)``.
+
+    ``objective(u)`` returns ``(f(u), a(u))`` with ``a`` an ascent direction of ``f`` at ``u``
+    (its gradient up to a positive factor; the direction used is ``a / ||a||`` for ``l2`` and
+    ``sign(a)`` for ``linf``). The ascent starts on the boundary along ``a(0)`` (a seeded
+    random direction when ``a(0)`` vanishes), then tries ``u + lr d`` projected back into the
+    ball, starting at ``lr = 2 rho``: an improving candidate is taken, otherwise ``lr`` halves.
+    It evaluates ``objective`` at most ``steps + 1`` times and stops early when ``a``
+    vanishes or ``exhausted()`` (a budget) says so. Shapes: ``u``, ``a``: ``(n,)``.
+    """
+    value0, a = objective(zero)
     if rho == 0:
-        return base, base
-    d = _direction(g, norm)
+        return value0, value0
+    d = _direction(a, norm)
     if d is None:
-        d = _random_direction(ball.n, norm, torch.Generator().manual_seed(seed), zero)
+        d = _random_direction(zero.numel(), norm, torch.Generator().manual_seed(seed), zero)
     u = _project(rho * d, rho, norm)
-    best, g = ball.loss_grad(u)
+    best, a = objective(u)
     lr = 2 * rho
     for _ in range(steps - 1):
-        d = _direction(g, norm)
-        if d is None or (ball.meter is not None and ball.meter.exhausted):
+        d = _direction(a, norm)
+        if d is None or exhausted():
             break
         cand = _project(u + lr * d, rho, norm)
-        loss, gc = ball.loss_grad(cand)
-        if loss > best:
-            u, best, g = cand, loss, gc
+        value, a_cand = objective(cand)
+        if value > best:
+            u, best, a = cand, value, a_cand
         else:
             lr /= 2
-    return base, best
+    return value0, best
+
+
+def _worst_case(ball: _Ball, rho: float, norm: str, steps: int, seed: int):
+    """``(L(w), max found L(w + c u))``: :func:`_ascend` on the loss."""
+    zero = torch.zeros(ball.n, dtype=ball.w[0].dtype, device=ball.w[0].device)
+    return _ascend(ball.loss_grad, zero, rho, norm, steps, seed,
+                   lambda: ball.meter is not None and ball.meter.exhausted)
 
 
 def worst_case_sharpness(
@@ -355,26 +372,9 @@ def first_order_flatness(
 
         zero = torch.zeros(ball.n, dtype=ball.w[0].dtype, device=ball.w[0].device)
         base_loss = ball.loss(zero)
-        gnorm0, a = norm_and_ascent(zero)
-        best = gnorm0
-        if rho > 0:
-            d = _direction(a, "l2")
-            if d is None:
-                d = _random_direction(ball.n, "l2", torch.Generator().manual_seed(seed), zero)
-            u = rho * d
-            best, a = norm_and_ascent(u)
-            lr = 2 * rho
-            for _ in range(steps - 1):
-                d = _direction(a, "l2")
-                if d is None or meter.exhausted:
-                    break
-                cand = _project(u + lr * d, rho, "l2")
-                gn, ac = norm_and_ascent(cand)
-                if gn > best:
-                    u, best, a = cand, gn, ac
-                else:
-                    lr /= 2
-            best = max(best, gnorm0)
+        gnorm0, best = _ascend(norm_and_ascent, zero, rho, "l2", steps, seed,
+                               lambda: meter.exhausted)
+        best = max(best, gnorm0)
     return SharpnessResult(rho * best, base_loss, base_loss, None, ball.evals + op.n_matvecs,
                            "first_order_flatness", rho, not meter.stopped)
 

@@ -108,7 +108,7 @@ from flatlab.experiments._registry import (
     register,
     resolve_config,
 )
-from flatlab.train.rundir import ConfigError, Run
+from flatlab.rundir import ConfigError, Run
 
 __all__ = [
     "ConfigError", "ExistingDir", "Experiment", "ExperimentConfig", "Run", "broken",

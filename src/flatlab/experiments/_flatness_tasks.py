@@ -79,7 +79,7 @@ def build_task(task: str, cfg: Any) -> Task:
         ValueError: a CIFAR task without ``data_dir``, or an unknown task.
     """
     from flatlab.data import cifar10, cifar100, digits, mnist1d_standard
-    from flatlab.train.rundir import ConfigError
+    from flatlab.rundir import ConfigError
 
     def steps(default: int) -> int:
         return 30 if cfg.quick else (cfg.steps or default)

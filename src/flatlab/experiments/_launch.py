@@ -16,7 +16,7 @@ import torch
 from flatlab.experiments._registry import check_factories, check_finite, get, resolve_config
 from flatlab.train.checkpoint import seed_everything
 from flatlab.train.parallel import DataParallel, init_from_env
-from flatlab.train.rundir import ConfigError, Run, read_config_json
+from flatlab.rundir import ConfigError, Run, read_config_json
 
 
 def _tensorboard_class() -> Any:

@@ -26,7 +26,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from flatlab.train.rundir import ConfigError
+from flatlab.rundir import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -84,13 +84,18 @@ RunFn = Callable[[Any, Any], Any]
 
 @dataclass(frozen=True)
 class Experiment:
-    """A registered experiment: its name, Config class, run function and one-line help."""
+    """A registered experiment: its name, Config class, run function and one-line help, and
+    its optional hooks: ``summary_rows(records) -> rows`` (its own results table, rebuilt by
+    ``flatlab compare`` from a run folder's metrics) and ``sweep_defaults(cfg) -> dict``
+    (``flatlab sweep``'s default grid, search space, seed key, fixed and list-valued keys)."""
 
     name: str
     config_cls: type[BaseModel]
     run: RunFn
     help: str
     module: str
+    summary_rows: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None
+    sweep_defaults: Callable[[Any], dict[str, Any]] | None = None
 
 
 _REGISTRY: dict[str, Experiment] = {}
@@ -98,8 +103,13 @@ _BROKEN: dict[str, str] = {}
 _DISCOVERED = False
 
 
-def register(name: str, config_cls: type[BaseModel], help: str = "") -> Callable[[RunFn], RunFn]:
-    """Decorator registering ``run(cfg, run)`` as experiment ``name`` with config ``config_cls``.
+def register(
+    name: str, config_cls: type[BaseModel], help: str = "", *,
+    summary_rows: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
+    sweep_defaults: Callable[[Any], dict[str, Any]] | None = None,
+) -> Callable[[RunFn], RunFn]:
+    """Decorator registering ``run(cfg, run)`` as experiment ``name`` with config ``config_cls``
+    and the optional hooks of :class:`Experiment` (``summary_rows``, ``sweep_defaults``).
 
     Raises:
         TypeError: if ``config_cls`` is not a pydantic model with a ``quick`` field.
@@ -117,7 +127,8 @@ def register(name: str, config_cls: type[BaseModel], help: str = "") -> Callable
                 f"experiment name must be unique, got {name!r} again in {fn.__module__}"
             )
         doc = help or (fn.__doc__ or "").strip().split("\n")[0]
-        _REGISTRY[name] = Experiment(name, config_cls, fn, doc, fn.__module__)
+        _REGISTRY[name] = Experiment(name, config_cls, fn, doc, fn.__module__,
+                                     summary_rows=summary_rows, sweep_defaults=sweep_defaults)
         return fn
 
     return decorator

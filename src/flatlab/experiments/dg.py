@@ -11,7 +11,7 @@ Protocol (Gulrajani & Lopez-Paz, "In Search of Lost Domain Generalization", arXi
   training domains' "out" parts) and the test domain's in/out accuracies;
 * **model selection**: training-domain validation (largest validation accuracy; report the
   test domain's "in" accuracy there) and the oracle (test domain's "out" accuracy at the last
-  checkpoint), see :mod:`flatlab.sweep.collect`;
+  checkpoint), see :mod:`flatlab.report.dg_tables`;
 * **seeds**: every (method, test domain) is trained for each seed (same init and data order
   for every method of a seed); results are mean +- standard error over seeds per test domain,
   their average, the worst domain and the spread across domains;
@@ -20,7 +20,7 @@ Protocol (Gulrajani & Lopez-Paz, "In Search of Lost Domain Generalization", arXi
   last one, ``final``) and at each model's selected checkpoint (``selected``);
 * **paired differences** of every method against ERM and SAM (mean and worst-domain accuracy,
   largest per-domain sharpness at the common step) over seeds, with 95% t intervals and
-  verdicts from :mod:`flatlab.report.stats` (:mod:`flatlab.sweep.dg_report`);
+  verdicts from :mod:`flatlab.report.stats` (:mod:`flatlab.report.dg`);
 * **cost**: wall-clock, CPU time and gradient passes per step from the training loop, plus an
   interleaved timing benchmark (median over steps).
 
@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -220,26 +221,50 @@ def train_one(cfg: Config, run: Run, domains: Any, method: str, test: int, seed:
 
 
 def time_methods(
-    cfg: Config, domains: Any, methods: list[str], steps: int
+    cfg: Config, domains: Any, methods: list[str], steps: int, *,
+    extra: dict[str, Callable[[Any, int], Any]] | None = None, device: str = "cpu",
+    warmup: int = 5,
 ) -> dict[str, dict[str, float]]:
     """Median seconds per optimizer step of each method: ``{"wall": {method: s}, "cpu": {...}}``.
 
-    Rounds are interleaved across methods (so machine load hits every method alike), after 5
-    warm-up rounds, on test domain 0. ``"cpu"`` is this process's CPU time per step
-    (``time.process_time``): with one torch thread it equals the wall-clock of a quiet machine
-    and is not inflated by other processes competing for the cores, as wall-clock is.
+    Every round draws one minibatch of ``cfg.batch_size`` per training domain (test domain 0
+    left out) and steps every method on it, in an order shuffled afresh each round (seeded),
+    so machine load and cache effects hit every method alike; ``warmup`` rounds are not
+    timed. Per-domain methods get one closure per domain, the others the pooled batch.
+    ``"cpu"`` is this process's CPU time per step (``time.process_time``): with one torch
+    thread it equals the wall-clock of a quiet machine and is not inflated by other processes
+    competing for the cores, as wall-clock is (on CUDA only ``"wall"`` is meaningful).
+
+    Args:
+        methods: names of :func:`make_optimizer`'s methods.
+        extra: more optimizers to time beside them, ``{label: factory(params, S)}`` (e.g. a
+            reference library's SAM, adapted to ``step(closure)`` and ``zero_grad()``); it
+            is stepped with the pooled closure unless it has ``per_domain = True``.
+        device: where the models and batches live; CUDA steps are synchronized before the
+            clock stops.
     """
+    import gc
+    import random
+
     train, _ = domains.leave_out(0)
     g = torch.Generator().manual_seed(0)
+    shuffle = random.Random(0)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    factories = {m: (lambda p, s, m=m: make_optimizer(m, p, cfg, s)) for m in methods}
+    factories.update(extra or {})
     state = {}
-    for m in methods:
+    for m, factory in factories.items():
         torch.manual_seed(0)
-        model = make_model(cfg, domains)
-        state[m] = (model, make_optimizer(m, model.parameters(), cfg, len(train)), [], [])
-    for r in range(steps + 5):
+        model = make_model(cfg, domains).to(device)
+        state[m] = (model, factory(model.parameters(), len(train)), [], [])
+    for r in range(steps + warmup):
         picks = [torch.randint(0, x.shape[0], (cfg.batch_size,), generator=g) for x, _ in train]
-        batches = [(x[i], y[i]) for (x, y), i in zip(train, picks)]
-        for m in methods:
+        batches = [(x[i].to(device), y[i].to(device)) for (x, y), i in zip(train, picks)]
+        pooled = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+        order = list(state)
+        shuffle.shuffle(order)
+        gc.collect()  # between rounds only, so that no collection lands in one method's time
+        for m in order:
             model, opt, times, cpu = state[m]
 
             def closure(x: torch.Tensor, y: torch.Tensor, model=model, opt=opt) -> Any:
@@ -250,16 +275,17 @@ def time_methods(
                     return loss.detach()
                 return c
 
+            sync()
             t0, c0 = time.perf_counter(), time.process_time()
             if getattr(opt, "per_domain", False):
                 opt.step([closure(x, y) for x, y in batches])
             else:
-                opt.step(closure(torch.cat([b[0] for b in batches]),
-                                 torch.cat([b[1] for b in batches])))
-            if r >= 5:
+                opt.step(closure(*pooled))
+            sync()
+            if r >= warmup:
                 times.append(time.perf_counter() - t0)
                 cpu.append(time.process_time() - c0)
-    return {key: {m: float(torch.tensor(state[m][i]).median()) for m in methods}
+    return {key: {m: float(torch.tensor(state[m][i]).median()) for m in state}
             for key, i in (("wall", 2), ("cpu", 3))}
 
 
@@ -296,10 +322,11 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-@register("dg", Config, help="domain generalization (DomainBed protocol): ERM/SAM/GAM/SAGM/DGSAM")
+@register("dg", Config, help="domain generalization (DomainBed protocol): ERM/SAM/GAM/SAGM/DGSAM",
+          sweep_defaults=sweep_defaults)
 def run(cfg: Config, run: Run) -> dict[str, Any]:
     """Leave-one-domain-out training of every method and seed; tables, figures, records."""
-    from flatlab.sweep.dg_report import report
+    from flatlab.report.dg import report
 
     if cfg.quick:
         cfg = cfg.model_copy(update={"angles": cfg.angles[:3], "steps": min(cfg.steps, 12),

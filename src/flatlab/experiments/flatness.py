@@ -46,7 +46,7 @@ from flatlab.experiments._flatness_tasks import REFERENCES, Task, build_task
 from flatlab.experiments._registry import ExperimentConfig, load_factory, register
 from flatlab.report.summary import mean_se, summarize
 from flatlab.train import Run, build_optimizer, evaluate, fit
-from flatlab.train.rundir import ConfigError
+from flatlab.rundir import ConfigError
 
 OptimizerName = Literal["sgd", "adamw", "sam", "asam", "gam", "gam_adamw", "samgam", "sam_fd"]
 TaskName = Literal["mnist1d_mlp", "mnist1d_cnn", "digits_cnn", "cifar10_resnet18", "cifar100_wrn"]
@@ -276,7 +276,8 @@ def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 @register("flatness", Config,
-          help="SGD/AdamW/SAM/ASAM/GAM/SAM+GAM: accuracy vs lambda_max, trace, sharpness")
+          help="SGD/AdamW/SAM/ASAM/GAM/SAM+GAM: accuracy vs lambda_max, trace, sharpness",
+          summary_rows=summary_rows)
 def run(cfg: Config, run: Run) -> dict:
     from flatlab.report import plots
 

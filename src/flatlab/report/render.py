@@ -24,7 +24,7 @@ from typing import Any
 
 from flatlab.report import plots
 from flatlab.report.summary import MEASURE_PREFIX
-from flatlab.train.rundir import ConfigError, Run, atomic_write_text, read_config_json, save_png
+from flatlab.rundir import ConfigError, Run, atomic_write_text, read_config_json, save_png
 
 __all__ = ["QUICK_BANNER", "Comparison", "Section", "compare_runs", "differing_settings",
            "experiment_summaries", "figure_caption", "format_table", "write_report"]
@@ -261,24 +261,30 @@ def _final(records: Sequence[Mapping[str, Any]], key: str) -> Any:
 def experiment_summaries(runs: Sequence[Run | str | Path]) -> list[dict[str, Any]]:
     """Rows of each run's own results table, for experiments that define one.
 
-    An experiment module may define ``summary_rows(records) -> rows`` (e.g. the flatness
+    An experiment may register a ``summary_rows(records) -> rows`` hook (e.g. the flatness
     study's mean ± s.e. over seeds); ``flatlab compare`` then rebuilds that table from the
-    run folder's ``metrics.jsonl`` alone, each row labelled with its run folder.
+    run folder's ``metrics.jsonl`` alone, each row labelled with its run folder. The
+    experiments are imported only here, and only for runs of a registered experiment.
     """
-    import importlib
-
     out: list[dict[str, Any]] = []
     for run in runs:
         run = run if isinstance(run, Run) else Run.open(run)
-        name = run.experiment
-        try:
-            module = importlib.import_module(f"flatlab.experiments.{name}") if name else None
-        except ImportError:
-            module = None
-        summary = getattr(module, "summary_rows", None)
-        if callable(summary):
+        summary = _summary_hook(run.experiment)
+        if summary is not None:
             out += [{"run": run.path.name, **row} for row in summary(run.metrics())]
     return out
+
+
+def _summary_hook(name: str | None) -> Any:
+    """The ``summary_rows`` hook of experiment ``name``, or None (unknown or no hook)."""
+    if not name:
+        return None
+    from flatlab.experiments import get
+
+    try:
+        return get(name).summary_rows
+    except (KeyError, ValueError):
+        return None
 
 
 def _run_labels(runs: Sequence[Run]) -> list[str]:

@@ -2,8 +2,8 @@
 
 ``flatlab sweep EXPERIMENT --out DIR`` expands the experiment's sweep into jobs and launches
 the unfinished ones. The grid and search space come from the command line (``--grid
-key=a,b``, ``--search key=log:-4:-2``) or, when none is given, from the experiment module's
-``sweep_defaults(cfg)`` (for ``dg``: methods x test domains, DomainBed's search space scaled
+key=a,b``, ``--search key=log:-4:-2``) or, when none is given, from the ``sweep_defaults(cfg)`` hook
+the experiment registered (for ``dg``: methods x test domains, DomainBed's search space scaled
 down). ``--set`` values are fixed for every job and also decide the defaults (e.g. the
 dataset, hence the test domains).
 """
@@ -11,7 +11,6 @@ dataset, hence the test domains).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -72,9 +71,8 @@ def plan(
     exp = get(experiment)
     cfg = resolve_config(experiment, overrides=list(sets))
     defaults: dict[str, Any] = {}
-    hook = getattr(importlib.import_module(exp.module), "sweep_defaults", None)
-    if hook is not None:
-        defaults = hook(cfg)
+    if exp.sweep_defaults is not None:
+        defaults = exp.sweep_defaults(cfg)
     fixed = {**defaults.get("fixed", {}), **parse_sets(sets)}
     user_grid = parse_grid(grid)
     user_space = dict(_split(i, "--search") for i in search)

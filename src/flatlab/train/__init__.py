@@ -43,7 +43,7 @@ from flatlab.train.checkpoint import (
 )
 from flatlab.train.loop import FitResult, fit
 from flatlab.train.optimizers import OPTIMIZERS, build_optimizer
-from flatlab.train.rundir import ConfigError, Run
+from flatlab.rundir import ConfigError, Run
 
 __all__ = [
     "OPTIMIZERS", "ActivationSparsity", "Callback", "Checkpoint", "ConfigError",

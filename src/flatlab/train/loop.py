@@ -46,7 +46,7 @@ from flatlab.train.callbacks import Callback, Checkpoint, FitState
 from flatlab.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from flatlab.train.data import Sampler, as_domains
 from flatlab.train.parallel import DataParallel, current, reduces_itself
-from flatlab.train.rundir import Run
+from flatlab.rundir import Run
 
 __all__ = ["FitResult", "fit"]
 

@@ -1,4 +1,4 @@
-"""flatlab.sweep.collect: selection methods, DomainBed averaging, Markdown/LaTeX from folders."""
+"""flatlab.report.dg_tables and flatlab.report.dg.collect: selection methods, DomainBed averaging, Markdown/LaTeX from folders."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from flatlab.sweep import aggregate, collect, load_records
+from flatlab.report.dg import collect
+from flatlab.report.dg_tables import aggregate, load_records
 
 DOMAINS = ["0", "45", "90"]
 
@@ -88,14 +89,14 @@ def test_collect_errors(tmp_path):
 
 
 def _row(method, avg, worst, spread, sharp, sec):
-    from flatlab.sweep.collect import MethodRow
+    from flatlab.report.dg_tables import MethodRow
 
     return MethodRow("toy", method, "training-domain validation", ("0", "1"), {}, (avg, 0.1),
                      worst, spread, sharp, sharp / 2, sec, 1.0, 3)
 
 
 def test_target_checks_compare_dgsam_with_erm_and_sam():
-    from flatlab.sweep.collect import target_checks
+    from flatlab.report.dg_tables import target_checks
 
     rows = [_row("erm", 90.0, 80.0, 5.0, 1.0, 0.010), _row("sam", 91.2, 82.0, 4.0, 0.8, 0.020),
             _row("dgsam", 90.6, 81.0, 4.5, 0.7, 0.012)]

@@ -1,4 +1,4 @@
-"""flatlab.sweep.dg_report: per-seed metrics after selection, paired CIs vs ERM / SAM through
+"""flatlab.report.dg: per-seed metrics after selection, paired CIs vs ERM / SAM through
 flatlab.report.stats, sharpness at the common step, ERM's validation curves."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from flatlab.report.stats import t_quantile
-from flatlab.sweep.dg_report import (
+from flatlab.report.dg import (
     paired_markdown,
     paired_rows,
     per_seed_metrics,

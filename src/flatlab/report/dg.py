@@ -1,9 +1,12 @@
 """The ``dg`` report: DomainBed tables, per-domain figures, paired CIs, cost, target checks.
 
-Given the records of ``dg_records.jsonl`` (see :mod:`flatlab.sweep.collect`) and a timing
+:func:`collect` (``flatlab collect RUNS_DIR``) rebuilds the tables, paired intervals and
+figures from run folders alone; the tables themselves are :mod:`flatlab.report.dg_tables`.
+
+Given the records of ``dg_records.jsonl`` (see :mod:`flatlab.report.dg_tables`) and a timing
 benchmark, :func:`report` adds report sections to a run folder (tables, per-domain accuracy
 and sharpness bars, ERM's validation curve, paired differences, cost,
-:func:`~flatlab.sweep.collect.target_checks`) and returns the headline numbers.
+:func:`~flatlab.report.dg_tables.target_checks`) and returns the headline numbers.
 
 **Paired differences** (:func:`paired_rows`). Per seed (same initialization, in/out split and
 data order for every method of a seed) and method, after model selection per test domain:
@@ -30,11 +33,23 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from flatlab.sweep.collect import SELECTIONS, MethodRow, aggregate, target_checks, to_markdown
+from flatlab.report.dg_tables import (
+    METHOD_ORDER,
+    RECORDS_FILE,
+    SELECTIONS,
+    MethodRow,
+    aggregate,
+    load_records,
+    select,
+    target_checks,
+    to_latex,
+    to_markdown,
+)
 
 
 def _rows_table(rows: Sequence[MethodRow]) -> list[dict[str, Any]]:
@@ -76,7 +91,6 @@ def _picks(
     records: Sequence[Mapping[str, Any]], selection: str,
 ) -> dict[tuple[str, str], dict[int, dict[str, dict[str, Any]]]]:
     """``{(dataset, method): {seed: {test domain: selected pick}}}``."""
-    from flatlab.sweep.collect import select
 
     groups: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
     for r in records:
@@ -120,7 +134,6 @@ def paired_rows(
     the test domains both methods were run on, its 95% t interval and the verdict (module
     docstring). ERM is a baseline only; needs >= 2 common seeds."""
     from flatlab.report.stats import Gate, paired_difference
-    from flatlab.sweep.collect import METHOD_ORDER
 
     picked = _picks(records, selection)
     tested = {k: set.union(*(set(d) for d in v.values())) for k, v in picked.items()}
@@ -282,3 +295,46 @@ def report(run: Any, records: Sequence[Mapping[str, Any]], timing: Mapping[str, 
         headline[f"{m}_cpu_sec_per_step"] = t
     headline["targets_met"] = f"{sum(c['met'] for c in checks)}/{len(checks)}" if checks else "-"
     return headline
+
+
+def collect(runs_dir: str | Path, *, write: bool = True) -> tuple[str, str]:
+    """Tables (Markdown, LaTeX) for both selection methods from the run folders under ``runs_dir``.
+
+    With ``write=True`` they are also saved as ``runs_dir/results.md`` and ``results.tex``,
+    with the figures ``dg_accuracy.png`` / ``dg_sharpness.png`` (linked from the Markdown).
+
+    Raises:
+        FileNotFoundError: ``runs_dir`` does not exist.
+        ValueError: no finished ``dg`` run was found under it.
+    """
+    records = load_records(runs_dir)
+    if not records:
+        raise ValueError(f"no finished run with {RECORDS_FILE} found under {runs_dir}")
+    rows = [row for sel in SELECTIONS for row in aggregate(records, sel)]
+    md, tex = to_markdown(rows), to_latex(rows)
+    for dataset in sorted({r.dataset for r in rows}):
+        main = [r for r in rows if r.dataset == dataset and r.selection == SELECTIONS[0]]
+        checks = target_checks(main, {r.method: r.sec_per_step for r in main},
+                               main[0].num_domains - 1)
+        if checks:
+            md += (f"\n**{dataset}**, the issue's targets (training-domain validation; time: "
+                   "mean s/step of the runs)\n\n| target | measured | required | met |\n"
+                   "|---|---|---|---|\n" + "".join(
+                       f"| {c['target']} | {c['measured']} | {c['required']} | "
+                       f"{'yes' if c['met'] else 'NO'} |\n" for c in checks))
+    for selection in SELECTIONS:
+        paired = paired_rows(records, selection)
+        if paired:
+            md += (f"\n**Paired differences over seeds** ({selection} selection; 95% t "
+                   "intervals, flatlab.report.stats; log_sharp_max at the same last step for "
+                   "every method, means of the sharpness itself)\n\n" + paired_markdown(paired))
+    if write:
+        import matplotlib.pyplot as plt
+
+        for name, fig in figures(records).items():
+            fig.savefig(Path(runs_dir, f"{name}.png"), dpi=150, bbox_inches="tight")
+            plt.close(fig)
+            md += f"\n![{name}]({name}.png)\n"
+        Path(runs_dir, "results.md").write_text(md)
+        Path(runs_dir, "results.tex").write_text(tex)
+    return md, tex

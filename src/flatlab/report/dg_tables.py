@@ -1,4 +1,4 @@
-"""Rebuild domain-generalization results tables from run folders alone (DomainBed protocol).
+"""Domain-generalization results tables from ``dg`` records alone (DomainBed protocol).
 
 A finished ``dg`` run folder holds ``dg_records.jsonl``: one record per trained model, i.e.
 per (dataset, method, hyperparameter draw, test domain, seed), with its checkpoints::
@@ -246,50 +246,3 @@ def to_latex(rows: Sequence[MethodRow]) -> str:
         parts.append(r"\end{tabular}")
         parts.append("")
     return "\n".join(parts)
-
-
-def collect(runs_dir: str | Path, *, write: bool = True) -> tuple[str, str]:
-    """Tables (Markdown, LaTeX) for both selection methods from the run folders under ``runs_dir``.
-
-    With ``write=True`` they are also saved as ``runs_dir/results.md`` and ``results.tex``,
-    with the figures ``dg_accuracy.png`` / ``dg_sharpness.png`` (linked from the Markdown).
-
-    Raises:
-        FileNotFoundError: ``runs_dir`` does not exist.
-        ValueError: no finished ``dg`` run was found under it.
-    """
-    records = load_records(runs_dir)
-    if not records:
-        raise ValueError(f"no finished run with {RECORDS_FILE} found under {runs_dir}")
-    rows = [row for sel in SELECTIONS for row in aggregate(records, sel)]
-    md, tex = to_markdown(rows), to_latex(rows)
-    for dataset in sorted({r.dataset for r in rows}):
-        main = [r for r in rows if r.dataset == dataset and r.selection == SELECTIONS[0]]
-        checks = target_checks(main, {r.method: r.sec_per_step for r in main},
-                               main[0].num_domains - 1)
-        if checks:
-            md += (f"\n**{dataset}**, the issue's targets (training-domain validation; time: "
-                   "mean s/step of the runs)\n\n| target | measured | required | met |\n"
-                   "|---|---|---|---|\n" + "".join(
-                       f"| {c['target']} | {c['measured']} | {c['required']} | "
-                       f"{'yes' if c['met'] else 'NO'} |\n" for c in checks))
-    from flatlab.sweep.dg_report import paired_markdown, paired_rows
-
-    for selection in SELECTIONS:
-        paired = paired_rows(records, selection)
-        if paired:
-            md += (f"\n**Paired differences over seeds** ({selection} selection; 95% t "
-                   "intervals, flatlab.report.stats; log_sharp_max at the same last step for "
-                   "every method, means of the sharpness itself)\n\n" + paired_markdown(paired))
-    if write:
-        import matplotlib.pyplot as plt
-
-        from flatlab.sweep.dg_report import figures  # flatlab.report selects the Agg backend
-
-        for name, fig in figures(records).items():
-            fig.savefig(Path(runs_dir, f"{name}.png"), dpi=150, bbox_inches="tight")
-            plt.close(fig)
-            md += f"\n![{name}]({name}.png)\n"
-        Path(runs_dir, "results.md").write_text(md)
-        Path(runs_dir, "results.tex").write_text(tex)
-    return md, tex
