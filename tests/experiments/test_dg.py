@@ -162,8 +162,8 @@ def test_rotated_digits_study_meets_the_issue_targets(tmp_path):
     (6 test domains x 3 seeds, ERM / SAM / DGSAM with the authors' full radius rule, as
     measured then), then the earlier issue's targets."""
     from flatlab.report.dg import collect
-    from flatlab.sweep import expand, launch_local
     from flatlab.report.dg_tables import SELECTIONS, aggregate, load_records, target_checks
+    from flatlab.sweep import expand, launch_local
 
     jobs = expand("dg", tmp_path, grid={"test_domains": list(range(6))}, seeds=[0, 1, 2],
                   seed_key="seeds", fixed={"timing_steps": 0, "dgsam_radius_rule": "full"},

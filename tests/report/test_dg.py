@@ -8,13 +8,13 @@ import math
 import numpy as np
 import pytest
 
-from flatlab.report.stats import t_quantile
 from flatlab.report.dg import (
     paired_markdown,
     paired_rows,
     per_seed_metrics,
     validation_curves,
 )
+from flatlab.report.stats import t_quantile
 
 DOMAINS = ["0", "45", "90"]
 

@@ -1,4 +1,4 @@
-"""flatlab.report.dg_tables and flatlab.report.dg.collect: selection methods, DomainBed averaging, Markdown/LaTeX from folders."""
+"""flatlab.report.dg_tables and dg.collect: selection, DomainBed averaging, tables from folders."""
 
 from __future__ import annotations
 

@@ -185,3 +185,33 @@ def test_tensorboard_writer_receives_every_numeric_metric(toy_package, tmp_path,
     keys = {k for k, _, _ in calls}
     assert {"sgd/loss", "sgd/train_acc", "sgd/passes", "closed"} <= keys
     assert len([c for c in calls if c[0] == "sgd/loss"]) == len(run.metrics("sgd")) - 1
+
+
+def test_hooks_are_registration_arguments_used_by_sweep_and_compare(tmp_path,
+                                                                    monkeypatch) -> None:
+    """``summary_rows`` and ``sweep_defaults`` come from ``register``, not module attributes."""
+    from flatlab.report import experiment_summaries
+    from flatlab.sweep.command import plan
+
+    class Config(ExperimentConfig):
+        lr: float = 0.1
+        width: int = 1
+
+    def summary(records):
+        return [{"n": len(records)}]
+
+    def defaults(cfg):
+        return {"grid": {"width": [1, int(10 * cfg.lr)]}}
+
+    def run_fn(cfg, run):
+        return {}
+
+    monkeypatch.setitem(_registry._REGISTRY, "hooked", None)  # removed again after the test
+    register("hooked", Config, summary_rows=summary, sweep_defaults=defaults)(run_fn)
+    info = experiments.get("hooked")
+    assert info.summary_rows is summary and info.sweep_defaults is defaults
+    jobs = plan("hooked", tmp_path / "sweep", sets=["lr=0.5"])
+    assert {(j.overrides["lr"], j.overrides["width"]) for j in jobs} == {("0.5", 1), ("0.5", 5)}
+    run = Run.create(tmp_path, "hooked", {})
+    run.log(tag="a", step=1)
+    assert experiment_summaries([run.path]) == [{"run": run.path.name, "n": 1}]

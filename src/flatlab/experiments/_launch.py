@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from flatlab.experiments._registry import check_factories, check_finite, get, resolve_config
+from flatlab.rundir import ConfigError, Run, read_config_json
 from flatlab.train.checkpoint import seed_everything
 from flatlab.train.parallel import DataParallel, init_from_env
-from flatlab.rundir import ConfigError, Run, read_config_json
 
 
 def _tensorboard_class() -> Any:

@@ -45,8 +45,8 @@ from flatlab.experiments._flatness_claims import CLAIMS, claim_rows, claim_verdi
 from flatlab.experiments._flatness_tasks import REFERENCES, Task, build_task
 from flatlab.experiments._registry import ExperimentConfig, load_factory, register
 from flatlab.report.summary import mean_se, summarize
-from flatlab.train import Run, build_optimizer, evaluate, fit
 from flatlab.rundir import ConfigError
+from flatlab.train import Run, build_optimizer, evaluate, fit
 
 OptimizerName = Literal["sgd", "adamw", "sam", "asam", "gam", "gam_adamw", "samgam", "sam_fd"]
 TaskName = Literal["mnist1d_mlp", "mnist1d_cnn", "digits_cnn", "cifar10_resnet18", "cifar100_wrn"]

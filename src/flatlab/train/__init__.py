@@ -24,6 +24,7 @@ Example:
     (5, 1.0)
 """
 
+from flatlab.rundir import ConfigError, Run
 from flatlab.train.callbacks import (
     ActivationSparsity,
     Callback,
@@ -43,7 +44,6 @@ from flatlab.train.checkpoint import (
 )
 from flatlab.train.loop import FitResult, fit
 from flatlab.train.optimizers import OPTIMIZERS, build_optimizer
-from flatlab.rundir import ConfigError, Run
 
 __all__ = [
     "OPTIMIZERS", "ActivationSparsity", "Callback", "Checkpoint", "ConfigError",

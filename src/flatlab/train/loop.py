@@ -42,11 +42,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from flatlab._checks import check_positive_int
+from flatlab.rundir import Run
 from flatlab.train.callbacks import Callback, Checkpoint, FitState
 from flatlab.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from flatlab.train.data import Sampler, as_domains
 from flatlab.train.parallel import DataParallel, current, reduces_itself
-from flatlab.rundir import Run
 
 __all__ = ["FitResult", "fit"]
 
