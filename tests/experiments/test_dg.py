@@ -174,3 +174,32 @@ def test_rotated_digits_study_meets_the_issue_targets(tmp_path):
     checks = target_checks(rows, {r.method: r.sec_per_step for r in rows}, 5)
     missed = [c for c in checks if not c["met"]]
     assert not missed, missed
+
+
+def test_time_methods_times_extra_optimizers_beside_the_methods():
+    """The cost benchmark's routine: every method and every extra factory gets a median step
+    time; a factory is built once with (params, S) and stepped with a closure every round."""
+    import torch
+
+    from flatlab.experiments import dg
+
+    cfg = dg.Config(dataset="rotated_digits", angles=[0, 30, 60], channels=[4, 4, 4, 4],
+                    batch_size=4)
+    domains = dg.load_domains(cfg)
+    built, stepped = [], []
+
+    class Recorder(torch.optim.SGD):
+        def step(self, closure):
+            loss = closure()
+            stepped.append(self.param_groups[0]["params"][0].grad is not None)
+            return super().step() or loss
+
+    def factory(params, s):
+        built.append(s)
+        return Recorder(params, lr=0.1)
+
+    out = dg.time_methods(cfg, domains, ["erm", "dgsam"], 3, extra={"ref": factory}, warmup=1)
+    assert set(out) == {"wall", "cpu"}
+    for clock in out.values():
+        assert set(clock) == {"erm", "dgsam", "ref"} and all(t > 0 for t in clock.values())
+    assert built == [2] and stepped == [True] * 4  # S = 2; 1 warm-up + 3 timed rounds
