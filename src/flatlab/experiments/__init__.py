@@ -11,8 +11,8 @@ with :mod:`pkgutil`; names starting with ``_`` are private helpers and skipped).
    ``gt=0`` are checked when the config is built, so a bad ``--set lr=-1`` exits with code 2
    and one line. The base class provides ``quick: bool`` (``--quick`` sets it: shrink the run to
    well under a minute), ``seed: int``, ``deterministic: bool`` and ``threads: int`` (torch CPU
-   threads, 0 = torch's default; applied by the launcher before ``run`` is called and restored
-   after) and forbids unknown keys. Nested settings are nested
+   threads, default 1, 0 = torch's default; applied by the launcher, in this one place, before
+   ``run`` is called and restored after) and forbids unknown keys. Nested settings are nested
    ``BaseModel`` fields (``--set model.width=64``). Data directories use the type
    :data:`ExistingDir` (must exist; ``Optional[ExistingDir] = None`` for "not given").
 2. ``@register("<name>", Config, help="one line for flatlab list")`` on

@@ -75,8 +75,8 @@ class ExperimentConfig(BaseModel):
     quick: bool = Field(False, description="short version of the run (for tests and previews)")
     seed: int = Field(0, description="seed for torch, numpy and python's random")
     deterministic: bool = Field(True, description="torch.use_deterministic_algorithms(True)")
-    threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default); 1 is "
-                         "fastest for tiny models on a busy machine")
+    threads: int = Field(1, ge=0, description="torch CPU threads, set by the launcher for the run "
+                         "(0: torch's default; 1 is fastest for tiny models on a busy machine)")
 
 
 RunFn = Callable[[Any, Any], Any]

@@ -42,7 +42,6 @@ OptimizerName = Literal["sgd", "sam", "asam", "usam", "gam", "samgam", "adamw"]
 class Config(ExperimentConfig):
     """Settings of ``flatlab demo`` / ``flatlab run demo``."""
 
-    threads: int = Field(1, ge=0, description="torch CPU threads (0: torch's default)")
     optimizers: list[OptimizerName] = Field(
         ["sgd", "sam", "gam"], description="optimizers to train, one run each")
     n: int = Field(4000, ge=100, description="MNIST-1D examples (70/10/20 train/val/test)")

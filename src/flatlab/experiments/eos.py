@@ -110,8 +110,6 @@ class Config(ExperimentConfig):
                                          description="USAM radii switched on late (probe)")
     late_probe_steps: int = Field(100, ge=1, description="steps after the late switch (probe)")
     t7_seeds: int = Field(3, ge=1, description="inits of the late USAM switch (seed 0 + others)")
-    threads: int = Field(1, ge=1, description="torch threads during the run (small models "
-                         "run fastest on one; restored afterwards)")
 
     @field_validator("net_models")
     @classmethod
@@ -282,12 +280,7 @@ def run(cfg: Config, run: Run) -> dict:
     """Quadratics, quadratic regression model, MLP on digits / MNIST-1D: GD, USAM, SAM at EOS."""
     if cfg.quick:
         cfg = cfg.model_copy(update=QUICK)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        return _run(cfg, run)
-    finally:
-        torch.set_num_threads(threads)
+    return _run(cfg, run)
 
 
 def _run(cfg: Config, run: Run) -> dict:

@@ -145,7 +145,6 @@ class Config(ExperimentConfig):
     model: str = Field("", description="module:function model factory "
                        "(input_shape, num_classes) -> nn.Module; needs data too")
     data: str = Field("", description="module:function returning flatlab.data.Splits")
-    threads: int = Field(1, ge=0, description="torch CPU threads (0: torch's default)")
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -281,8 +280,6 @@ def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def run(cfg: Config, run: Run) -> dict:
     from flatlab.report import plots
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     tasks = _tasks(cfg)
     # SAM before SAM+GAM: SAM+GAM runs at SAM's selected radius
     order = list(_OPTIMIZERS)

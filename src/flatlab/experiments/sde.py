@@ -35,7 +35,6 @@ class Config(ExperimentConfig):
 
     targets: list[Target] = Field(["t1", "t2", "t3", "t4", "t5", "t6", "network", "earlier"],
                                   description="which targets to run (e.g. [t3,t4])")
-    threads: int = Field(1, ge=0, description="torch CPU threads (0: torch's default)")
     lr: float = Field(0.01, gt=0, description="learning rate eta (= SDE time step)")
     dim: int = Field(10, ge=1, description="dimension d of the quadratic")
     paths: int = Field(2000, ge=2, description="independent copies / SDE paths")

@@ -64,7 +64,6 @@ PARTS = ("targets", "modules", "band", "finetune", "vit")
 
 
 class Config(ExperimentConfig):
-    threads: int = Field(1, ge=0, description="torch CPU threads (1: fastest for tiny models)")
     n: int = Field(4000, ge=100, description="synthetic examples (70% train, 15% test)")
     in_dim: int = Field(32, ge=2, description="synthetic input dimension")
     classes: int = Field(10, ge=2, description="synthetic classes")
