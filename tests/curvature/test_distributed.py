@@ -31,7 +31,7 @@ from flatlab.curvature import (
     worst_case_sharpness,
 )
 from flatlab.sparsity import activation_sparsity
-from tests.optim.test_distributed import run_ranks
+from tests.optim.test_distributed import finish_rank, run_ranks
 
 WORLD = 2
 SHARDS = ([4, 3], [5, 5, 3])  # unequal: 7 and 13 examples
@@ -162,9 +162,7 @@ def _worker(rank: int, port: int, out: str) -> None:
                                            dtype=torch.float64)
         res["errors"] = _errors(rank, model, data)
         res["positions"] = _positions(rank)
-        torch.save(res, f"{out}/rank{rank}.pt")
-        dist.barrier()
-        dist.destroy_process_group()
+        finish_rank(res, out, rank)
     except Exception:
         traceback.print_exc()
         raise
@@ -172,8 +170,6 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
     return run_ranks(_worker, tmp_path_factory.mktemp("dp_curvature"), WORLD)
 
 

@@ -56,9 +56,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         for _ in range(STEPS):
             opt.step(closure)
         results[(sync, use_ddp)] = [p.detach().clone() for p in model.parameters()]
-    torch.save(results, f"{out}/rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_rank(results, out, rank)
 
 
 def reference(sync: str) -> list[torch.Tensor]:
@@ -102,10 +100,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def finish_rank(results, out, rank: int) -> None:
+    """A worker's last act: save ``results`` for :func:`run_ranks`, then leave the group
+    together (the barrier first: gloo's teardown is flaky when one rank leaves early)."""
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def run_ranks(worker, out, world: int = 2) -> list:
     """Run ``worker(rank, port, str(out))`` at ``world`` forked ranks; load each rank's
-    ``out/rank{r}.pt``. Fork: the children reuse the imported torch (spawn re-imports it,
-    ~15 s more here)."""
+    ``out/rank{r}.pt`` (written by :func:`finish_rank`). Skips the test where
+    torch.distributed is not available. Fork: the children reuse the imported torch (spawn
+    re-imports it, ~15 s more here)."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
     mp.start_processes(worker, args=(free_port(), str(out)), nprocs=world, join=True,
                        start_method="fork")
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
@@ -113,8 +122,6 @@ def run_ranks(worker, out, world: int = 2) -> list:
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
     return run_ranks(_worker, tmp_path_factory.mktemp("dist"), WORLD)
 
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from flatlab.optim import SAM
 from tests.optim._registry import REGISTRY, step
-from tests.optim.test_distributed import run_ranks
+from tests.optim.test_distributed import finish_rank, run_ranks
 
 WORLD, STEPS, LR = 2, 5, 0.05
 NAN_STEP = 2
@@ -125,9 +125,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     except ValueError as err:
         results["local"] = str(err)
     results["resume"] = _resume(rank, out)
-    torch.save(results, f"{out}/rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_rank(results, out, rank)
 
 
 def _resume(rank: int, out: str) -> list[torch.Tensor] | str:
@@ -162,8 +160,6 @@ def _resume(rank: int, out: str) -> list[torch.Tensor] | str:
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
     fsdp = pytest.importorskip("torch.distributed.fsdp")
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("FSDP2 (torch.distributed.fsdp.fully_shard) needs torch >= 2.6")

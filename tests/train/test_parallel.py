@@ -23,7 +23,7 @@ from pydantic import Field
 from flatlab.experiments import ExperimentConfig, _registry, launch
 from flatlab.train import Callback, Checkpoint, Evaluate, Run, build_optimizer, fit
 from flatlab.train.parallel import _bounds
-from tests.optim.test_distributed import run_ranks
+from tests.optim.test_distributed import finish_rank, run_ranks
 
 WORLD = 2
 TIMING = ("step_time", "step_cpu_time")
@@ -95,11 +95,9 @@ def _worker(rank: int, port: int, out: str) -> None:
             crashed = next((root / "crashed").iterdir())
         del os.environ["TOY_CRASH_AT"]
         resumed = launch(resume=crashed, report=False)
-        torch.save({"fresh": _records(fresh), "resumed": _records(resumed),
-                    "writes": (fresh.writes, resumed.writes), "path": str(fresh.path)},
-                   root / f"rank{rank}.pt")
-        dist.barrier()
-        dist.destroy_process_group()
+        finish_rank({"fresh": _records(fresh), "resumed": _records(resumed),
+                     "writes": (fresh.writes, resumed.writes), "path": str(fresh.path)},
+                    out, rank)
     except Exception:
         traceback.print_exc()
         raise
@@ -107,8 +105,6 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(toy, tmp_path_factory):
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
     out = tmp_path_factory.mktemp("parallel_runs")
     return out, run_ranks(_worker, out, WORLD)
 

@@ -283,7 +283,7 @@ def _summary_hook(name: str | None) -> Any:
 
     try:
         return get(name).summary_rows
-    except (KeyError, ValueError):
+    except ConfigError:  # an experiment that is not registered (any more) has no table
         return None
 
 
