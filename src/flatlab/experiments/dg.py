@@ -263,30 +263,35 @@ def time_methods(
         pooled = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
         order = list(state)
         shuffle.shuffle(order)
-        gc.collect()  # between rounds only, so that no collection lands in one method's time
-        for m in order:
-            model, opt, times, cpu = state[m]
-
-            def closure(x: torch.Tensor, y: torch.Tensor, model=model, opt=opt) -> Any:
-                def c() -> torch.Tensor:
-                    opt.zero_grad()
-                    loss = F.cross_entropy(model(x), y)
-                    loss.backward()
-                    return loss.detach()
-                return c
-
-            sync()
-            t0, c0 = time.perf_counter(), time.process_time()
-            if getattr(opt, "per_domain", False):
-                opt.step([closure(x, y) for x, y in batches])
-            else:
-                opt.step(closure(*pooled))
-            sync()
-            if r >= warmup:
-                times.append(time.perf_counter() - t0)
-                cpu.append(time.process_time() - c0)
+        gc.collect()  # between rounds only: no collection lands in one method's time
+        gc.disable()
+        try:
+            for m in order:
+                model, opt, times, cpu = state[m]
+                sync()
+                t0, c0 = time.perf_counter(), time.process_time()
+                if getattr(opt, "per_domain", False):
+                    opt.step([_closure(model, opt, x, y) for x, y in batches])
+                else:
+                    opt.step(_closure(model, opt, *pooled))
+                sync()
+                if r >= warmup:
+                    times.append(time.perf_counter() - t0)
+                    cpu.append(time.process_time() - c0)
+        finally:
+            gc.enable()
     return {key: {m: float(torch.tensor(state[m][i]).median()) for m in state}
             for key, i in (("wall", 2), ("cpu", 3))}
+
+
+def _closure(model: torch.nn.Module, opt: Any, x: torch.Tensor, y: torch.Tensor) -> Any:
+    """The timed step's closure on one batch: zero, cross-entropy forward and backward."""
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss.detach()
+    return closure
 
 
 def num_domains(cfg: Config) -> int:
