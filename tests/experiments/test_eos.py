@@ -11,6 +11,7 @@ import torch
 
 from flatlab.experiments._eos_lab import (
     Phase,
+    Point,
     QuadraticRegression,
     first_crossing,
     half_mse,
@@ -71,11 +72,12 @@ def test_quadratic_regression_model_hessian_matches_closed_form():
 
 def test_first_crossing_and_window_stats():
     # (step, lambda, threshold, loss): crosses at step 30, then plateaus at 1.02 x threshold
-    pts = [(s, min(0.5 + 0.02 * s, 1.3 if s == 40 else 1.02) * 10, 10.0, 1.0 / (1 + s))
+    pts = [Point(s, min(0.5 + 0.02 * s, 1.3 if s == 40 else 1.02) * 10, 10.0, 1.0 / (1 + s))
            for s in range(0, 200, 10)]
-    step, loss = first_crossing(pts)
+    hit = first_crossing(pts)
+    step, loss = hit.step, hit.loss
     assert step == 30 and loss == pytest.approx(1 / 31)
-    assert first_crossing(pts, 0.95)[0] == 30
+    assert first_crossing(pts, 0.95).step == 30
     assert first_crossing(pts, 2.0) is None
     st = window_stats(pts, 50)
     assert st["n"] == 15 and st["ratio"] == pytest.approx(1.02) and st["thr"] == 10.0

@@ -175,8 +175,7 @@ def test_cifar_tasks_end_to_end_on_a_tiny_fixture(tmp_path: Path, task: str, cla
     _write_cifar(tmp_path / "data", n=8, classes=classes)
     run = launch("flatness", quick=True, out=tmp_path / "runs",
                  overrides=[f"tasks=[{task}]", f"data_dir={tmp_path / 'data'}",
-                            f"optimizers=[{','.join(opts)}]", "equal_cpu=[]", "batch_size=16",
-                            "trace_probes=3"])
+                            f"optimizers=[{','.join(opts)}]", "equal_cpu=[]", "batch_size=16"])
     recs = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
     tags = {r["tag"] for r in recs if r.get("tag", "").startswith("measure/")}
     assert tags == {f"measure/{task}/{o}/seed0" for o in opts}

@@ -96,9 +96,10 @@ TOY = textwrap.dedent(
         steps: int = Field(12, ge=1, description="optimizer steps")
 
 
-    @register("toy_for_tests", Config, help="logistic regression on random data")
+    @register("toy_for_tests", Config, help="logistic regression on random data",
+              quick={"steps": 4})
     def run(cfg: Config, run: Run) -> dict:
-        steps = 4 if cfg.quick else cfg.steps
+        steps = cfg.steps
         g = torch.Generator().manual_seed(cfg.seed)
         x = torch.randn(64, 5, generator=g)
         y = (x[:, 0] > 0).long()
@@ -215,3 +216,64 @@ def test_hooks_are_registration_arguments_used_by_sweep_and_compare(tmp_path,
     run = Run.create(tmp_path, "hooked", {})
     run.log(tag="a", step=1)
     assert experiment_summaries([run.path]) == [{"run": run.path.name, "n": 1}]
+
+
+def test_quick_preset_is_one_layer_below_set(tmp_path, monkeypatch) -> None:
+    """``register(quick=...)`` is the one place ``--quick`` shrinks a run: applied however
+    ``quick`` was turned on, derived from the other layers, below an explicit ``--set``."""
+
+    class Config(ExperimentConfig):
+        steps: int = Field(1000, ge=1)
+        eval_every: int = Field(100, ge=1)
+        width: int = 64
+
+    def shrink(cfg):
+        steps = min(cfg.steps, 40)
+        return {"steps": steps, "eval_every": max(steps // 4, 1)}
+
+    monkeypatch.setitem(_registry._REGISTRY, "shrinks", None)  # removed again after the test
+    register("shrinks", Config, quick=shrink)(lambda cfg, run: {})
+    monkeypatch.setitem(_registry._REGISTRY, "shrinks_dict", None)
+    register("shrinks_dict", Config, quick={"steps": 5, "width": 8})(lambda cfg, run: {})
+
+    def got(name="shrinks", **kw):
+        c = resolve_config(name, **kw)
+        return c.quick, c.steps, c.eval_every, c.width
+
+    assert got() == (False, 1000, 100, 64)  # no preset without quick
+    assert got(quick=True) == (True, 40, 10, 64)
+    assert got(overrides=["quick=true"]) == (True, 40, 10, 64)  # a sweep's --set quick=true
+    file = tmp_path / "c.yaml"
+    file.write_text("quick: true\nsteps: 20\nwidth: 32\n")
+    assert got(config_file=file) == (True, 20, 5, 32)  # the preset shrinks what the file says
+    # derived from --set values, and an explicit --set always wins over the preset
+    assert got(quick=True, overrides=["steps=8"]) == (True, 8, 2, 64)
+    assert got(quick=True, overrides=["eval_every=3"]) == (True, 40, 3, 64)
+    assert got("shrinks_dict", quick=True) == (True, 5, 100, 8)
+    assert got("shrinks_dict", config_file=file, overrides=["width=2"]) == (True, 5, 100, 2)
+    with pytest.raises(ValueError, match=r"keys must be fields of Config, got \['nope'\]"):
+        register("bad_preset", Config, quick={"nope": 1})
+    with pytest.raises(TypeError, match="quick must be a mapping or a function"):
+        register("bad_preset", Config, quick=3)
+
+
+def test_every_experiment_shrinks_through_its_preset_alone() -> None:
+    """Each shipped experiment registers a ``--quick`` preset that changes its config, and no
+    experiment module reads ``cfg.quick`` itself (the preset is the one implementation)."""
+    import ast
+    from pathlib import Path
+
+    for name in experiments.names():
+        exp = experiments.get(name)
+        if not exp.module.startswith("flatlab.experiments."):
+            continue
+        assert exp.quick is not None, name
+        full, quick = resolve_config(name), resolve_config(name, quick=True)
+        changed = {k for k in type(full).model_fields if getattr(full, k) != getattr(quick, k)}
+        assert changed - {"quick"}, f"{name}: --quick changes nothing but the flag"
+    package = Path(experiments.__file__).parent
+    readers = [f"{path.name}:{node.lineno}" for path in sorted(package.glob("*.py"))
+               if path.name != "_registry.py"
+               for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.Attribute) and node.attr == "quick"]
+    assert readers == []

@@ -9,16 +9,20 @@ with :mod:`pkgutil`; names starting with ``_`` are private helpers and skipped).
 1. ``class Config(ExperimentConfig)``: a pydantic model. Every field has a default and a
    ``description`` (``Field(0.1, gt=0, description="learning rate")``); constraints such as
    ``gt=0`` are checked when the config is built, so a bad ``--set lr=-1`` exits with code 2
-   and one line. The base class provides ``quick: bool`` (``--quick`` sets it: shrink the run to
-   well under a minute), ``seed: int``, ``deterministic: bool`` and ``threads: int`` (torch CPU
-   threads, default 1, 0 = torch's default; applied by the launcher, in this one place, before
-   ``run`` is called and restored after) and forbids unknown keys. Nested settings are nested
+   and one line. The base class provides ``quick: bool`` (``--quick`` sets it), ``seed:
+   int``, ``deterministic: bool`` and ``threads: int`` (torch CPU threads, default 1, 0 =
+   torch's default; applied by the launcher, in this one place, before ``run`` is called and
+   restored after) and forbids unknown keys. Nested settings are nested
    ``BaseModel`` fields (``--set model.width=64``). Data directories use the type
    :data:`ExistingDir` (must exist; ``Optional[ExistingDir] = None`` for "not given").
-2. ``@register("<name>", Config, help="one line for flatlab list")`` on
+2. ``@register("<name>", Config, help="one line for flatlab list", quick=...)`` on
    ``def run(cfg: Config, run: Run) -> dict``. It trains through :func:`flatlab.train.fit`,
    writes into the run folder and returns the headline results (a flat dict of numbers /
-   strings; stored in the ``done`` marker and shown at the top of the report).
+   strings; stored in the ``done`` marker and shown at the top of the report). ``quick`` is
+   the preset that shrinks the run to well under a minute: a dict of config values, or a
+   function of the resolved config returning them (``lambda c: {"steps": min(c.steps, 20)}``).
+   Config resolution applies it, below ``--set``; ``run`` never reads ``cfg.quick``, so the
+   saved config and the report state the sizes that ran.
 
 The :class:`~flatlab.train.Run` object (``run``) gives:
 
@@ -74,15 +78,15 @@ Minimal example (``src/flatlab/experiments/toy.py``)::
         steps: int = Field(200, ge=1, description="optimizer steps")
 
 
-    @register("toy", Config, help="logistic regression on random data")
+    @register("toy", Config, help="logistic regression on random data",
+              quick={"steps": 20})  # --quick: 20 steps, unless --set steps=... says otherwise
     def run(cfg: Config, run: Run) -> dict:
-        steps = 20 if cfg.quick else cfg.steps
         g = torch.Generator().manual_seed(cfg.seed)
         x = torch.randn(256, 5, generator=g)
         y = (x[:, 0] > 0).long()
         model = torch.nn.Linear(5, 2)
         opt = build_optimizer("sgd", model.parameters(), lr=cfg.lr)
-        res = fit(model, opt, (x, y), steps=steps, run=run, tag="sgd",
+        res = fit(model, opt, (x, y), steps=cfg.steps, run=run, tag="sgd",
                   callbacks=[Evaluate({"train": (x, y)}, every=10)])
         fig = plots.curves({"sgd": res.history}, "loss")
         run.add_section("Loss", "Training loss per step.", figures=[run.savefig(fig, "loss")])

@@ -139,6 +139,17 @@ class Phase:
         return name
 
 
+@dataclass(frozen=True)
+class Point:
+    """One λ_max measurement of a trajectory: the global ``step``, ``lam`` = λ_max, ``edge``
+    = the stability threshold of the phase's method there, and the training ``loss``."""
+
+    step: int
+    lam: float
+    edge: float
+    loss: float
+
+
 @dataclass
 class Trajectory:
     """The concatenated records of a list of phases (``step`` counted from the start)."""
@@ -147,8 +158,8 @@ class Trajectory:
     records: list[dict[str, Any]] = field(default_factory=list)
     diverged_at: int | None = None  # global step of divergence (non-finite / skipped steps)
 
-    def points(self, phase: int | None = None) -> list[tuple[int, float, float, float]]:
-        """``(step, λ_max, threshold, loss)`` of the measured records (of one phase if given).
+    def points(self, phase: int | None = None) -> list[Point]:
+        """The :class:`Point` of every measured record (of one phase if given).
 
         The threshold is the edge of the phase's own method (``edge_gd`` for a gd phase).
         """
@@ -159,7 +170,7 @@ class Trajectory:
             thr = rec.get(EDGE_KEY[self.phases[rec["phase"]].method])
             if thr is None:  # rho warm-up not yet started, e.g. the step-0 record
                 thr = rec["edge_gd"]
-            out.append((rec["step"], rec["lambda_max"], thr, rec.get("loss", math.nan)))
+            out.append(Point(rec["step"], rec["lambda_max"], thr, rec.get("loss", math.nan)))
         return out
 
     def final_loss(self, last: int = 100) -> float:
@@ -257,25 +268,22 @@ def _number(value: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------ statistics
-def first_crossing(points: Sequence[tuple], frac: float = 1.0,
-                   after: int = -1) -> tuple[int, float] | None:
-    """``(step, loss)`` of the first point after step ``after`` with ``λ >= frac·threshold``."""
-    for step, lam, thr, loss in points:
-        if step > after and lam >= frac * thr:
-            return step, loss
-    return None
+def first_crossing(points: Sequence[Point], frac: float = 1.0,
+                   after: int = -1) -> Point | None:
+    """The first point after step ``after`` with ``λ >= frac·edge`` (None if there is none)."""
+    return next((p for p in points if p.step > after and p.lam >= frac * p.edge), None)
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
     return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))
 
 
-def window_stats(points: Sequence[tuple], start: int) -> dict[str, float]:
+def window_stats(points: Sequence[Point], start: int) -> dict[str, float]:
     """Medians over the points with ``step >= start``: λ, threshold, ratio, and ratio p5/p95.
 
     Returns NaNs (and ``n = 0``) when the window is empty.
     """
-    win = [(lam, thr) for step, lam, thr, _ in points if step >= start and thr > 0]
+    win = [(p.lam, p.edge) for p in points if p.step >= start and p.edge > 0]
     if not win:
         nan = math.nan
         return {"n": 0, "lam": nan, "thr": nan, "ratio": nan, "ratio_p5": nan, "ratio_p95": nan}
@@ -285,10 +293,10 @@ def window_stats(points: Sequence[tuple], start: int) -> dict[str, float]:
             "ratio_p5": _quantile(ratios, 0.05), "ratio_p95": _quantile(ratios, 0.95)}
 
 
-def value_at(points: Sequence[tuple], step: float) -> float:
+def value_at(points: Sequence[Point], step: float) -> float:
     """λ_max linearly interpolated at ``step`` (NaN outside the measured range)."""
-    xs = [p[0] for p in points]
-    ys = [p[1] for p in points]
+    xs = [p.step for p in points]
+    ys = [p.lam for p in points]
     if not xs or step < xs[0] or step > xs[-1]:
         return math.nan
     for i in range(1, len(xs)):

@@ -16,6 +16,7 @@ from typing import Any
 from flatlab.experiments._eos_lab import (
     Lab,
     Phase,
+    Point,
     Trajectory,
     first_crossing,
     fmt,
@@ -46,7 +47,7 @@ def switching(cfg: Any, lab: Lab) -> tuple[list[dict], dict, dict]:
     pts = early.points(1)
     back = first_crossing(pts, 0.95)
     lam_sw = value_at(early.points(), cfg.early_steps)
-    dt = back[0] - cfg.early_steps if back else math.nan
+    dt = back.step - cfg.early_steps if back else math.nan
     ok = back is not None and dt <= 800
     rows.append({"run": "SAM early only", "switch step": cfg.early_steps,
                  "λ at switch": fmt(lam_sw), "target": f"λ >= 0.95·2/η = {fmt(0.95 * gd_edge)}",
@@ -56,12 +57,12 @@ def switching(cfg: Any, lab: Lab) -> tuple[list[dict], dict, dict]:
     res["T7.early.steps_back"] = dt
     late = trajs["SAM late"]
     pts = late.points(1)
-    hit = next(((s, lam, thr) for s, lam, thr, _ in pts if lam <= 1.10 * thr), None)
-    dt = hit[0] - L if hit else math.nan
+    hit = next((p for p in pts if p.lam <= 1.10 * p.edge), None)
+    dt = hit.step - L if hit else math.nan
     fin = window_stats(pts, int(L + 0.5 * (T - L)))
     # the edge jumps with |g| at the switch, so also time the fall to 1.10 x the final edge
-    down = first_crossing([(s, -lam, -1.10 * fin["thr"], x) for s, lam, _, x in pts])
-    res["T7.late.steps_to_final_edge"] = down[0] - L if down else math.nan
+    down = first_crossing([Point(p.step, -p.lam, -1.10 * fin["thr"], p.loss) for p in pts])
+    res["T7.late.steps_to_final_edge"] = down.step - L if down else math.nan
     rows.append({"run": "SAM late", "switch step": L,
                  "λ at switch": fmt(value_at(late.points(), L)),
                  "target": "λ <= 1.10·edge(|g_t|)",
@@ -70,7 +71,7 @@ def switching(cfg: Any, lab: Lab) -> tuple[list[dict], dict, dict]:
                  "final median λ (last 25%)": f"{fmt(fin['lam'])} (edge {fmt(fin['thr'])})",
                  "pass": yes_no(hit is not None and dt <= 600) + " (<= 600)"})
     res["T7.late.steps_to_edge"] = dt
-    loss_sw = trajs["GD throughout"].points(0)[-1][3]  # training loss just before the switch
+    loss_sw = trajs["GD throughout"].points(0)[-1].loss  # training loss just before the switch
     for name, warm in (("USAM late, no warm-up", 0), ("USAM late, rho warm-up", cfg.rho_warmup)):
         tr = trajs[name]
         lam_sw = value_at(tr.points(), L)
@@ -107,10 +108,10 @@ def matched(cfg: Any, trajs: dict[str, Trajectory]) -> list[dict]:
         pts = tr.points()
         row: dict[str, Any] = {"run": name}
         for m in marks:
-            near = min(pts, key=lambda p: abs(p[0] - m)) if pts else None
-            if near is None or abs(near[0] - m) > cfg.eig_every:
+            near = min(pts, key=lambda p: abs(p.step - m)) if pts else None
+            if near is None or abs(near.step - m) > cfg.eig_every:
                 row[f"λ / loss @ {m}"] = "-"
             else:
-                row[f"λ / loss @ {m}"] = f"{fmt(near[1], 2)} / {near[3]:.3g}"
+                row[f"λ / loss @ {m}"] = f"{fmt(near.lam, 2)} / {near.loss:.3g}"
         rows.append(row)
     return rows

@@ -15,6 +15,7 @@ of the run.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,7 +43,8 @@ def quadratic_table(cfg: Any) -> tuple[list[dict], bool]:
     for method, lr, rho in cases:
         edge = edge_of_stability(method, lr, rho)
         for frac in (0.99, 1.01):
-            ratio, div = run_quadratic(cfg, method, lr, rho, frac * edge)[:2]
+            end = run_quadratic(cfg, method, lr, rho, frac * edge)
+            ratio, div = end.shrink, end.diverged
             verdict = "diverged" if div or ratio > 1e2 else ("converged" if ratio < 1e-2 else "?")
             ok = verdict == ("converged" if frac < 1 else "diverged")
             all_ok &= ok
@@ -51,7 +53,8 @@ def quadratic_table(cfg: Any) -> tuple[list[dict], bool]:
                          "as predicted": yes_no(ok)})
     for lr_lam in (1.0, 1.8, 1.98, 2.02):
         lr, rho = 0.1, 0.05
-        ratio, div, amp, gnorm = run_quadratic(cfg, "sam", lr, rho, lr_lam / lr)
+        end = run_quadratic(cfg, "sam", lr, rho, lr_lam / lr)
+        ratio, div, amp, gnorm = end.shrink, end.diverged, end.amplitude, end.grad_norm
         if lr_lam < 2:
             pred = sam_bounce_amplitude(lr, lr_lam / lr, rho)
             edge = edge_of_stability("sam", lr, rho, grad_norm=gnorm)
@@ -69,9 +72,21 @@ def quadratic_table(cfg: Any) -> tuple[list[dict], bool]:
     return rows, all_ok
 
 
-def run_quadratic(cfg: Any, method: str, lr: float, rho: float,
-                  top: float) -> tuple[float, bool, float, float]:
-    """``(|θ_T|/|θ_0|, diverged, |top component of θ_T|, ‖∇L(θ_T)‖)`` after ``cfg.quad_steps``."""
+@dataclass(frozen=True)
+class QuadraticEnd:
+    """Where a run on a quadratic ended: ``shrink`` = |θ_T|/|θ_0| (inf if it diverged),
+    ``diverged``, ``amplitude`` = |top-eigenvector component of θ_T|, ``grad_norm`` =
+    ‖∇L(θ_T)‖."""
+
+    shrink: float
+    diverged: bool
+    amplitude: float
+    grad_norm: float
+
+
+def run_quadratic(cfg: Any, method: str, lr: float, rho: float, top: float) -> QuadraticEnd:
+    """:class:`QuadraticEnd` of ``cfg.quad_steps`` steps on a 20-dim rotated quadratic whose
+    top eigenvalue is ``top``."""
     d = 20
     eigs = [top] + [top * (0.1 + 0.8 * i / (d - 2)) for i in range(d - 1)]
     model = quadratic(eigs, seed=cfg.seed)
@@ -89,7 +104,7 @@ def run_quadratic(cfg: Any, method: str, lr: float, rho: float,
     evals, evecs = torch.linalg.eigh(model.A)
     amplitude = float((evecs[:, -1] @ theta).abs())
     grad_norm = float((model.A @ theta).norm())
-    return ratio, diverged, amplitude, grad_norm
+    return QuadraticEnd(ratio, diverged, amplitude, grad_norm)
 
 
 # ------------------------------------------------------------------------------- T2

@@ -30,8 +30,8 @@ stem, stages of 2 basic blocks at 64/128/256/512 channels); ``cifar100_wrn`` is 
 post-activation :class:`~flatlab.models.resnet.ResNet` with 3 stages of 4 blocks at
 160/320/640 channels (WRN-28-10's widths and depth, without pre-activation or dropout). No
 data augmentation is applied (``train.fit`` takes tensors), so expect accuracies below the
-paper's crop-and-flip numbers. In ``quick`` mode CIFAR models keep their stages but get one
-block per stage at 1/16 width.
+paper's crop-and-flip numbers. With ``cifar_size="tiny"`` (``--quick``) CIFAR models keep
+their stages but get one block per stage at 1/16 width.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def build_task(task: str, cfg: Any) -> Task:
     from flatlab.rundir import ConfigError
 
     def steps(default: int) -> int:
-        return 30 if cfg.quick else (cfg.steps or default)
+        return cfg.steps or default
 
     if task == "mnist1d_mlp":
         s = mnist1d_standard(seed=0)
@@ -102,7 +102,7 @@ def build_task(task: str, cfg: Any) -> Task:
             kw = {"blocks": (2, 2, 2, 2), "width": 64}
         else:
             kw = {"blocks": (4, 4, 4), "width": 160}
-        if cfg.quick:  # the same stage layout, one block per stage, 1/16 width
+        if cfg.cifar_size == "tiny":  # the same stage layout, one block per stage, 1/16 width
             kw = {"blocks": (1,) * len(kw["blocks"]), "width": kw["width"] // 16}
         epoch = math.ceil(s.train[0].shape[0] / cfg.batch_size)
         return Task(s, _builder("resnet", s, kw), steps(cfg.cifar_epochs * epoch))

@@ -6,7 +6,11 @@ and a ``run(cfg, run)`` function decorated with :func:`register`. Modules are fo
 ``flatlab list`` still works and ``flatlab run <that name>`` reports the import error.
 
 Config resolution (:func:`resolve_config`) layers, lowest to highest priority: the Config
-defaults, a YAML/TOML file, ``quick=True`` from ``--quick``, then ``--set a.b=c`` overrides.
+defaults, a YAML/TOML file, ``quick=True`` from ``--quick``, the experiment's quick preset
+(only when the config ends up with ``quick=True``, however it was set), then ``--set a.b=c``
+overrides. The preset is the one place an experiment shrinks itself for ``--quick``: its
+``run`` reads the resolved sizes and never ``cfg.quick``, so a preview's ``config.json`` and
+report show the sizes that actually ran, and a ``--set`` beside ``--quick`` is never ignored.
 Unknown keys and badly typed values raise :class:`ConfigError` with one line naming the key.
 """
 
@@ -80,14 +84,18 @@ class ExperimentConfig(BaseModel):
 
 
 RunFn = Callable[[Any, Any], Any]
+#: An experiment's ``--quick`` preset: config overrides, or a function of the config resolved
+#: without the preset that returns them (see :func:`resolve_config`).
+QuickPreset = Mapping[str, Any] | Callable[[Any], Mapping[str, Any]]
 
 
 @dataclass(frozen=True)
 class Experiment:
     """A registered experiment: its name, Config class, run function and one-line help, and
-    its optional hooks: ``summary_rows(records) -> rows`` (its own results table, rebuilt by
-    ``flatlab compare`` from a run folder's metrics) and ``sweep_defaults(cfg) -> dict``
-    (``flatlab sweep``'s default grid, search space, seed key, fixed and list-valued keys)."""
+    its optional hooks: ``quick`` (the :data:`QuickPreset` that ``--quick`` applies),
+    ``summary_rows(records) -> rows`` (its own results table, rebuilt by ``flatlab compare``
+    from a run folder's metrics) and ``sweep_defaults(cfg) -> dict`` (``flatlab sweep``'s
+    default grid, search space, seed key, fixed and list-valued keys)."""
 
     name: str
     config_cls: type[BaseModel]
@@ -96,6 +104,7 @@ class Experiment:
     module: str
     summary_rows: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None
     sweep_defaults: Callable[[Any], dict[str, Any]] | None = None
+    quick: QuickPreset | None = None
 
 
 _REGISTRY: dict[str, Experiment] = {}
@@ -105,20 +114,31 @@ _DISCOVERED = False
 
 def register(
     name: str, config_cls: type[BaseModel], help: str = "", *,
+    quick: QuickPreset | None = None,
     summary_rows: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
     sweep_defaults: Callable[[Any], dict[str, Any]] | None = None,
 ) -> Callable[[RunFn], RunFn]:
     """Decorator registering ``run(cfg, run)`` as experiment ``name`` with config ``config_cls``
-    and the optional hooks of :class:`Experiment` (``summary_rows``, ``sweep_defaults``).
+    and the optional hooks of :class:`Experiment` (``quick``, ``summary_rows``,
+    ``sweep_defaults``).
 
     Raises:
-        TypeError: if ``config_cls`` is not a pydantic model with a ``quick`` field.
-        ValueError: if ``name`` is already taken by another module.
+        TypeError: if ``config_cls`` is not a pydantic model with a ``quick`` field, or
+            ``quick`` is neither a mapping nor callable.
+        ValueError: if ``name`` is already taken by another module, or a key of a mapping
+            ``quick`` preset is not a field of ``config_cls``.
     """
     if not (isinstance(config_cls, type) and issubclass(config_cls, BaseModel)):
         raise TypeError(f"config_cls must be a pydantic BaseModel subclass, got {config_cls!r}")
     if "quick" not in config_cls.model_fields:
         raise TypeError(f"config_cls must have a 'quick: bool' field, got {config_cls.__name__}")
+    if quick is not None and not (isinstance(quick, Mapping) or callable(quick)):
+        raise TypeError(f"quick must be a mapping or a function of the config, got {quick!r}")
+    if isinstance(quick, Mapping):
+        unknown = sorted(set(quick) - set(config_cls.model_fields))
+        if unknown:
+            raise ValueError(f"quick preset keys must be fields of {config_cls.__name__}, "
+                             f"got {unknown}")
 
     def decorator(fn: RunFn) -> RunFn:
         old = _REGISTRY.get(name)
@@ -128,7 +148,8 @@ def register(
             )
         doc = help or (fn.__doc__ or "").strip().split("\n")[0]
         _REGISTRY[name] = Experiment(name, config_cls, fn, doc, fn.__module__,
-                                     summary_rows=summary_rows, sweep_defaults=sweep_defaults)
+                                     summary_rows=summary_rows, sweep_defaults=sweep_defaults,
+                                     quick=quick)
         return fn
 
     return decorator
@@ -267,17 +288,34 @@ def resolve_config(
 ) -> BaseModel:
     """Build the validated Config of experiment ``name`` from a file, ``--quick`` and ``--set``.
 
+    The layers are those of the module docstring. When the result has ``quick=True`` (from
+    ``quick``, the file or ``--set quick=true``), the experiment's quick preset is layered
+    between the file and ``--set``. A preset function is handed the config resolved without
+    it (every layer), so it can shrink what the file or ``--set`` asked for (``min(cfg.steps,
+    80)``) and derive sizes from them; the keys given with ``--set`` are then applied again
+    on top, so an explicit ``--set`` always wins.
+
     Raises:
         ConfigError: unknown experiment, unknown key, wrong type or value out of range.
     """
     exp = get(name)
-    data: dict[str, Any] = {}
+    base: dict[str, Any] = {}
     if config_file is not None:
-        data = load_config_file(config_file)
+        base = load_config_file(config_file)
     if quick:
-        data["quick"] = True
-    data = _merge(data, parse_overrides(overrides))
-    _check_keys(exp.config_cls, data, "", name)
+        base["quick"] = True
+    sets = parse_overrides(overrides)
+    cfg = _validate(exp, _merge(base, sets))
+    if cfg.quick and exp.quick is not None:
+        preset = exp.quick
+        if callable(preset):
+            preset = preset(cfg)
+        cfg = _validate(exp, _merge(_merge(base, dict(preset)), sets))
+    return cfg
+
+
+def _validate(exp: Experiment, data: dict[str, Any]) -> BaseModel:
+    _check_keys(exp.config_cls, data, "", exp.name)
     try:
         cfg = exp.config_cls.model_validate(data)
     except ValidationError as exc:

@@ -327,19 +327,21 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def quick(cfg: Config) -> dict[str, Any]:
+    """``--quick``'s preset: 3 domains, 1 seed, 1 test domain, 12 steps, tiny images and nets."""
+    return {"angles": cfg.angles[:3], "steps": min(cfg.steps, 12),
+            "checkpoint_freq": min(cfg.checkpoint_freq, 6), "seeds": cfg.seeds[:1],
+            "test_domains": cfg.test_domains if cfg.test_domains is not None else [0],
+            "image_size": 8, "channels": [8, 8, 8, 8], "timing_steps": 3,
+            "sharpness_examples": 32, "sharpness_steps": 3, "mnist1d_n": 200}
+
+
 @register("dg", Config, help="domain generalization (DomainBed protocol): ERM/SAM/GAM/SAGM/DGSAM",
-          sweep_defaults=sweep_defaults)
+          quick=quick, sweep_defaults=sweep_defaults)
 def run(cfg: Config, run: Run) -> dict[str, Any]:
     """Leave-one-domain-out training of every method and seed; tables, figures, records."""
     from flatlab.report.dg import report
 
-    if cfg.quick:
-        cfg = cfg.model_copy(update={"angles": cfg.angles[:3], "steps": min(cfg.steps, 12),
-                                     "checkpoint_freq": min(cfg.checkpoint_freq, 6),
-                                     "seeds": cfg.seeds[:1], "image_size": 8,
-                                     "channels": [8, 8, 8, 8], "timing_steps": 3,
-                                     "sharpness_examples": 32, "sharpness_steps": 3,
-                                     "mnist1d_n": 200})
     domains = load_domains(cfg)
     if len(domains) < 2:
         raise ConfigError(f"dataset must have at least 2 domains, got {len(domains)}")
@@ -347,8 +349,6 @@ def run(cfg: Config, run: Run) -> dict[str, Any]:
     if empty:
         raise ConfigError(f"every domain must hold at least 5 examples, got too few in {empty}")
     tests = cfg.test_domains if cfg.test_domains is not None else list(range(len(domains)))
-    if cfg.quick and cfg.test_domains is None:
-        tests = tests[:1]
     bad = [t for t in tests if not 0 <= t < len(domains)]
     if bad:
         raise ConfigError(f"test_domains must be in [0, {len(domains)}), got {bad}")

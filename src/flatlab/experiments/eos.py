@@ -119,6 +119,7 @@ class Config(ExperimentConfig):
         return v
 
 
+#: ``--quick``'s preset (applied by the registry's config resolution): every part on tiny sizes
 QUICK = dict(n_train=100, width=16, steps=60, sam_steps=40, eig_every=10, window_offset=10,
              early_steps=20, late_start=30, rho_warmup=10, qrm_size=10, qrm_steps=100,
              qrm_eig_every=10, quad_steps=300, mnist1d_steps=30, sgd_batch=20, sgd_steps=20,
@@ -161,10 +162,10 @@ def _mlp_lab(cfg: Config, run: Run, which: str) -> Lab:
 def _plateau(traj: Trajectory, cfg: Config, phase: int | None = None) -> dict[str, float]:
     pts = traj.points(phase)
     cross = first_crossing(pts)
-    st = window_stats(pts, cross[0] + cfg.window_offset) if cross else window_stats([], 0)
-    st["cross"] = cross[0] if cross else math.nan
-    st["lam0"] = pts[0][1] if pts else math.nan
-    st["peak"] = max((p[1] for p in pts), default=math.nan)
+    st = window_stats(pts, cross.step + cfg.window_offset) if cross else window_stats([], 0)
+    st["cross"] = cross.step if cross else math.nan
+    st["lam0"] = pts[0].lam if pts else math.nan
+    st["peak"] = max((p.lam for p in pts), default=math.nan)
     return st
 
 
@@ -216,7 +217,8 @@ def _mlp_main(cfg: Config, run: Run, lab: Lab, which: str) -> tuple[dict, dict]:
         if method == "gd" and traj.phases[0].lr == lr:
             gd_ref = (traj, st)
         if method == "usam" and gd_ref is not None:
-            below = st["lam"] / gd_ref[1]["lam"]
+            _, gd_st = gd_ref
+            below = st["lam"] / gd_st["lam"]
             verdict = "below" if below < 0.9 else "NOT clearly below"
             extra = f"; λ/GD plateau = {fmt(below)} ({verdict})"
             res[f"{which}.{name}.vs_gd"] = below
@@ -240,12 +242,12 @@ def _far_from_home(cfg: Config, trajs: dict, gd_ref: tuple) -> list[dict]:
         if hit is None:
             rows.append({"run": name, "step": "never", "pass": "NO"})
             continue
-        step, loss = hit
+        step, loss = hit.step, hit.loss
         final = traj.final_loss()
         lam_gd, lam_gd_next = value_at(gd_pts, step), value_at(gd_pts, step + 50)
         rising = lam_gd_next > lam_gd and lam_gd < 0.95 * gd_st["thr"]
         ok = loss >= FAR * final and rising
-        loss0 = traj.points()[0][3]
+        loss0 = traj.points()[0].loss
         ahead = math.log(loss / final) / math.log(loss0 / final)
         rows.append({"run": name, "step": step, "L_0": fmt(loss0, 4), "loss there": fmt(loss, 4),
                      "final loss": fmt(final, 4), "loss / final loss": fmt(loss / final, 2),
@@ -264,7 +266,7 @@ def _gf_collapse(trajs: dict) -> tuple[str, float]:
     ends = []
     for lr_, pts in ((la, pa), (lb, pb)):
         c = first_crossing(pts)
-        ends.append(lr_ * (c[0] if c else pts[-1][0]))
+        ends.append(lr_ * (c.step if c else pts[-1].step))
     tmax = 0.8 * min(ends)
     gaps = []
     for frac in (0.2, 0.4, 0.6, 0.8, 1.0):
@@ -275,15 +277,10 @@ def _gf_collapse(trajs: dict) -> tuple[str, float]:
     return f"max |Δλ|/λ over η·t in (0, {fmt(tmax, 1)}] = {fmt(worst, 4)}", worst
 
 
-@register("eos", Config, help="SAM at the edge of stability: λ_max vs 2/lr, USAM and SAM edges")
+@register("eos", Config, help="SAM at the edge of stability: λ_max vs 2/lr, USAM and SAM edges",
+          quick=QUICK)
 def run(cfg: Config, run: Run) -> dict:
     """Quadratics, quadratic regression model, MLP on digits / MNIST-1D: GD, USAM, SAM at EOS."""
-    if cfg.quick:
-        cfg = cfg.model_copy(update=QUICK)
-    return _run(cfg, run)
-
-
-def _run(cfg: Config, run: Run) -> dict:
     results: dict[str, Any] = {}
     parts = set(cfg.parts)
     loss_note = ("Loss: ½‖f(x) − onehot(y)‖² summed over the 10 outputs and averaged over "

@@ -34,6 +34,7 @@ called as ``factory(input_shape, num_classes)`` and returns an ``nn.Module``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -46,7 +47,7 @@ from flatlab.experiments._flatness_tasks import REFERENCES, Task, build_task
 from flatlab.experiments._registry import ExperimentConfig, load_factory, register
 from flatlab.report.summary import mean_se, summarize
 from flatlab.rundir import ConfigError
-from flatlab.train import Run, build_optimizer, evaluate, fit
+from flatlab.train import FitResult, Run, build_optimizer, evaluate, fit
 
 OptimizerName = Literal["sgd", "adamw", "sam", "asam", "gam", "gam_adamw", "samgam", "sam_fd"]
 TaskName = Literal["mnist1d_mlp", "mnist1d_cnn", "digits_cnn", "cifar10_resnet18", "cifar100_wrn"]
@@ -139,7 +140,13 @@ class Config(ExperimentConfig):
     sharpness_rho: float = Field(0.05, ge=0, description="radius of worst-case sharpness "
                                  "and first-order flatness")
     adaptive_rho: float = Field(0.5, ge=0, description="radius of adaptive sharpness")
-    trace_probes: int = Field(30, ge=3, description="Hutch++ products for tr H")
+    trace_probes: int = Field(30, ge=4, description="Hessian-vector products of the tr H "
+                              "estimate (XTrace, hessian_trace's default: at least 4)")
+    sharpness_steps: int = Field(10, ge=1, description="projected-ascent steps of the worst-case "
+                                 "and adaptive sharpness and of first-order flatness")
+    cifar_size: Literal["paper", "tiny"] = Field(
+        "paper", description="CIFAR models: the paper's, or tiny (one block per stage at 1/16 "
+        "width: a plumbing check)")
     data_dir: str = Field("", description="CIFAR tasks: folder with cifar-10-batches-py / "
                           "cifar-100-python")
     model: str = Field("", description="module:function model factory "
@@ -160,7 +167,7 @@ def _tasks(cfg: Config) -> dict[str, Task]:
         make = load_factory(cfg.model, "model")
         return {"custom": Task(splits, lambda: make(tuple(splits.input_shape),
                                                     splits.num_classes),
-                               30 if cfg.quick else (cfg.steps or 3000))}
+                               cfg.steps or 3000)}
     return {task: build_task(task, cfg) for task in cfg.tasks}
 
 
@@ -190,8 +197,21 @@ def _make_optimizer(cfg: Config, opt: str, model: nn.Module, lr: float, knob: fl
     return build_optimizer(name, model.parameters(), **kw)
 
 
+@dataclass
+class Trained:
+    """One training run of the study: the trained ``model``, ``fit``'s result, the final
+    validation metrics ``val`` (``acc``, ``loss``) and the ``seed`` (initialization and data
+    order)."""
+
+    model: nn.Module
+    fit: FitResult
+    val: dict[str, float]
+    seed: int
+
+
 def _train(cfg: Config, run: Run, task: Task, opt: str, lr: float, knob: float | None,
-           seed: int, tag: str, sam_rho: float | None = None, steps: int | None = None):
+           seed: int, tag: str, sam_rho: float | None = None,
+           steps: int | None = None) -> Trained:
     from flatlab.train import Evaluate
 
     torch.manual_seed(seed)  # seed s: the same initial weights for every optimizer
@@ -209,8 +229,7 @@ def _train(cfg: Config, run: Run, task: Task, opt: str, lr: float, knob: float |
               loss_fn=loss_fn, run=run, tag=tag, seed=seed, scheduler=scheduler,
               log_every=max(1, steps // 50),  # seed s: the same data order for every optimizer
               callbacks=[Evaluate({"val": task.splits.val}, every=max(1, steps // 20))])
-    val = evaluate(model, F.cross_entropy, task.splits.val)
-    return model, res, val
+    return Trained(model, res, evaluate(model, F.cross_entropy, task.splits.val), seed)
 
 
 def _score(val: dict[str, float]) -> tuple[float, float]:
@@ -249,9 +268,8 @@ def measure(model: nn.Module, splits: Any, cfg: Config) -> dict[str, float]:
            "test_acc": test.get("acc", float("nan")), "test_loss": test["loss"]}
     out["gen_gap"] = out["train_acc"] - out["test_acc"]
     out["lambda_max"] = float(top_eigenvalues(model, loss_fn, data, 1).values[0])
-    probes = 9 if cfg.quick else cfg.trace_probes
-    out["trace"] = float(hessian_trace(model, loss_fn, data, probes=probes).value)
-    steps = 3 if cfg.quick else 10
+    out["trace"] = float(hessian_trace(model, loss_fn, data, probes=cfg.trace_probes).value)
+    steps = cfg.sharpness_steps
     out["sharpness_worst"] = float(worst_case_sharpness(
         model, loss_fn, data, rho=cfg.sharpness_rho, steps=steps).value)
     out["sharpness_adaptive"] = float(worst_case_sharpness(
@@ -274,9 +292,17 @@ def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return summarize(records, MEASURES)
 
 
+def quick(cfg: Config) -> dict[str, Any]:
+    """``--quick``'s preset: 30 steps, one seed, the first value of every grid, cheap measures
+    and tiny CIFAR models (a plumbing check, not a result)."""
+    grids = ["sgd_lrs", "adamw_lrs"] + [f for _, _, f in _OPTIMIZERS.values() if f]
+    return {"steps": 30, "seeds": 1, "trace_probes": 9, "sharpness_steps": 3,
+            "cifar_size": "tiny", **{g: getattr(cfg, g)[:1] for g in dict.fromkeys(grids)}}
+
+
 @register("flatness", Config,
           help="SGD/AdamW/SAM/ASAM/GAM/SAM+GAM: accuracy vs lambda_max, trace, sharpness",
-          summary_rows=summary_rows)
+          quick=quick, summary_rows=summary_rows)
 def run(cfg: Config, run: Run) -> dict:
     from flatlab.report import plots
 
@@ -284,13 +310,10 @@ def run(cfg: Config, run: Run) -> dict:
     # SAM before SAM+GAM: SAM+GAM runs at SAM's selected radius
     order = list(_OPTIMIZERS)
     optimizers = sorted(dict.fromkeys(cfg.optimizers), key=order.index)
-    seeds = 1 if cfg.quick else cfg.seeds
+    seeds = cfg.seeds
     measured: list[dict[str, Any]] = []
     chosen: list[dict[str, Any]] = []
     curves: dict[str, dict[str, list]] = {}
-
-    def grid(values: list[float]) -> list[float]:
-        return values[:1] if cfg.quick else values
 
     for name, task in tasks.items():
         best_lr: dict[str, float] = {}
@@ -300,11 +323,11 @@ def run(cfg: Config, run: Run) -> dict:
         for opt in optimizers:
             _, base, field = _OPTIMIZERS[opt]
             if opt != base and base not in best_lr:  # the base's rate, chosen on validation
-                lrs = grid(cfg.sgd_lrs if base == "sgd" else cfg.adamw_lrs)
+                lrs = cfg.sgd_lrs if base == "sgd" else cfg.adamw_lrs
                 best_lr[base] = _best([(lr, _train(cfg, run, task, base, lr, None, 0,
                                                    f"{name}/{base}/lr{i}"))
                                        for i, lr in enumerate(lrs)])[0]
-            values = grid(getattr(cfg, field)) if field else [None]
+            values = getattr(cfg, field) if field else [None]
             if opt == base:  # step 1: the learning rate on the base's grid
                 results = [(v, _train(cfg, run, task, opt, v, None, 0, f"{name}/{opt}/lr{i}"))
                            for i, v in enumerate(values)]
@@ -322,10 +345,10 @@ def run(cfg: Config, run: Run) -> dict:
             chosen.append({"task": name, "optimizer": opt, "lr": lr, "tuned": field or "-",
                            "grid": getattr(cfg, field) if field else "-", "selected": value,
                            "sam_rho": sam_rho if opt == "samgam" else "",
-                           "val_acc": _score(best[2])[0]})
+                           "val_acc": _score(best.val)[0]})
             runs = _seed_runs(cfg, run, name, task, opt, lr, knob, best, seeds,
                               sam_rho if opt == "samgam" else None, measured)
-            curves.setdefault(name, {})[opt] = runs[0][2].history
+            curves.setdefault(name, {})[opt] = runs[0].fit.history
         _equal_cpu(cfg, run, name, task, best_lr, seeds, measured, curves)
     for rec in measured:  # after the last fit: resume-safe logging
         run.log(step=rec.pop("_step"), **rec)
@@ -334,29 +357,27 @@ def run(cfg: Config, run: Run) -> dict:
     return _headline(rows)
 
 
-def _best(results: list[tuple[Any, tuple]]) -> tuple[Any, tuple]:
-    """The grid value with the best validation accuracy (ties: lower validation loss), and
-    its ``(model, fit result, val metrics)``."""
-    return max(results, key=lambda r: _score(r[1][2]))
+def _best(results: list[tuple[Any, Trained]]) -> tuple[Any, Trained]:
+    """The ``(grid value, run)`` with the best validation accuracy (ties: lower validation
+    loss)."""
+    return max(results, key=lambda r: _score(r[1].val))
 
 
-def _seed_runs(cfg, run, name, task, opt, lr, knob, best, seeds, sam_rho, measured,
-               label=None, steps=None):
+def _seed_runs(cfg, run, name, task, opt, lr, knob, best: Trained, seeds, sam_rho, measured,
+               label=None, steps=None) -> list[Trained]:
     """Measure the grid winner (seed 0) and retrain + measure seeds 1..seeds-1."""
     label = label or opt
-    runs = [(0, best[0], best[1])]
-    for seed in range(1, seeds):
-        model, res, _ = _train(cfg, run, task, opt, lr, knob, seed, f"{name}/{label}/seed{seed}",
-                               sam_rho, steps)
-        runs.append((seed, model, res))
-    for seed, model, res in runs:
-        rec = measure(model, task.splits, cfg)
+    runs = [best] + [_train(cfg, run, task, opt, lr, knob, seed, f"{name}/{label}/seed{seed}",
+                            sam_rho, steps) for seed in range(1, seeds)]
+    for t in runs:
+        res = t.fit
+        rec = measure(t.model, task.splits, cfg)
         rec.update(time_per_step=res.time_per_step, cpu_time_per_step=res.cpu_time_per_step,
                    passes_per_step=res.passes_per_step, steps=res.steps,
                    cpu_time=res.cpu_time_per_step * res.steps,
                    val_change_last20=val_change_last20(res.history),
                    lr=lr, rho=float(knob) if knob is not None else 0.0)
-        rec["tag"] = f"measure/{name}/{label}/seed{seed}"
+        rec["tag"] = f"measure/{name}/{label}/seed{t.seed}"
         rec["_step"] = res.steps
         measured.append(rec)
     return runs
@@ -375,12 +396,11 @@ def _equal_cpu(cfg, run, name, task, best_lr, seeds, measured, curves) -> None:
             continue
         steps = max(1, round(task.steps * ratio))
         label = f"sgd@{opt}"
-        model, res, val = _train(cfg, run, task, "sgd", best_lr["sgd"], None, 0,
-                                 f"{name}/{label}/seed0", steps=steps)
-        runs = _seed_runs(cfg, run, name, task, "sgd", best_lr["sgd"], None, (model, res, val),
-                          1 if cfg.quick else cfg.seeds, None, measured, label=label,
-                          steps=steps)
-        curves.setdefault(name, {})[label] = runs[0][2].history
+        first = _train(cfg, run, task, "sgd", best_lr["sgd"], None, 0, f"{name}/{label}/seed0",
+                       steps=steps)
+        runs = _seed_runs(cfg, run, name, task, "sgd", best_lr["sgd"], None, first, cfg.seeds,
+                          None, measured, label=label, steps=steps)
+        curves.setdefault(name, {})[label] = runs[0].fit.history
 
 
 def accuracy_vs_lambda_figure(measured: list[dict[str, Any]]):

@@ -18,7 +18,7 @@ issue's tolerances. ``quick=True`` shrinks paths and steps (a preview: tolerance
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import matplotlib.pyplot as plt
 from pydantic import Field
@@ -59,18 +59,35 @@ class Config(ExperimentConfig):
     earlier_steps: int = Field(4000, ge=10, description="steps of that comparison")
     earlier_paths: int = Field(500, ge=2, description="paths of that comparison")
     earlier_seeds: int = Field(5, ge=2, description="seeds of that comparison")
+    earlier_network_steps: int | None = Field(
+        None, ge=0, description="steps of that comparison on the MLP (None: network_steps)")
+    earlier_network_paths: int | None = Field(
+        None, ge=2, description="copies of the MLP in that comparison (None: network_paths)")
 
 
 def _check(ok: bool) -> str:
     return "pass" if ok else "FAIL"
 
 
-@register("sde", Config, help="optimizer SDEs (SGD, SignSGD, RMSpropW, AdamW) vs the optimizers")
+def quick(cfg: Config) -> dict[str, Any]:
+    """``--quick``'s preset: every target on fewer paths and steps (a preview: tolerances fail)."""
+    steps = min(cfg.steps, 1000)
+    return {"paths": min(cfg.paths, 100), "steps": steps,
+            "adamw_free_steps": min(cfg.adamw_free_steps, 2 * steps),
+            "scaling_steps": min(cfg.scaling_steps, 2000), "sde_paths": min(cfg.sde_paths, 100),
+            "sde_beta1s": cfg.sde_beta1s[-2:], "sde_steps": min(cfg.sde_steps, 500),
+            "network_steps": min(cfg.network_steps, 40),
+            "network_paths": min(cfg.network_paths, 8),
+            "earlier_paths": min(cfg.earlier_paths, 50),
+            "earlier_steps": min(cfg.earlier_steps, 200), "earlier_seeds": 2,
+            "earlier_network_steps": min(cfg.network_steps, 20), "earlier_network_paths": 4}
+
+
+@register("sde", Config, help="optimizer SDEs (SGD, SignSGD, RMSpropW, AdamW) vs the optimizers",
+          quick=quick)
 def run(cfg: Config, run: Run) -> dict:
-    q = cfg.quick
-    toy = T.Toy(lr=cfg.lr, dim=cfg.dim, paths=min(cfg.paths, 100) if q else cfg.paths,
-                seed=cfg.seed)
-    steps = min(cfg.steps, 1000) if q else cfg.steps
+    toy = T.Toy(lr=cfg.lr, dim=cfg.dim, paths=cfg.paths, seed=cfg.seed)
+    steps = cfg.steps
     rows: list[dict] = []
 
     def row(target, quantity, measured, predicted, criterion, ok):
@@ -146,7 +163,7 @@ def run(cfg: Config, run: Run) -> dict:
     # T4: weight decay.
     if "t4" in cfg.targets:
         t4 = T.weight_decay(toy, cfg.adamw_sigmas, cfg.adamw_gamma, steps, cfg.adamw_free_sigmas,
-                            min(cfg.adamw_free_steps, 2 * steps) if q else cfg.adamw_free_steps)
+                            cfg.adamw_free_steps)
         r = t4["rmspropw"]
         row("T4", f"RMSpropW stationary loss (gamma={r['gamma']}, sigma={r['sigma']})",
             r["measured"], r["predicted"], "within 3%",
@@ -178,8 +195,7 @@ def run(cfg: Config, run: Run) -> dict:
 
     # T5: scaling rule.
     if "t5" in cfg.targets:
-        base_steps = min(cfg.scaling_steps, 2000) if q else cfg.scaling_steps
-        t5 = T.scaling(toy, cfg.scaling_deltas, base_steps)
+        t5 = T.scaling(toy, cfg.scaling_deltas, cfg.scaling_steps)
         for r in t5["rows"]:
             if "error" in r:
                 row("T5", f"{r['rule']}, delta={r['delta']}", "refused", "", "", True)
@@ -201,10 +217,8 @@ def run(cfg: Config, run: Run) -> dict:
 
     # T6: AdamW against the reconstructed AdamW SDE.
     if "t6" in cfg.targets:
-        t6 = T.adamw_sde_gap(T.Toy(lr=cfg.lr, dim=cfg.dim, paths=min(cfg.sde_paths, 100) if q
-                                   else cfg.sde_paths, seed=cfg.seed),
-                             cfg.sde_beta1s[-2:] if q else cfg.sde_beta1s,
-                             min(cfg.sde_steps, 500) if q else cfg.sde_steps)
+        t6 = T.adamw_sde_gap(T.Toy(lr=cfg.lr, dim=cfg.dim, paths=cfg.sde_paths, seed=cfg.seed),
+                             cfg.sde_beta1s, cfg.sde_steps)
         for r in t6["rows"]:
             row("T6", f"AdamW SDE stationary gap, beta1={r['beta1']}", r["stationary_gap"], "",
                 "|gap| <= 6% if beta1 >= 0.98",
@@ -220,28 +234,23 @@ def run(cfg: Config, run: Run) -> dict:
                         table=t6["rows"], figures=[run.savefig(fig, "adamw_sde")])
 
     # A small network with full-batch gradients plus injected noise.
-    if "network" in cfg.targets:
-        net_steps = min(cfg.network_steps, 40) if q else cfg.network_steps
-        if net_steps:
-            net = T.network(net_steps, min(cfg.network_paths, 8) if q else cfg.network_paths,
-                            seed=cfg.seed)
-            fig, ax = plt.subplots(figsize=(6.4, 4.0))
-            for i, (name, (xs, disc, sde)) in enumerate(net["curves"].items()):
-                ax.plot(xs, disc, color=f"C{i}", label=f"{name}")
-                ax.plot(xs, sde, color=f"C{i}", ls="--")
-            ax.set(xlabel="step", ylabel="mean training loss",
-                   title="MLP: optimizer (solid) vs SDE")
-            ax.legend(fontsize=7)
-            run.add_section("Small network", f"MLP 8-16-3 ({net['params']} parameters), 256 "
-                            f"examples, full-batch gradient + N(0, {net['sigma']}^2) noise.",
-                            table=net["rows"], figures=[run.savefig(fig, "network")])
+    if "network" in cfg.targets and cfg.network_steps:
+        net = T.network(cfg.network_steps, cfg.network_paths, seed=cfg.seed)
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        for i, (name, (xs, disc, sde)) in enumerate(net["curves"].items()):
+            ax.plot(xs, disc, color=f"C{i}", label=f"{name}")
+            ax.plot(xs, sde, color=f"C{i}", ls="--")
+        ax.set(xlabel="step", ylabel="mean training loss",
+               title="MLP: optimizer (solid) vs SDE")
+        ax.legend(fontsize=7)
+        run.add_section("Small network", f"MLP 8-16-3 ({net['params']} parameters), 256 "
+                        f"examples, full-batch gradient + N(0, {net['sigma']}^2) noise.",
+                        table=net["rows"], figures=[run.savefig(fig, "network")])
 
     # Compagnoni et al.'s SDEs vs Malladi et al.'s earlier ones, against the same optimizer.
     if "earlier" in cfg.targets:
-        etoy = T.Toy(lr=cfg.lr, dim=cfg.dim, paths=min(cfg.earlier_paths, 50) if q
-                     else cfg.earlier_paths, seed=cfg.seed)
-        ee = T.earlier_sdes(etoy, cfg.earlier_sigmas, min(cfg.earlier_steps, 200) if q
-                            else cfg.earlier_steps, 2 if q else cfg.earlier_seeds)
+        etoy = T.Toy(lr=cfg.lr, dim=cfg.dim, paths=cfg.earlier_paths, seed=cfg.seed)
+        ee = T.earlier_sdes(etoy, cfg.earlier_sigmas, cfg.earlier_steps, cfg.earlier_seeds)
         table, verdicts = _earlier_tables(ee)
         run.add_section("Earlier SDEs: Malladi et al. 2022 vs Compagnoni et al. 2025",
                         f"Stacked quadratic (d = {cfg.dim} per noise level), lr {cfg.lr}, "
@@ -251,9 +260,10 @@ def run(cfg: Config, run: Run) -> dict:
                         "fractions of the run and averaged over it. Verdicts: paired over seeds, "
                         "log10 of the mean gap (capped at 1e6), 95% t CI.", table=table)
         run.add_section("Earlier SDEs: verdicts", "", table=verdicts)
-        en = T.earlier_sdes_network(min(cfg.network_steps, 20) if q else cfg.network_steps,
-                                    4 if q else cfg.network_paths, 2 if q else cfg.earlier_seeds,
-                                    lr=cfg.lr)
+        en = T.earlier_sdes_network(
+            cfg.network_steps if cfg.earlier_network_steps is None else cfg.earlier_network_steps,
+            cfg.network_paths if cfg.earlier_network_paths is None else cfg.earlier_network_paths,
+            cfg.earlier_seeds, lr=cfg.lr)
         table, verdicts = _earlier_tables(en)
         run.add_section("Earlier SDEs on the small network",
                         f"MLP 8-16-3 ({en['params']} parameters) of 'Small network', full-batch "

@@ -180,14 +180,16 @@ def _pts(v: float) -> str:
     return f"{100 * v:+.1f}"
 
 
-@register("sparsity", Config, help="activation sparsity from flat minima (Peng et al. 2023)")
+#: ``--quick``'s preset: every part on tiny data, grids and networks
+QUICK = dict(n=600, epochs=2, seeds=1, sam_seeds=2, lrs=[0.05, 0.5], batch_sizes=[64, 256],
+             rhos=[0.1], wds=[0.0], module_epochs=1, mnist1d_n=400, width=16, mixer_dim=8,
+             module_seeds=2, band_seeds=2, finetune_seeds=2, finetune_epochs=1, ramp_epochs=1,
+             vit_seeds=2, vit_epochs=1, vit_dim=8, vit_heads=2)
+
+
+@register("sparsity", Config, help="activation sparsity from flat minima (Peng et al. 2023)",
+          quick=QUICK)
 def run(cfg: Config, run: Run) -> dict:
-    if cfg.quick:
-        cfg = cfg.model_copy(update=dict(
-            n=600, epochs=2, seeds=1, sam_seeds=2, lrs=[0.05, 0.5], batch_sizes=[64, 256],
-            rhos=[0.1], wds=[0.0], module_epochs=1, mnist1d_n=400, width=16, mixer_dim=8,
-            module_seeds=2, band_seeds=2, finetune_seeds=2, finetune_epochs=1, ramp_epochs=1,
-            vit_seeds=2, vit_epochs=1, vit_dim=8, vit_heads=2))
     syn = teacher_student_classification(n=cfg.n, in_dim=cfg.in_dim, num_classes=cfg.classes,
                                          hidden=32, seed=cfg.seed, val_fraction=0.15,
                                          test_fraction=0.15)
