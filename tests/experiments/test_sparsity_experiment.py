@@ -57,7 +57,8 @@ def test_vit_sparsity_is_read_at_the_first_epoch_reaching_the_matched_accuracy()
 
     from flatlab.experiments._sparsity_vit import at_accuracy
 
-    curve = [(0.5, 0.60), (0.7, 0.65), (0.69, 0.66), (0.8, 0.70)]
+    curve = [{"step": 0, "loss": 1.0}] + [{"test_acc": a, "act_sparsity": s} for a, s in
+                                         [(0.5, 0.60), (0.7, 0.65), (0.69, 0.66), (0.8, 0.70)]]
     assert at_accuracy(curve, 0.7) == 0.65
     assert at_accuracy(curve, 0.8) == 0.70
     assert math.isnan(at_accuracy(curve, 0.81))

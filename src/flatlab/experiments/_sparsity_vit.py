@@ -42,22 +42,23 @@ def _vit(cfg: Any, seed: int) -> ViT:
                heads=cfg.vit_heads)
 
 
-def _curve(history: list[dict]) -> list[tuple[float, float]]:
-    """``(test accuracy, sparsity)`` per evaluation, in training order."""
-    return [(r["test_acc"], r["act_sparsity"]) for r in history
-            if "test_acc" in r and "act_sparsity" in r]
+def _evaluations(history: list[dict]) -> list[dict]:
+    """The records of ``history`` holding both ``test_acc`` and ``act_sparsity``, in order."""
+    return [r for r in history if "test_acc" in r and "act_sparsity" in r]
 
 
-def at_accuracy(curve: list[tuple[float, float]], target: float) -> float:
-    """Sparsity at the first evaluation with accuracy ``>= target`` (NaN if never reached)."""
-    return next((sp for acc, sp in curve if acc >= target - 1e-12), math.nan)
+def at_accuracy(history: list[dict], target: float) -> float:
+    """``act_sparsity`` at the first record of ``history`` whose ``test_acc`` reaches
+    ``target`` (NaN if none does): sparsity compared at matched accuracy."""
+    return next((float(r["act_sparsity"]) for r in _evaluations(history)
+                 if r["test_acc"] >= target - 1e-12), math.nan)
 
 
 def vit_study(cfg: Any, run: Any, data: Any) -> tuple[list[dict], list[dict], dict]:
     """All variants over ``cfg.vit_seeds`` paired seeds: per-run rows, verdicts, results."""
     seeds = [cfg.seed + i for i in range(cfg.vit_seeds)]
     spe = math.ceil(len(data.train[1]) / cfg.batch)
-    curves: dict[str, list[list[tuple[float, float]]]] = {v: [] for v in VARIANTS}
+    curves: dict[str, list[list[dict]]] = {v: [] for v in VARIANTS}
     for s in seeds:
         for name, kw in VARIANTS.items():
             model = _vit(cfg, s)
@@ -71,18 +72,19 @@ def vit_study(cfg: Any, run: Any, data: Any) -> tuple[list[dict], list[dict], di
                       loss_fn=F.cross_entropy, callbacks=cbs, run=run,
                       tag=f"vit-{name.replace(' ', '')}-s{s}", seed=s, log_every=spe,
                       progress=False)
-            curves[name].append(_curve(res.history) if not res.diverged else [])
+            curves[name].append(_evaluations(res.history) if not res.diverged else [])
     rows, per = [], {v: [] for v in VARIANTS}
     for i, s in enumerate(seeds):
-        best = {v: max((a for a, _ in curves[v][i]), default=math.nan) for v in VARIANTS}
+        best = {v: max((r["test_acc"] for r in curves[v][i]), default=math.nan)
+                for v in VARIANTS}
         target = min(best.values())
         for v in VARIANTS:
             c = curves[v][i]
             sp = at_accuracy(c, target)
             per[v].append(sp)
             rows.append({"seed": s, "variant": v, "best test acc": round(best[v], 4),
-                         "final test acc": round(c[-1][0], 4) if c else math.nan,
-                         "final sparsity": round(c[-1][1], 4) if c else math.nan,
+                         "final test acc": round(c[-1]["test_acc"], 4) if c else math.nan,
+                         "final sparsity": round(c[-1]["act_sparsity"], 4) if c else math.nan,
                          "matched acc": round(target, 4), "sparsity at matched acc":
                          round(sp, 4)})
     verdicts, res = [], {}

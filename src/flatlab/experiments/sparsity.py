@@ -48,7 +48,7 @@ from flatlab.experiments import ExperimentConfig, Run, register
 from flatlab.experiments._registry import parts_of
 from flatlab.experiments._sparsity_band import band_study
 from flatlab.experiments._sparsity_finetune import Constrain, finetune_study
-from flatlab.experiments._sparsity_vit import vit_study
+from flatlab.experiments._sparsity_vit import at_accuracy, vit_study
 from flatlab.models import Mixer, ResidualMLP
 from flatlab.report import plots
 from flatlab.report.stats import Gate, paired_difference
@@ -161,14 +161,6 @@ def _train(run: Run, tag: str, model: torch.nn.Module, data: Any, *, seed: int, 
         out["af"] = sum(af.value.values())
         out["af_gap"] = max(af.identity_gap.values())
     return out
-
-
-def _at_accuracy(history: list[dict], acc: float) -> float:
-    """Logged sparsity at the first evaluation whose test accuracy reaches ``acc`` (else NaN)."""
-    for rec in history:
-        if "act_sparsity" in rec and rec.get("test_acc", -1.0) >= acc:
-            return float(rec["act_sparsity"])
-    return float("nan")
 
 
 def _mlp(cfg: Config, seed: int, in_dim: int, classes: int, activation: Any = "relu"):
@@ -435,7 +427,7 @@ def _modules(cfg: Config, run: Run) -> dict:
     results["jsrelu_sparser_seeds"] = f"{js_wins}/{len(seeds)}"
     results["jsrelu_acc_gap_pts"] = round(100 * float(np.mean(gap)), 2) if gap else "n/a"
     results["modules_pass"] = bool(js_wins == len(seeds))
-    matched = [_at_accuracy(j["history"], r["acc"]) - r["history_final"]
+    matched = [at_accuracy(j["history"], r["acc"]) - r["history_final"]
                for j, r in zip(mods["jsrelu"], mods["relu"])
                if not (j["diverged"] or r["diverged"])]
     matched = [m for m in matched if math.isfinite(m)]
@@ -462,7 +454,7 @@ def _modules(cfg: Config, run: Run) -> dict:
         sparser = Gate("J-SquaredReLU sparser than ReLU, final (pts)", "greater").check(
             paired_difference([100 * j["final_mean"] for j, _ in ok],
                               [100 * r["final_mean"] for _, r in ok]))
-        pairs = [(100 * _at_accuracy(j["history"], r["acc"]), 100 * r["history_final"])
+        pairs = [(100 * at_accuracy(j["history"], r["acc"]), 100 * r["history_final"])
                  for j, r in ok]
         pairs = [p for p in pairs if math.isfinite(p[0])]
         verdicts = [sparser.as_row()]
