@@ -308,9 +308,9 @@ def resnet_table(rounds: int = 3, seed: int = 0) -> None:
           f"{torch.get_num_threads()}; reference (float64 Lanczos, tol 1e-9, "
           f"{ref.n_matvecs} products, {ref_s:.0f} CPU s): top-3 {[f'{v:.6g}' for v in truth]}")
 
-    def fl_eigs(k):
+    def fl_eigs(k, stop="residual"):
         op = hessian_operator(model, CE, (x, y))
-        r = top_eigenvalues(op, k, tol=1e-3, progress=False)
+        r = top_eigenvalues(op, k, tol=1e-3, progress=False, stop=stop)
         return r.values.tolist(), r.n_matvecs
 
     def ph_eigs(k):
@@ -349,6 +349,7 @@ def resnet_table(rounds: int = 3, seed: int = 0) -> None:
 
     tasks = {
         ("top-1", "flatlab"): lambda r: fl_eigs(1), ("top-1", "PyHessian"): lambda r: ph_eigs(1),
+        ("top-1", "flatlab, stop='value'"): lambda r: fl_eigs(1, "value"),
         ("top-3", "flatlab"): lambda r: fl_eigs(3), ("top-3", "PyHessian"): lambda r: ph_eigs(3),
         ("trace", "flatlab"): lambda r: fl_trace(probes, r),
         ("trace", "PyHessian"): lambda r: ph_trace(r),
@@ -362,12 +363,12 @@ def resnet_table(rounds: int = 3, seed: int = 0) -> None:
         for key in order:
             last[key], dt = _cpu(lambda key=key, r=r: tasks[key](r))
             times[key].append(dt)
-    print(f"| quantity | {'method':9} | {'CPU s (median)':>14} | {'ratio':>5} | {'products':>8} "
-          f"| {'max rel. error vs reference / stderr':36} |")
-    print(f"|----------|{'-' * 11}|{'-' * 16}|{'-' * 7}|{'-' * 10}|{'-' * 38}|")
+    print(f"| quantity | {'method':21} | {'CPU s (median)':>14} | {'ratio':>5} | "
+          f"{'products':>8} | {'max rel. error vs reference / stderr':36} |")
+    print(f"|----------|{'-' * 23}|{'-' * 16}|{'-' * 7}|{'-' * 10}|{'-' * 38}|")
     for q in ("top-1", "top-3", "trace"):
         base = statistics.median(times[(q, "PyHessian")])
-        for who in ("PyHessian", "flatlab"):
+        for who in [w for qq, w in tasks if qq == q]:
             t = statistics.median(times[(q, who)])
             out = last[(q, who)]
             if q == "trace":
@@ -377,12 +378,61 @@ def resnet_table(rounds: int = 3, seed: int = 0) -> None:
                 vals, used = out
                 k = len(vals)
                 acc = f"{rel_err(vals, torch.tensor(truth[:k], dtype=torch.float64)):.2e}"
-            print(f"| {q:8} | {who:9} | {t:14.2f} | {t / base:5.2f} | {used:8d} | {acc:36} |")
+            print(f"| {q:8} | {who:21} | {t:14.2f} | {t / base:5.2f} | {used:8d} | {acc:36} |")
+
+
+def stop_rules_table(n: int = 400, seeds: int = 8, tol: float = 1e-3) -> None:
+    """top-1 error and products of Lanczos' two stopping rules, against PyHessian's rule
+    (power iteration until the relative change of the estimate is < tol), on dense symmetric
+    matrices: a separated top, a top cluster within 1e-3, and an evenly spread spectrum."""
+    import statistics
+
+    def pyhessian_rule(A, seed):
+        g = torch.Generator().manual_seed(seed)
+        v = torch.randint(0, 2, (A.shape[0],), generator=g).double() * 2 - 1
+        v, prev = v / v.norm(), None
+        for i in range(100):
+            w = A @ v
+            lam, v = float(v @ w), w / w.norm()
+            if prev is not None and abs(lam - prev) / (abs(prev) + 1e-6) < tol:
+                return lam, i + 1
+            prev = lam
+        return lam, 100
+
+    print(f"top-1 of {n} x {n} symmetric matrices, tol {tol}, {seeds} seeds: median / worst "
+          "relative error, median products")
+    print("| spectrum | rule | median error | worst error | products |")
+    print("|---|---|---|---|---|")
+    for name in ("separated", "top cluster", "even"):
+        rows: dict[str, list[tuple[float, int]]] = {}
+        for seed in range(seeds):
+            g = torch.Generator().manual_seed(seed)
+            Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+            if name == "separated":
+                lam = torch.cat([torch.tensor([23.3, 13.8, 12.2], dtype=torch.float64),
+                                 2 * torch.randn(n - 3, generator=g, dtype=torch.float64)])
+            elif name == "top cluster":
+                lam = torch.cat([torch.tensor([10.0, 9.99, 9.9], dtype=torch.float64),
+                                 torch.randn(n - 3, generator=g, dtype=torch.float64)])
+            else:
+                lam = torch.linspace(-3, 10, n, dtype=torch.float64)
+            A, top = (Q * lam) @ Q.T, float(lam.max())
+            for stop in ("residual", "value"):
+                r = top_eigenvalues(A, 1, tol=tol, stop=stop, seed=seed, progress=False)
+                rows.setdefault(f"flatlab stop='{stop}'", []).append(
+                    (abs(r.value - top) / top, r.n_matvecs))
+            est, used = pyhessian_rule(A, seed)
+            rows.setdefault("PyHessian's rule (power)", []).append((abs(est - top) / top, used))
+        for rule, vals in rows.items():
+            errs = [e for e, _ in vals]
+            print(f"| {name} | {rule} | {statistics.median(errs):.1e} | {max(errs):.1e} | "
+                  f"{statistics.median(u for _, u in vals):g} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("mlp", "trace-error", "resnet"), default="mlp")
+    parser.add_argument("--part", choices=("mlp", "trace-error", "resnet", "stop-rules"),
+                        default="mlp")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=10, help="mlp: seeds of the trace rows")
     parser.add_argument("--rounds", type=int, default=3, help="resnet: interleaved rounds")
@@ -395,6 +445,9 @@ def main() -> None:
         return
     if args.part == "resnet":
         resnet_table(args.rounds)
+        return
+    if args.part == "stop-rules":
+        stop_rules_table()
         return
     model, x, y = build()
     n_params = sum(p.numel() for p in model.parameters())

@@ -140,3 +140,40 @@ def test_bfloat16_model_runs_with_float32_basis():
     truth = float(dense_eigvalsh("tanh")[-1])
     assert res.converged and res.values.dtype == torch.float32
     assert abs(res.value - truth) < 0.05 * truth  # bf16 products: ~3 significant digits
+
+
+def _separated(n: int, seed: int):
+    """A symmetric matrix with a well-separated top (23.3, 13.8, 12.2) over a N(0, 4) bulk."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    lam = torch.cat([torch.tensor([23.3, 13.8, 12.2], dtype=torch.float64),
+                     2 * torch.randn(n - 3, generator=g, dtype=torch.float64)])
+    return (Q * lam) @ Q.T, lam.sort(descending=True).values
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_value_stop_bounds_the_eigenvalue_error_with_fewer_products(k):
+    """stop="value": the tolerance is on the eigenvalue (bound min(r, r^2/gap)), so a
+    separated top converges to tol in fewer products than the residual rule needs."""
+    fewer = 0
+    for seed in range(6):
+        A, lam = _separated(300, seed)
+        by_res = top_eigenvalues(A, k, tol=1e-3, seed=seed)
+        by_val = top_eigenvalues(A, k, tol=1e-3, seed=seed, stop="value")
+        assert by_res.converged and by_val.converged
+        assert _rel(by_val.values, lam[:k]) <= 1e-3 * lam[0] / lam[k - 1]
+        assert by_val.n_matvecs <= by_res.n_matvecs
+        fewer += by_val.n_matvecs < by_res.n_matvecs
+        # the residual it stopped at is looser than tol, the eigenvalue is not
+        assert float(by_val.residuals.max()) >= float(by_res.residuals.max())
+    assert fewer >= 5
+
+
+def test_value_stop_needs_single_vector_lanczos():
+    A, _ = _separated(50, 0)
+    with pytest.raises(ValueError, match="stop must be one of"):
+        top_eigenvalues(A, stop="change")
+    with pytest.raises(ValueError, match="stop='value' needs method='lanczos' and block_size=1"):
+        top_eigenvalues(A, stop="value", method="power")
+    with pytest.raises(ValueError, match="stop='value' needs method='lanczos' and block_size=1"):
+        top_eigenvalues(A, 2, stop="value", block_size=2)

@@ -12,9 +12,21 @@ pairs ``(theta_i, Q_j s_i)`` of ``T_j = S diag(theta) S^T`` have residual norms
 ``||A y_i - theta_i y_i|| = beta_j |S_{j,i}|``, known without another product; a pair is
 converged when that is ``<= tol * max_i |theta_i|`` (tol relative to the spectral norm
 estimate). For a symmetric matrix the eigenvalue error is at most the residual, and about
-``residual^2 / gap``. When the basis reaches ``krylov_dim`` vectors the method restarts
-*thick*: it keeps the wanted Ritz vectors (plus as many next-best ones) and
-``q_{j+1}``, with ``T = [[diag(theta), beta s], [beta s^T, .]]``, so no work is thrown away.
+``residual^2 / gap`` (Parlett, *The Symmetric Eigenvalue Problem*, Thm 11.7.1, with ``gap``
+the distance from ``theta_i`` to the rest of the spectrum). ``stop="value"`` stops on that
+bound instead: ``max(min(r_i, r_i^2 / gap_i), |theta_i - theta_i'|) <= tol * max|theta|``,
+with ``gap_i`` estimated from the other Ritz pairs as ``min_l (|theta_i - theta_l| - r_l)``
+(``r_i`` alone while that is not positive) and ``theta_i'`` the previous step's Ritz value.
+The tolerance is then on the eigenvalue, as in PyHessian's relative-change rule, and the
+residual is only about ``sqrt(tol)``. The gap is an estimate: when the top eigenvalues lie
+within about ``tol`` of each other it is too large and the error can exceed ``tol``
+(measured in ``benchmarks/curvature.py --part stop-rules``: up to 9.5x ``tol`` on such a
+cluster, where PyHessian's rule reaches 6x and the residual rule stays under ``tol``). Either
+rule bounds the distance to *some* eigenvalue: on a spectrum with no gap at the top a Ritz
+value can settle within ``tol`` of the second one (the table's "even" rows). When the basis
+reaches ``krylov_dim`` vectors the method restarts *thick*: it keeps the wanted Ritz vectors
+(plus as many next-best ones) and ``q_{j+1}``, with ``T = [[diag(theta), beta s], [beta s^T,
+.]]``, so no work is thrown away.
 Convergence is checked after every product, so a warm start (``init`` = the previous
 eigenvector, as a training-time monitor does) stops after a handful of products.
 
@@ -60,6 +72,7 @@ def lanczos(
     seed: int | None = None,
     max_seconds: float | None = None,
     progress: Any = False,
+    stop: str = "residual",
 ) -> EigenResult:
     """Thick-restart Lanczos with full reorthogonalization (see module docstring).
 
@@ -78,6 +91,9 @@ def lanczos(
             Ritz pairs are returned with ``converged=False``.
         progress: a progress bar on stderr when it is a terminal (see
             :mod:`flatlab.curvature._progress`).
+        stop: ``"residual"`` (default): every wanted pair has ``||A y - theta y|| <= tol *
+            max|theta|``; ``"value"``: every wanted eigenvalue's error bound ``min(r, r^2 /
+            gap)`` is (module docstring), which needs fewer products for the same ``tol``.
     """
     op = as_operator(op)
     n = op.shape[0]
@@ -85,6 +101,7 @@ def lanczos(
     if k > n:
         raise ValueError(f"k must be <= the operator dimension n={n}, got {k}")
     which = check_choice("which", which, _WHICH)
+    stop = check_choice("stop", stop, _STOPS)
     tol = _default_tol(op.dtype) if tol is None else check_positive("tol", tol)
     max_matvecs = max(300, 40 * k) if max_matvecs is None else check_positive_int(
         "max_matvecs", max_matvecs)
@@ -98,7 +115,7 @@ def lanczos(
     Q = torch.empty(n, m, dtype=dtype, device=device)  # the basis: m vectors at most
     Q[:, 0] = _start(n, k, init, dtype, device, seed)
     S = torch.zeros(m, m, dtype=torch.float64)  # projected matrix T = Q^T A Q
-    j, used = 0, 0
+    j, used, prev = 0, 0, None
     gen = torch.Generator().manual_seed(12345 if seed is None else int(seed) + 1)
     meter = Meter(f"eigenvalues (lanczos, k={k})", None, max_matvecs=max_matvecs,
                   max_seconds=max_seconds, progress=progress, ranks=getattr(op, "ranks", None))
@@ -116,7 +133,14 @@ def lanczos(
         scale = max(float(theta.abs().max()), torch.finfo(dtype).tiny)
         resid = beta * svec[j].abs()
         want = order[:k]
-        done = j + 1 >= k and bool((resid[want] <= tol * scale).all())
+        if stop == "residual":
+            bound = resid[want]
+        else:  # the gap bound, and the last step's change (a gap estimate can be too large)
+            bound = _value_bound(theta, resid, want)
+            moved = ((theta[want] - prev).abs() if prev is not None and len(prev) == len(want)
+                     else torch.full_like(bound, float("inf")))
+            bound, prev = torch.maximum(bound, moved), theta[want]
+        done = j + 1 >= k and bool((bound <= tol * scale).all())
         exhausted = j + 1 == n
         if done or exhausted or meter.exhausted:
             break
@@ -149,6 +173,23 @@ def lanczos(
     meter.close()
     converged = done or exhausted
     return EigenResult(values, vectors, residuals, used, converged, which, "lanczos")
+
+
+_STOPS = ("residual", "value")
+
+
+def _value_bound(theta: torch.Tensor, resid: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """Error bounds ``min(r_i, r_i^2 / gap_i)`` of the Ritz values ``theta[want]``, with
+    ``gap_i = min_{l != i} |theta_i - theta_l| - r_l`` (the bound is ``r_i`` where that is not
+    positive, or with no other Ritz value). Shapes: ``theta, resid (j,)``, ``want (k,)``."""
+    r = resid[want]
+    if theta.numel() < 2:
+        return r
+    dist = (theta[want, None] - theta[None, :]).abs() - resid[None, :]
+    dist[torch.arange(len(want)), want] = float("inf")  # not its own neighbour
+    gap = dist.min(dim=1).values
+    quad = torch.where(gap > 0, r**2 / gap.clamp_min(torch.finfo(gap.dtype).tiny), r)
+    return torch.minimum(r, quad)
 
 
 def power_iteration(
@@ -270,6 +311,7 @@ def top_eigenvalues(
     params: Any = None,
     eval_mode: bool = True,
     distributed: Any = False,
+    stop: str = "residual",
 ) -> EigenResult:
     """The ``k`` extreme eigenvalues of a Hessian (or any symmetric operator).
 
@@ -283,7 +325,8 @@ def top_eigenvalues(
             ``hessian_operator(model, loss_fn, data, params, eval_mode=eval_mode)``).
         k: number of eigenpairs.
         which: ``"largest"`` (algebraic, the default), ``"smallest"`` or ``"magnitude"``.
-        tol: relative residual tolerance ``||H v - lambda v|| <= tol * ||H||``.
+        tol: relative residual tolerance ``||H v - lambda v|| <= tol * ||H||``, or, with
+            ``stop="value"``, relative tolerance on the eigenvalue error bound.
         method: ``"lanczos"`` (default) or ``"power"``.
         max_matvecs, max_seconds: budgets; when one ends first, the current estimates are
             returned with ``converged=False``.
@@ -296,6 +339,8 @@ def top_eigenvalues(
         distributed: ``True`` or a process group: every rank passes its own shard of the
             data and gets the eigenvalues of the full-data Hessian (see
             :func:`~flatlab.curvature.hessian_operator`); only for a model.
+        stop: ``"residual"`` (default) or ``"value"``: what ``tol`` bounds (see
+            :func:`lanczos`); ``"value"`` only with ``method="lanczos"`` and ``block_size=1``.
 
     Raises:
         TypeError: the old ``top_eigenvalues(model, k, loss_fn=..., data=...)`` positional
@@ -315,6 +360,10 @@ def top_eigenvalues(
     k, which = a["k"], a["which"]
     method = check_choice("method", method, ("lanczos", "power"))
     block_size = check_positive_int("block_size", block_size)
+    stop = check_choice("stop", stop, _STOPS)
+    if stop == "value" and (method != "lanczos" or block_size > 1):
+        raise ValueError(f"stop='value' needs method='lanczos' and block_size=1, got "
+                         f"method={method!r}, block_size={block_size}")
     op = as_operator(op_or_model, loss_fn=a["loss_fn"], data=a["data"], params=params,
                      eval_mode=eval_mode, distributed=distributed)
     budget = {"max_matvecs": max_matvecs, "max_seconds": max_seconds, "progress": progress}
@@ -324,4 +373,4 @@ def top_eigenvalues(
         return block_lanczos(op, k, which, block_size=block_size, tol=tol, init=init,
                              seed=seed, krylov_dim=krylov_dim, **budget)
     return lanczos(op, k, which, tol=tol, krylov_dim=krylov_dim, init=init, seed=seed,
-                   **budget)
+                   stop=stop, **budget)
