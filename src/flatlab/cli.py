@@ -188,6 +188,10 @@ def compare(
     typer.echo("\n" + format_table(result.rows))
     if result.summaries:
         typer.echo("\n" + format_table(result.summaries))
+    for note in result.joined_notes:
+        typer.echo(f"\nnote: {note}")
+    if result.joined:
+        typer.echo("\nover the runs joined:\n" + format_table(result.joined))
     typer.echo(f"comparison: {result.html_path}")
 
 

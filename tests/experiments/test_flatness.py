@@ -195,3 +195,50 @@ def test_cifar_models_are_the_papers_sizes() -> None:
 
     assert count(blocks=(2, 2, 2, 2), width=64) == 11_173_962  # CIFAR ResNet-18
     assert count(depth=8, width=4) == count(blocks=(1, 1, 1), width=4)  # depth = 6n + 2
+
+
+def _task_run(root: Path, task: str, shift: float, seeds: int = 4):
+    """A flatness run folder holding only measurements: SGD and GAM on ``task``, GAM's
+    λ_max lower by ``shift`` (with seed noise) and its accuracy higher."""
+    from flatlab.train import Run
+
+    run = Run.create(root, "flatness", {"tasks": [task]})
+    for s in range(seeds):
+        noise = 0.1 * ((s * 7) % 3 - 1)
+        run.log(step=30, tag=f"measure/{task}/sgd/seed{s}", lambda_max=10.0 + noise,
+                test_acc=0.60 + 0.01 * noise)
+        run.log(step=30, tag=f"measure/{task}/gam/seed{s}", lambda_max=10.0 - shift + 2 * noise,
+                test_acc=0.63 + 0.01 * s)
+    return run
+
+
+def test_compare_joins_a_study_split_per_task_into_one_verdict_table(tmp_path: Path) -> None:
+    """`flatlab run flatness --set tasks=[t]` per task, then `flatlab compare` on the parts:
+    one verdict table over the joined measurements, as the whole study would report it."""
+    from typer.testing import CliRunner
+
+    from flatlab.cli import app
+    from flatlab.report import compare_runs, joined_tables
+
+    mlp, cnn = _task_run(tmp_path, "mnist1d_mlp", 3.0), _task_run(tmp_path, "mnist1d_cnn", 1.0)
+    rows, notes = joined_tables([mlp.path, cnn.path])
+    assert notes == []
+    expected = claim_rows(mlp.metrics() + cnn.metrics())
+    assert [{k: v for k, v in r.items() if k not in ("experiment", "runs")} for r in rows] == \
+        expected
+    assert {r["task"] for r in rows} == {"mnist1d_mlp", "mnist1d_cnn"}
+    assert all(r["experiment"] == "flatness" and r["runs"] == 2 for r in rows)
+    lam = next(r for r in rows if r["task"] == "mnist1d_mlp" and "λ_max" in r["claim"])
+    assert lam["seeds"] == 4 and "-3.0" in lam["paired difference (95% t CI)"]
+    result = compare_runs([mlp.path, cnn.path], tmp_path / "cmp")
+    assert result.joined == rows
+    assert "Over the runs joined" in (tmp_path / "cmp" / "compare.md").read_text()
+    out = CliRunner().invoke(app, ["compare", str(mlp.path), str(cnn.path), "--out",
+                                   str(tmp_path / "cmp2")])
+    assert out.exit_code == 0, out.output
+    assert "over the runs joined:" in out.output and lam["claim"] in out.output
+    # the same task measured in two runs is not joined (it would mix two runs' seeds)
+    again = _task_run(tmp_path, "mnist1d_mlp", 2.0)
+    rows, notes = joined_tables([mlp.path, again.path])
+    assert rows == [] and len(notes) == 1
+    assert "'measure/mnist1d_mlp/sgd/seed0' is measured in both" in notes[0]

@@ -94,8 +94,10 @@ class Experiment:
     """A registered experiment: its name, Config class, run function and one-line help, and
     its optional hooks: ``quick`` (the :data:`QuickPreset` that ``--quick`` applies),
     ``summary_rows(records) -> rows`` (its own results table, rebuilt by ``flatlab compare``
-    from a run folder's metrics) and ``sweep_defaults(cfg) -> dict`` (``flatlab sweep``'s
-    default grid, search space, seed key, fixed and list-valued keys)."""
+    from a run folder's metrics), ``joined_rows(records) -> rows`` (a table over the
+    measurements of several runs joined, e.g. paired verdicts of a study split per task) and
+    ``sweep_defaults(cfg) -> dict`` (``flatlab sweep``'s default grid, search space, seed key,
+    fixed and list-valued keys)."""
 
     name: str
     config_cls: type[BaseModel]
@@ -105,6 +107,7 @@ class Experiment:
     summary_rows: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None
     sweep_defaults: Callable[[Any], dict[str, Any]] | None = None
     quick: QuickPreset | None = None
+    joined_rows: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None
 
 
 _REGISTRY: dict[str, Experiment] = {}
@@ -116,11 +119,12 @@ def register(
     name: str, config_cls: type[BaseModel], help: str = "", *,
     quick: QuickPreset | None = None,
     summary_rows: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
+    joined_rows: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
     sweep_defaults: Callable[[Any], dict[str, Any]] | None = None,
 ) -> Callable[[RunFn], RunFn]:
     """Decorator registering ``run(cfg, run)`` as experiment ``name`` with config ``config_cls``
     and the optional hooks of :class:`Experiment` (``quick``, ``summary_rows``,
-    ``sweep_defaults``).
+    ``joined_rows``, ``sweep_defaults``).
 
     Raises:
         TypeError: if ``config_cls`` is not a pydantic model with a ``quick`` field, or
@@ -149,7 +153,7 @@ def register(
         doc = help or (fn.__doc__ or "").strip().split("\n")[0]
         _REGISTRY[name] = Experiment(name, config_cls, fn, doc, fn.__module__,
                                      summary_rows=summary_rows, sweep_defaults=sweep_defaults,
-                                     quick=quick)
+                                     quick=quick, joined_rows=joined_rows)
         return fn
 
     return decorator
@@ -272,10 +276,12 @@ def _check_keys(model: type[BaseModel], data: Mapping[str, Any], prefix: str, ex
 
 def _one_line(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "config"
+    loc = ".".join(str(p) for p in err["loc"])
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
+    if not loc:  # a check across fields: its message names the values
+        return f"config: {msg}"
     return f"config {loc}: {msg}, got {err.get('input')!r}"
 
 

@@ -302,7 +302,7 @@ def quick(cfg: Config) -> dict[str, Any]:
 
 @register("flatness", Config,
           help="SGD/AdamW/SAM/ASAM/GAM/SAM+GAM: accuracy vs lambda_max, trace, sharpness",
-          quick=quick, summary_rows=summary_rows)
+          quick=quick, summary_rows=summary_rows, joined_rows=claim_rows)
 def run(cfg: Config, run: Run) -> dict:
     from flatlab.report import plots
 

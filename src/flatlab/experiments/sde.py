@@ -21,20 +21,21 @@ import math
 from typing import Any, Literal
 
 import matplotlib.pyplot as plt
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from flatlab.experiments._registry import ExperimentConfig, register
 from flatlab.sde import targets as T
 from flatlab.train import Run
 
-Target = Literal["t1", "t2", "t3", "t4", "t5", "t6", "network", "earlier"]
+Target = Literal["t1", "t2", "t3", "t4", "t5", "t5_real", "t6", "network", "earlier"]
 
 
 class Config(ExperimentConfig):
     """Settings of ``flatlab run sde`` (full sizes by default: ~7 min on 1 CPU core)."""
 
-    targets: list[Target] = Field(["t1", "t2", "t3", "t4", "t5", "t6", "network", "earlier"],
-                                  description="which targets to run (e.g. [t3,t4])")
+    targets: list[Target] = Field(
+        ["t1", "t2", "t3", "t4", "t5", "t5_real", "t6", "network", "earlier"],
+        description="which targets to run (e.g. [t3,t4])")
     lr: float = Field(0.01, gt=0, description="learning rate eta (= SDE time step)")
     dim: int = Field(10, ge=1, description="dimension d of the quadratic")
     paths: int = Field(2000, ge=2, description="independent copies / SDE paths")
@@ -59,6 +60,22 @@ class Config(ExperimentConfig):
     earlier_steps: int = Field(4000, ge=10, description="steps of that comparison")
     earlier_paths: int = Field(500, ge=2, description="paths of that comparison")
     earlier_seeds: int = Field(5, ge=2, description="seeds of that comparison")
+    real_deltas: list[int] = Field([4, 16], description="T5 with real noise: batch-size "
+                                   "factors delta (each divides real_steps)")
+    real_steps: int = Field(4000, ge=10, description="T5 with real noise: steps of the base "
+                            "run at real_batch")
+    real_batch: int = Field(8, ge=1, description="T5 with real noise: base batch size")
+    real_seeds: int = Field(5, ge=2, description="T5 with real noise: paired seeds")
+    real_lr: float = Field(1e-3, gt=0, description="T5 with real noise: base AdamW lr")
+    @model_validator(mode="after")
+    def _real_deltas_fit(self) -> Config:
+        bad = [d for d in self.real_deltas
+               if d < 2 or self.real_steps % d or self.real_steps // d < 4 or d * 0.02 >= 1]
+        if bad:
+            raise ValueError(f"real_deltas must be in [2, 50), divide real_steps="
+                             f"{self.real_steps} and leave at least 4 steps, got {bad}")
+        return self
+
     earlier_network_steps: int | None = Field(
         None, ge=0, description="steps of that comparison on the MLP (None: network_steps)")
     earlier_network_paths: int | None = Field(
@@ -80,7 +97,8 @@ def quick(cfg: Config) -> dict[str, Any]:
             "network_paths": min(cfg.network_paths, 8),
             "earlier_paths": min(cfg.earlier_paths, 50),
             "earlier_steps": min(cfg.earlier_steps, 200), "earlier_seeds": 2,
-            "earlier_network_steps": min(cfg.network_steps, 20), "earlier_network_paths": 4}
+            "earlier_network_steps": min(cfg.network_steps, 20), "earlier_network_paths": 4,
+            "real_steps": min(cfg.real_steps, 320), "real_seeds": 2}
 
 
 @register("sde", Config, help="optimizer SDEs (SGD, SignSGD, RMSpropW, AdamW) vs the optimizers",
@@ -270,6 +288,11 @@ def run(cfg: Config, run: Run) -> dict:
                         f"gradient + N(0, 0.5^2) noise, lr {cfg.lr}, {en['steps']} steps; same "
                         "statistics and verdicts as on the quadratic.", table=table + verdicts)
 
+    # T5 again, with the minibatch noise of a real network on real data.
+    if "t5_real" in cfg.targets:
+        for v in _t5_real(cfg, run):
+            row("T5 real", v.gate.claim, v.interval.format(), "", v.gate.rule(), v.passed)
+
     run.add_section("Results", "Every target of the issue with its measured value, the closed "
                     "form, and the tolerance.", table=rows)
     passed = sum(r["result"] == "pass" for r in rows)
@@ -281,6 +304,48 @@ def run(cfg: Config, run: Run) -> dict:
         results.update(signsgd_slope=t2["signsgd"]["slope"], sgd_slope=t2["sgd"]["slope"],
                        sigma_cross=_cross(cfg.sigmas, t2))
     return results
+
+
+def _t5_real(cfg: Config, run: Run) -> list[Any]:
+    """The scaling rule under real minibatch noise (:mod:`flatlab.experiments._sde_real`):
+    its report section; returns the verdicts."""
+    from flatlab.experiments._sde_real import real_noise_scaling
+
+    real = real_noise_scaling(run, deltas=cfg.real_deltas, steps=cfg.real_steps,
+                              seeds=cfg.real_seeds, batch=cfg.real_batch, lr=cfg.real_lr,
+                              seed=cfg.seed)
+    verdicts = [v for _, v in real.verdicts]
+    fig, axes = plt.subplots(1, len(cfg.real_deltas), figsize=(5.2 * len(cfg.real_deltas), 3.8),
+                             squeeze=False)
+    s0 = cfg.seed
+    base = next(a for a in real.arms if a.name == "base" and a.seed == s0)
+    for ax, d in zip(axes[0], cfg.real_deltas):
+        ax.plot(*zip(*base.curve), color="C0", label=f"base: batch {base.batch}")
+        for name, color in (("rule", "C1"), ("control", "C3")):
+            a = next(a for a in real.arms if a.name == name and a.delta == d and a.seed == s0)
+            ax.plot(*zip(*a.curve), color=color, ls="--" if name == "rule" else ":",
+                    label=f"{name}: batch {a.batch}")
+        ax.set(yscale="log", xlabel="samples seen", ylabel="training loss (full set)",
+               title=f"delta = {d} (seed {s0})")
+        ax.legend(fontsize=7)
+    share = "; ".join(f"after {at} samples: " + ", ".join(
+        f"batch {b} {100 * v:.1f}%" for b, v in by_batch.items())
+        for at, by_batch in real.signal.items())
+    run.add_section(
+        "T5 with real noise: the scaling rule on a network",
+        f"A tanh MLP (64-32-10) on scikit-learn's digits, AdamW (lr {cfg.real_lr}, betas "
+        f"(0.98, 0.999), weight decay 0.1) at batch {cfg.real_batch} for {cfg.real_steps} "
+        "steps; at delta x the batch for 1/delta of the steps with the scaling rule (rule) "
+        "and with the base's hyperparameters (control). The noise is the network's own "
+        f"minibatch noise. {cfg.real_seeds} paired seeds (same initialization); the measure "
+        "is the mean full-training-set loss over the last quarter of the samples, compared "
+        "as the change 100 (arm / base - 1) in percent. Signal share of Adam's second moment "
+        f"along the base runs (mean over seeds), |g|^2 / (|g|^2 + tr(Sigma)/B): {share} (near "
+        "0: noise-dominated, as the SDE assumes).",
+        table=real.rows(), figures=[run.savefig(fig, "scaling_rule_real_noise")])
+    run.add_section("T5 with real noise: verdicts", " ".join(v.sentence() for v in verdicts),
+                    table=[v.as_row() for v in verdicts])
+    return verdicts
 
 
 def _cross(sigmas: list[float], t2: dict) -> float:

@@ -11,7 +11,8 @@
 * :func:`compare_runs` - a :class:`Comparison` of several runs: the settings that differ, final
   metrics, overlayed curves; ``flatlab compare RUN_DIR...``; :func:`experiment_summaries`
   rebuilds an experiment's own results table (mean ± s.e. over seeds,
-  :mod:`flatlab.report.summary`) from its run folder.
+  :mod:`flatlab.report.summary`) from its run folder, and :func:`joined_tables` its table over
+  several run folders joined (the flatness verdicts of a study split per task).
 """
 
 from flatlab.report import plots
@@ -24,10 +25,12 @@ from flatlab.report.render import (
     experiment_summaries,
     figure_caption,
     format_table,
+    joined_tables,
     write_report,
 )
 
 __all__ = [
     "QUICK_BANNER", "Comparison", "Section", "compare_runs", "differing_settings",
-    "experiment_summaries", "figure_caption", "format_table", "plots", "write_report",
+    "experiment_summaries", "figure_caption", "format_table", "joined_tables", "plots",
+    "write_report",
 ]

@@ -27,7 +27,8 @@ from flatlab.report.summary import MEASURE_PREFIX
 from flatlab.rundir import ConfigError, Run, atomic_write_text, read_config_json, save_png
 
 __all__ = ["QUICK_BANNER", "Comparison", "Section", "compare_runs", "differing_settings",
-           "experiment_summaries", "figure_caption", "format_table", "write_report"]
+           "experiment_summaries", "figure_caption", "format_table", "joined_tables",
+           "write_report"]
 
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;
@@ -275,14 +276,59 @@ def experiment_summaries(runs: Sequence[Run | str | Path]) -> list[dict[str, Any
     return out
 
 
+def joined_tables(runs: Sequence[Run | str | Path]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Each experiment's ``joined_rows`` table over the measurements of all its runs joined.
+
+    A study split over several run folders (``flatlab run flatness --set tasks=[t]`` per task)
+    gets one table, e.g. the flatness verdicts with their paired CIs, as if it had run at once.
+    The table is not built for an experiment whose runs share a measurement tag (the same
+    task, optimizer and seed measured twice: joining would mix two runs' seeds); a note
+    naming the tag and the runs says so instead.
+
+    Returns:
+        ``(rows, notes)``: rows labelled with ``experiment`` and ``runs`` (how many joined).
+    """
+    by_exp: dict[str, list[Run]] = {}
+    for run in runs:
+        run = run if isinstance(run, Run) else Run.open(run)
+        if run.experiment:
+            by_exp.setdefault(run.experiment, []).append(run)
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    for name, members in by_exp.items():
+        hook = _hook(name, "joined_rows")
+        if hook is None:
+            continue
+        owner: dict[str, str] = {}
+        records, clash = [], None
+        for run in members:
+            for rec in run.metrics():
+                tag = str(rec.get("tag", ""))
+                if tag.startswith(MEASURE_PREFIX):
+                    if owner.setdefault(tag, run.path.name) != run.path.name and clash is None:
+                        clash = (tag, owner[tag], run.path.name)
+                    records.append(rec)
+        if clash is not None:
+            notes.append(f"{name}: not joined, {clash[0]!r} is measured in both {clash[1]} and "
+                         f"{clash[2]}")
+            continue
+        rows += [{"experiment": name, "runs": len(members), **row} for row in hook(records)]
+    return rows, notes
+
+
 def _summary_hook(name: str | None) -> Any:
     """The ``summary_rows`` hook of experiment ``name``, or None (unknown or no hook)."""
+    return _hook(name, "summary_rows")
+
+
+def _hook(name: str | None, hook: str) -> Any:
+    """Experiment ``name``'s registration hook ``hook``, or None (unknown or no hook)."""
     if not name:
         return None
     from flatlab.experiments import get
 
     try:
-        return get(name).summary_rows
+        return getattr(get(name), hook)
     except ConfigError:  # an experiment that is not registered (any more) has no table
         return None
 
@@ -317,6 +363,8 @@ class Comparison:
         rows: one row per (run, training phase): final step, loss, accuracies, λ_max.
         settings: the settings that differ between the runs (:func:`differing_settings`).
         summaries: the experiments' own results tables (:func:`experiment_summaries`).
+        joined: the experiments' tables over their runs joined (:func:`joined_tables`).
+        joined_notes: why an experiment's runs were not joined.
         quick: the runs made with ``--quick`` (previews).
         out_dir: the folder holding ``compare.html``, ``compare.md`` and ``plots/``.
     """
@@ -326,6 +374,8 @@ class Comparison:
     summaries: list[dict[str, Any]]
     quick: list[str]
     out_dir: Path
+    joined: list[dict[str, Any]] = field(default_factory=list)
+    joined_notes: list[str] = field(default_factory=list)
 
     @property
     def html_path(self) -> Path:
@@ -365,8 +415,10 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) 
     for row in rows:
         recs = row.pop("records")
         row.update({"steps": _final(recs, "step"), **{k: _final(recs, k) for k in metric_keys}})
+    joined, notes = joined_tables(runs)
     result = Comparison(rows, differing_settings(runs), experiment_summaries(runs),
-                        [lab for lab, r in zip(labels, runs) if r.config.get("quick")], out_dir)
+                        [lab for lab, r in zip(labels, runs) if r.config.get("quick")], out_dir,
+                        joined, notes)
     figs = [("compare_curves", plots.curves(histories, ["loss", *acc_keys[:2]]))]
     if "lambda_max" in keys:
         figs.append(("compare_eigenvalues", plots.eigenvalue_plot(histories)))
@@ -394,6 +446,13 @@ def _write_comparison(c: Comparison, fig_paths: Sequence[Path]) -> None:
     if c.summaries:
         h += ["<h2>Results tables of the experiments</h2>", _html_table(c.summaries)]
         m += ["## Results tables of the experiments", "", _md_table(c.summaries), ""]
+    if c.joined or c.joined_notes:
+        title = "Over the runs joined"
+        h += [f"<h2>{title}</h2>", *(f"<p>{html.escape(n)}</p>" for n in c.joined_notes)]
+        m += [f"## {title}", "", *(f"{n}\n" for n in c.joined_notes)]
+        if c.joined:
+            h.append(_html_table(c.joined))
+            m += [_md_table(c.joined), ""]
     h.append("<h2>Curves</h2>")
     m += ["## Curves", ""]
     for p in fig_paths:
