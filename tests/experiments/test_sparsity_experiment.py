@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from flatlab.experiments import launch
 
 
@@ -20,6 +22,7 @@ def test_sparsity_quick_end_to_end(tmp_path) -> None:
     report = (run.path / "report.md").read_text()
     for title in ("1. Emergence", "2. Noise scale", "3. SAM vs SGD", "4. Modules",
                   "5. Derivative vs output sparsity", "6. Spectra and random labels",
+                  "6. Spectra: verdicts",
                   "7. Finetuning with the ReLU -> J-SquaredReLU ramp",
                   "8. Tiny pre-LN ViT at matched accuracy"):
         assert f"## {title}" in report
@@ -62,3 +65,23 @@ def test_vit_sparsity_is_read_at_the_first_epoch_reaching_the_matched_accuracy()
     assert at_accuracy(curve, 0.7) == 0.65
     assert at_accuracy(curve, 0.8) == 0.70
     assert math.isnan(at_accuracy(curve, 0.81))
+
+
+def test_spectra_verdicts_are_paired_over_seeds_in_log_growth() -> None:
+    import math
+
+    from flatlab.experiments.sparsity import _spectra_verdicts
+
+    # wd 0: the eigenvalue ratio falls (growth < 1); wd 0.01: it falls further, every seed
+    log_growth = {0.0: {0: math.log(0.8), 1: math.log(0.7), 2: math.log(0.75)},
+                  0.01: {0: math.log(0.5), 1: math.log(0.45), 2: math.log(0.55)}}
+    verdicts = _spectra_verdicts(log_growth)
+    assert [v.gate.claim.split(" (")[0] for v in verdicts] == [
+        "training lowers the eigenvalue ratio of KKᵀ at wd 0",
+        "training lowers the eigenvalue ratio of KKᵀ at wd 0.01",
+        "weight decay 0.01 lowers the eigenvalue ratio more than none"]
+    assert all(v.passed and v.interval.n == 3 for v in verdicts)
+    assert verdicts[2].interval.estimate == pytest.approx(
+        sum(math.log(a / b) for a, b in [(0.5, 0.8), (0.45, 0.7), (0.55, 0.75)]) / 3)
+    grows = _spectra_verdicts({0.0: {0: 1.2, 1: 1.1}, 0.01: {1: 2.0}})  # one common seed
+    assert len(grows) == 1 and not grows[0].passed

@@ -16,9 +16,11 @@ from initialisation (``delta = final - init``; about 50% at init behind a LayerN
    J-SquaredReLU sparser than ReLU in every seed, accuracy gap reported.
 5. derivative vs output sparsity with the shifted S-shaped activation
    (:mod:`~flatlab.experiments._sparsity_band`);
-6. spectra (``s_max / s_min`` of every key weight stays < 2x its init value for each weight
-   decay) and random labels (delta >= delta with true labels - 2 points); the augmented-flatness
-   identity gap is reported for the SAM/SGD models;
+6. spectra, in the authors' units: the eigenvalue ratio ``lambda_max / lambda_min,nz`` of
+   ``K K^T`` for every key weight ``K`` stays < 2x its init value for each weight decay; paired
+   verdicts that training lowers it and that weight decay lowers it more; and random labels
+   (delta >= delta with true labels - 2 points); the augmented-flatness identity gap is
+   reported for the SAM/SGD models;
 7. finetuning a trained ReLU model with the ReLU -> J-SquaredReLU ramp against continued
    training (:mod:`~flatlab.experiments._sparsity_finetune`).
 
@@ -147,10 +149,13 @@ def _train(run: Run, tag: str, model: torch.nn.Module, data: Any, *, seed: int, 
         init=init.per_layer, final=final.per_layer, acc=float(res.last("test_acc")),
         delta={k: final.per_layer[k] - init.per_layer[k] for k in final.per_layer},
         delta_mean=final.mean - init.mean, final_mean=final.mean,
-        spectra_growth=max(spec1.ratio[k] / spec0.ratio[k] for k in spec1.ratio),
-        spectra_growth_mean_sq=max(spec1_mean.ratio[k] / spec0_mean.ratio[k]
+        spectra_growth=max(spec1.eigenvalue_ratio[k] / spec0.eigenvalue_ratio[k]
+                           for k in spec1.ratio),
+        spectra_growth_mean_sq=max(spec1_mean.eigenvalue_ratio[k] / spec0_mean.eigenvalue_ratio[k]
                                    for k in spec1_mean.ratio),
-        spectra_final=max(spec1.ratio.values()), spectra_init=max(spec0.ratio.values()),
+        spectra_final=max(spec1.eigenvalue_ratio.values()),
+        spectra_init=max(spec0.eigenvalue_ratio.values()),
+        sv_growth=max(spec1.ratio[k] / spec0.ratio[k] for k in spec1.ratio),
     )
     if sharpness:
         from flatlab.curvature import top_eigenvalues
@@ -341,6 +346,7 @@ def _targets(cfg: Config, run: Run, syn: Any) -> dict:
 
     # 6 spectra and random labels -------------------------------------------------------
     rows, growth, growth_sq = [], [], []
+    log_growth: dict[float, dict[int, float]] = {}
     for wd in cfg.wds:
         for s in seeds:
             r = (grid.get((cfg.top_lr, cfg.batch, s)) if wd == 0 else None) or _train(
@@ -349,12 +355,15 @@ def _targets(cfg: Config, run: Run, syn: Any) -> dict:
             if not r["diverged"]:
                 growth.append(r["spectra_growth"])
                 growth_sq.append(r["spectra_growth_mean_sq"])
+                log_growth.setdefault(wd, {})[s] = math.log(r["spectra_growth"])
                 rows.append({"wd": wd, "seed": s,
-                             "s_max/s_min init -> final (max over K)":
+                             "λ_max/λ_min of KKᵀ, init -> final (max over K)":
                              f"{r['spectra_init']:.2f} -> {r['spectra_final']:.2f}",
                              "growth, rank rule": round(r["spectra_growth"], 3),
                              "growth, authors' rule": round(r["spectra_growth_mean_sq"], 3),
+                             "growth of s_max/s_min": round(r["sv_growth"], 3),
                              "delta (pts)": _pts(r["delta_mean"])})
+    spectra_verdicts = _spectra_verdicts(log_growth)
     g = torch.Generator().manual_seed(cfg.seed)
     shuffled = syn.train[1][torch.randperm(syn.train[1].shape[0], generator=g)]
     rand = dataclasses.replace(syn, train=(syn.train[0], shuffled))
@@ -369,23 +378,52 @@ def _targets(cfg: Config, run: Run, syn: Any) -> dict:
                          "true-label delta (pts)": _pts(t["delta_mean"])})
     results["spectra_max_growth"] = round(max(growth), 3) if growth else "n/a"
     results["spectra_pass"] = bool(growth and max(growth) < 2)
+    for v in spectra_verdicts:
+        results[f"spectra: {v.gate.claim}"] = v.passed
     results["spectra_max_growth_authors_rule"] = round(max(growth_sq), 3) if growth_sq else "n/a"
     results["random_label_gap_pts"] = [round(100 * v, 2) for v in rl_gaps]
     results["random_labels_pass"] = bool(rl_gaps and min(rl_gaps) >= -0.02)
     run.add_section(
         "6. Spectra and random labels",
-        "Largest ratio over key weights of (s_max/s_min at the end) / (s_max/s_min at init), "
+        "In the authors' units, the eigenvalues of K Kᵀ for each key weight K: the largest "
+        "ratio over key weights of (λ_max/λ_min,nz at the end) / (λ_max/λ_min,nz at init), "
         f"lr {cfg.top_lr}, batch {cfg.batch}, 'nonzero' = s > 1e-6 s_max (rank rule); pass < 2 "
         f"for every weight decay: {results['spectra_max_growth']} -> "
         f"{'PASS' if results['spectra_pass'] else 'MISS'}. With the authors' rule "
         "(s^2 > 0.1 mean s^2) the largest growth is "
         f"{results['spectra_max_growth_authors_rule']}. Marchenko-Pastur baseline of a "
-        f"{4 * cfg.width}x{cfg.width} key weight: 3. "
+        f"{4 * cfg.width}x{cfg.width} key weight: 9 (3 in singular values). "
+        + " ".join(v.sentence() for v in spectra_verdicts) + " "
         "Random labels (train labels shuffled): change minus true-label change "
         f"{[_pts(v) for v in rl_gaps]} points, pass >= -2 -> "
         f"{'PASS' if results['random_labels_pass'] else 'MISS'}.",
         table=rows)
+    run.add_section("6. Spectra: verdicts", "Paired over seeds (same initialization and data "
+                    "order), 95% t CIs on the log growth of the eigenvalue ratio."
+                    if spectra_verdicts else f"No verdict: they need >= 2 seeds, got "
+                    f"seeds={cfg.seeds}.", table=[v.as_row() for v in spectra_verdicts])
     return results
+
+
+def _spectra_verdicts(log_growth: dict[float, dict[int, float]]) -> list[Any]:
+    """Paired verdicts on ``log(growth)`` of the eigenvalue ratio (``{wd: {seed: value}}``):
+    training lowers the ratio (for each weight decay), and a larger weight decay lowers it
+    more than none (the seeds both ran)."""
+    out = []
+    for wd, by_seed in log_growth.items():
+        if len(by_seed) >= 2:
+            vals = list(by_seed.values())
+            out.append(Gate(f"training lowers the eigenvalue ratio of KKᵀ at wd {wd:g} "
+                            "(log growth)", "less").check(paired_difference(vals, [0.0] *
+                                                                             len(vals))))
+    none = log_growth.get(0.0, {})
+    for wd, by_seed in log_growth.items():
+        common = sorted(set(by_seed) & set(none))
+        if wd > 0 and len(common) >= 2:
+            out.append(Gate(f"weight decay {wd:g} lowers the eigenvalue ratio more than none "
+                            "(log growth)", "less").check(paired_difference(
+                                [by_seed[s] for s in common], [none[s] for s in common])))
+    return out
 
 
 def _modules(cfg: Config, run: Run) -> dict:
