@@ -31,7 +31,6 @@ from torch import nn
 
 from flatlab.optim import SAM
 
-WORLD = 2
 
 
 def deep_mlp() -> nn.Sequential:
@@ -60,10 +59,10 @@ def _build(engine: str, method: str):
     return net, opt
 
 
-def _worker(rank: int, port: int, rounds: int, steps: int, threads: int) -> None:
+def _worker(rank: int, port: int, rounds: int, steps: int, threads: int, world: int) -> None:
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
+                            world_size=world)
     gen = torch.Generator().manual_seed(rank)
     x, y = torch.randn(32, 128, generator=gen), torch.randint(0, 10, (32,), generator=gen)
     runs = {}
@@ -95,7 +94,7 @@ def _worker(rank: int, port: int, rounds: int, steps: int, threads: int) -> None
             times[key].append((time.perf_counter() - t0) / steps)
     if rank == 0:
         med = {k: statistics.median(v) for k, v in times.items()}
-        print(f"torch {torch.__version__}, {WORLD} gloo processes x {threads} thread(s), "
+        print(f"torch {torch.__version__}, {world} gloo process(es) x {threads} thread(s), "
               f"{rounds} rounds x {steps} steps, medians of rank 0's wall time per step")
         print(f"{'engine':<7} {'plain ms':>9} {'SAM ms':>8} {'SAM / (2 x plain)':>18}")
         for engine in ("fsdp2", "ddp"):
@@ -111,12 +110,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--world", type=int, default=2, help="processes (1: the engines' "
+                        "own cost without a second rank competing for the cores)")
     args = parser.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_worker, args=(port, args.rounds, args.steps, args.threads),
-                       nprocs=WORLD, join=True, start_method="fork")
+    mp.start_processes(_worker, args=(port, args.rounds, args.steps, args.threads, args.world),
+                       nprocs=args.world, join=True, start_method="fork")
 
 
 if __name__ == "__main__":
