@@ -32,7 +32,6 @@ from torch import nn
 from flatlab.optim import SAM
 
 
-
 def deep_mlp() -> nn.Sequential:
     torch.manual_seed(0)
     blocks = [nn.Sequential(nn.Linear(128, 128), nn.LayerNorm(128), nn.ReLU())
