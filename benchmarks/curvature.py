@@ -381,6 +381,34 @@ def resnet_table(rounds: int = 3, seed: int = 0) -> None:
             print(f"| {q:8} | {who:21} | {t:14.2f} | {t / base:5.2f} | {used:8d} | {acc:36} |")
 
 
+def product_table(rounds: int = 12, seed: int = 0) -> None:
+    """CPU seconds of one Hessian-vector product on the ResNet-20 of :func:`resnet20`, after
+    construction: flatlab's operator (cached gradient graph) against PyHessian's
+    ``hessian_vector_product`` through its kept graph; medians of interleaved products."""
+    import random
+    import statistics
+
+    ph = importlib.import_module("pyhessian.hessian")
+    CE = nn.functional.cross_entropy
+    model, x, y = resnet20(seed)
+    op = hessian_operator(model, CE, (x, y))
+    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(seed))
+    op.matvec(v)  # builds the graph
+    hc = ph.hessian(copy.deepcopy(model), CE, data=(x, y), cuda=False)
+    vs = [torch.randn_like(p) for p in hc.params]
+    calls = {"flatlab": lambda: op.matvec(v),
+             "PyHessian": lambda: ph.hessian_vector_product(hc.gradsH, hc.params, vs)}
+    times: dict = {k: [] for k in calls}
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        for key in rng.sample(list(calls), len(calls)):
+            times[key].append(_cpu(calls[key])[1])
+    fl, py = (statistics.median(times[k]) for k in ("flatlab", "PyHessian"))
+    print(f"ResNet-20, one product, {rounds} interleaved rounds, threads "
+          f"{torch.get_num_threads()}, path {op.path}: flatlab {fl:.3f} CPU s, PyHessian "
+          f"{py:.3f} CPU s, ratio {fl / py:.2f}")
+
+
 def stop_rules_table(n: int = 400, seeds: int = 8, tol: float = 1e-3) -> None:
     """top-1 error and products of Lanczos' two stopping rules, against PyHessian's rule
     (power iteration until the relative change of the estimate is < tol), on dense symmetric
@@ -431,11 +459,12 @@ def stop_rules_table(n: int = 400, seeds: int = 8, tol: float = 1e-3) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("mlp", "trace-error", "resnet", "stop-rules"),
-                        default="mlp")
+    parser.add_argument("--part", choices=("mlp", "trace-error", "resnet", "products",
+                                           "stop-rules"), default="mlp")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=10, help="mlp: seeds of the trace rows")
-    parser.add_argument("--rounds", type=int, default=3, help="resnet: interleaved rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="resnet: interleaved rounds "
+                        "(products: 4x as many products)")
     args = parser.parse_args()
     # PyHessian calls backward(create_graph=True), which makes torch warn about a reference cycle
     warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
@@ -445,6 +474,9 @@ def main() -> None:
         return
     if args.part == "resnet":
         resnet_table(args.rounds)
+        return
+    if args.part == "products":
+        product_table(4 * args.rounds)  # 12 products each by default
         return
     if args.part == "stop-rules":
         stop_rules_table()

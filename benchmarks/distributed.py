@@ -14,6 +14,8 @@ Usage::
 
     .venv/bin/python benchmarks/distributed.py              # 30 rounds, about a minute
     .venv/bin/python benchmarks/distributed.py --rounds 5   # quick look
+    .venv/bin/python benchmarks/distributed.py --shell      # one process, no engine: what
+                                                            # each part of a SAM step costs
 """
 
 from __future__ import annotations
@@ -104,6 +106,72 @@ def _worker(rank: int, port: int, rounds: int, steps: int, threads: int, world: 
     dist.destroy_process_group()
 
 
+def shell_table(rounds: int = 60) -> None:
+    """One process, no engine, the same model and batch: medians of interleaved calls of one
+    forward-backward, the base SGD step and each fused pass the SAM shell makes over the
+    parameters, then SAM / (2 x plain) from whole steps and the ratio those parts predict."""
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 128, generator=gen), torch.randint(0, 10, (32,), generator=gen)
+    model = deep_mlp()
+    params = list(model.parameters())
+    base = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+
+    def forward_backward():
+        base.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+
+    forward_backward()
+    base.step()
+    saved = [p.detach().clone() for p in params]
+    grads = [p.grad for p in params]
+    data = [p.detach() for p in params]
+    parts = {
+        "forward-backward": forward_backward,
+        "base SGD step": base.step,
+        "gradient norm": lambda: torch._foreach_norm(grads),
+        "snapshot / restore copy": lambda: torch._foreach_copy_(saved, data),
+        "perturbation add": lambda: torch._foreach_add_(data, grads, alpha=0.0),
+    }
+    steps = {}
+    for method in ("sgd", "sam"):
+        m = deep_mlp()
+        opt = (torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) if method == "sgd" else
+               SAM(m.parameters(), torch.optim.SGD, rho=0.05, lr=0.01, momentum=0.9))
+
+        def closure(m=m, opt=opt):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(m(x), y)
+            loss.backward()
+            return loss
+
+        steps[f"{method} step"] = lambda opt=opt, closure=closure: opt.step(closure)
+    calls = {**parts, **steps}
+    for fn in calls.values():  # warm-up
+        for _ in range(3):
+            fn()
+    times: dict = {k: [] for k in calls}
+    rng = random.Random(0)
+    order = list(calls)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for key in order:
+            t0 = time.perf_counter()
+            calls[key]()
+            times[key].append(time.perf_counter() - t0)
+    med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    print(f"torch {torch.__version__}, 1 process, 1 thread, {rounds} interleaved rounds, "
+          "medians in ms")
+    for key, ms in med.items():
+        print(f"{key:<24} {ms:8.3f}")
+    fb, sgd = med["forward-backward"], med["base SGD step"]
+    shell = 2 * med["gradient norm"] + 2 * med["snapshot / restore copy"] + med[
+        "perturbation add"]
+    print(f"SAM / (2 x plain) measured: {med['sam step'] / (2 * med['sgd step']):.3f}; "
+          f"predicted from the parts (2 fb + 1 step + 2 norms + 2 copies + 1 add): "
+          f"{(2 * fb + sgd + shell) / (2 * (fb + sgd)):.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=30)
@@ -111,7 +179,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--world", type=int, default=2, help="processes (1: the engines' "
                         "own cost without a second rank competing for the cores)")
+    parser.add_argument("--shell", action="store_true", help="one process, no engine: the "
+                        "cost of each part of a SAM step (shell_table)")
     args = parser.parse_args()
+    if args.shell:
+        shell_table(2 * args.rounds)
+        return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

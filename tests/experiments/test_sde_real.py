@@ -45,7 +45,7 @@ def test_arms_are_paired_and_use_the_rule() -> None:
         firsts = {a.curve[0] for a in arms.values()}
         assert len({round(v, 12) for _, v in firsts}) == 1 and {k for k, _ in firsts} == {0}
         assert all(math.isfinite(a.late_loss) for a in arms.values())
-    claims = [v.gate.claim for _, v in res.verdicts]
+    claims = [v.gate.claim for v in res.verdicts]
     assert len(claims) == 3 and "closer to the base than the unscaled control" in claims[2]
     assert [r["arm"] for r in res.rows()] == ["rule", "control"]
     with pytest.raises(ValueError, match="deltas must be >= 2, divide steps=64"):

@@ -74,11 +74,12 @@ class Arm:
 
 @dataclass(frozen=True)
 class RealNoiseScaling:
-    """What :func:`real_noise_scaling` measured: every run, the verdicts per ``delta``, and
+    """What :func:`real_noise_scaling` measured: every run, the verdicts (three per ``delta``,
+    each claim naming it), and
     :func:`signal_share` along the base runs: ``signal[samples][batch]``, mean over seeds."""
 
     arms: list[Arm]
-    verdicts: list[tuple[int, Verdict]]
+    verdicts: list[Verdict]
     tolerance: float
     signal: dict[int, dict[int, float]]
 
@@ -198,7 +199,7 @@ def real_noise_scaling(run: Any, *, deltas: list[int], steps: int, seeds: int, b
                                for r in res.history if f"signal_share_b{batch}" in r})
     base = {a.seed: a.late_loss for a in arms if a.name == "base"}
     pct = 100 * tolerance
-    verdicts: list[tuple[int, Verdict]] = []
+    verdicts: list[Verdict] = []
     for d in deltas:
         change = {(a.name, a.seed): 100 * (a.late_loss / base[a.seed] - 1) for a in arms
                   if a.delta == d}
@@ -208,12 +209,12 @@ def real_noise_scaling(run: Any, *, deltas: list[int], steps: int, seeds: int, b
         gap = paired_difference(rule, [0.0] * len(seeds_))
         closer = paired_difference([abs(c) for c in ctrl], [abs(r) for r in rule])
         verdicts += [
-            (d, Gate(f"delta={d}: the rule changes the late loss by less than +{pct:g}%",
-                     "less", pct, unit="%").check(gap)),
-            (d, Gate(f"delta={d}: the rule changes the late loss by more than -{pct:g}%",
-                     "greater", -pct, unit="%").check(gap)),
-            (d, Gate(f"delta={d}: the rule is closer to the base than the unscaled control",
-                     "greater", unit=" points").check(closer)),
+            Gate(f"delta={d}: the rule changes the late loss by less than +{pct:g}%",
+                 "less", pct, unit="%").check(gap),
+            Gate(f"delta={d}: the rule changes the late loss by more than -{pct:g}%",
+                 "greater", -pct, unit="%").check(gap),
+            Gate(f"delta={d}: the rule is closer to the base than the unscaled control",
+                 "greater", unit=" points").check(closer),
         ]
     signal = {at: {c: sum(sh[at][c] for sh in shares) / len(shares) for c in batches}
               for at in shares[0]}

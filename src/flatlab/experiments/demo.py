@@ -85,21 +85,20 @@ def run(cfg: Config, run: Run) -> dict:
     from flatlab.data import mnist1d
     from flatlab.models import MLP
 
-    steps, n, eig_every, eig_examples = cfg.steps, cfg.n, cfg.eig_every, cfg.eig_examples
-    ckpt_every = cfg.checkpoint_every
-    data = mnist1d(n=n, seed=cfg.seed, cache_dir=cfg.data_dir)
+    steps = cfg.steps
+    data = mnist1d(n=cfg.n, seed=cfg.seed, cache_dir=cfg.data_dir)
     x, y = data.train
-    eig_data = (x[:eig_examples], y[:eig_examples])
+    eig_data = (x[:cfg.eig_examples], y[:cfg.eig_examples])
     histories, rows, lam, sharp = {}, [], {}, {}
     for name in cfg.optimizers:
         torch.manual_seed(cfg.seed)  # the same initial network for every optimizer
         model = MLP(x.shape[1], 10, width=cfg.width, depth=cfg.depth, activation=cfg.activation)
         callbacks = [
             Evaluate({"train": data.train, "val": data.val}, every=max(steps // 30, 1)),
-            CurvatureMonitor(eig_data, every=eig_every, tol=1e-3, seed=cfg.seed),  # edge and
+            CurvatureMonitor(eig_data, every=cfg.eig_every, tol=1e-3, seed=cfg.seed),  # edge and
             # radius from the optimizer
             Sharpness(eig_data, every=steps, measure="worst_case", rho=cfg.sharpness_rho),
-            Checkpoint(every=ckpt_every),
+            Checkpoint(every=cfg.checkpoint_every),
         ]
         res = fit(model, _optimizer(name, model, cfg), data.train, steps=steps,
                   loss_fn=F.cross_entropy, callbacks=callbacks, run=run, tag=name,
@@ -123,7 +122,7 @@ def run(cfg: Config, run: Run) -> dict:
         f"({x.shape[0]} training examples, full batch), {steps} steps at lr {cfg.lr} with: "
         f"{', '.join(cfg.optimizers)}. SAM radius {cfg.rho}; GAM radius {cfg.gam_rho}, alpha "
         f"{cfg.gam_alpha}. The top Hessian eigenvalue of the training loss is measured every "
-        f"{eig_every} steps on {eig_data[0].shape[0]} training examples (Lanczos).\n\n"
+        f"{cfg.eig_every} steps on {eig_data[0].shape[0]} training examples (Lanczos).\n\n"
         "Every optimizer starts from the same initial network.",
     )
     run.add_section("Results per optimizer", "Final values; passes/step counts "

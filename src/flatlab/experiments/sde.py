@@ -314,7 +314,7 @@ def _t5_real(cfg: Config, run: Run) -> list[Any]:
     real = real_noise_scaling(run, deltas=cfg.real_deltas, steps=cfg.real_steps,
                               seeds=cfg.real_seeds, batch=cfg.real_batch, lr=cfg.real_lr,
                               seed=cfg.seed)
-    verdicts = [v for _, v in real.verdicts]
+    verdicts = real.verdicts
     fig, axes = plt.subplots(1, len(cfg.real_deltas), figsize=(5.2 * len(cfg.real_deltas), 3.8),
                              squeeze=False)
     s0 = cfg.seed

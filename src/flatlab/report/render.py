@@ -270,7 +270,7 @@ def experiment_summaries(runs: Sequence[Run | str | Path]) -> list[dict[str, Any
     out: list[dict[str, Any]] = []
     for run in runs:
         run = run if isinstance(run, Run) else Run.open(run)
-        summary = _summary_hook(run.experiment)
+        summary = _hook(run.experiment, "summary_rows")
         if summary is not None:
             out += [{"run": run.path.name, **row} for row in summary(run.metrics())]
     return out
@@ -314,11 +314,6 @@ def joined_tables(runs: Sequence[Run | str | Path]) -> tuple[list[dict[str, Any]
             continue
         rows += [{"experiment": name, "runs": len(members), **row} for row in hook(records)]
     return rows, notes
-
-
-def _summary_hook(name: str | None) -> Any:
-    """The ``summary_rows`` hook of experiment ``name``, or None (unknown or no hook)."""
-    return _hook(name, "summary_rows")
 
 
 def _hook(name: str | None, hook: str) -> Any:
