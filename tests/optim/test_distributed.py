@@ -4,7 +4,9 @@ computation of their stated semantics, and both ranks hold identical parameters 
 global: every pass uses the gradient of the mean loss over all ranks' data (= SAM on the union
 batch). local (m-sharpness): rank r perturbs with its own gradient g_r, and the descent gradient
 is the mean over ranks of grad L_r(theta + rho g_r / ||g_r||). Each is run with a plain model
-(the optimizer does the all-reduces) and with a DistributedDataParallel model (``model=``).
+(the optimizer does the all-reduces), with a DistributedDataParallel model given as ``model=``,
+and with one not given (as under Lightning): the optimizer then detects that DDP averages the
+passes, skips its own all-reduce under "global", and refuses "local", which it cannot honour.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from torch import nn
 from flatlab.optim import SAM
 
 WORLD, STEPS, RHO, LR = 2, 5, 0.05, 0.1
-CASES = [("global", False), ("global", True), ("local", False), ("local", True)]
+CASES = [("global", "plain"), ("global", "ddp"), ("global", "ddp-undeclared"),
+         ("local", "plain"), ("local", "ddp")]
 
 
 def make_model() -> nn.Module:
@@ -41,11 +44,11 @@ def _worker(rank: int, port: int, out: str) -> None:
                             world_size=WORLD)
     x, y = shards()[rank]
     results = {}
-    for sync, use_ddp in CASES:
+    for sync, mode in [*CASES, ("local", "ddp-undeclared")]:
         model = make_model()
-        net = nn.parallel.DistributedDataParallel(model) if use_ddp else model
+        net = model if mode == "plain" else nn.parallel.DistributedDataParallel(model)
         opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, sync=sync,
-                  model=net if use_ddp else None, lr=LR, momentum=0.9)
+                  model=net if mode == "ddp" else None, lr=LR, momentum=0.9)
 
         def closure(backward=torch.autograd.backward, opt=opt, net=net):
             opt.zero_grad()
@@ -53,9 +56,13 @@ def _worker(rank: int, port: int, out: str) -> None:
             backward(loss)
             return loss
 
-        for _ in range(STEPS):
-            opt.step(closure)
-        results[(sync, use_ddp)] = [p.detach().clone() for p in model.parameters()]
+        try:
+            for _ in range(STEPS):
+                opt.step(closure)
+        except ValueError as err:
+            results[(sync, mode, "error")] = str(err)
+        results[(sync, mode)] = [p.detach().clone() for p in model.parameters()]
+        results[(sync, mode, "detected")] = opt._engine_averages
     finish_rank(results, out, rank)
 
 
@@ -125,16 +132,34 @@ def rank_results(tmp_path_factory):
     return run_ranks(_worker, tmp_path_factory.mktemp("dist"), WORLD)
 
 
-@pytest.mark.parametrize(
-    ("sync", "use_ddp"), CASES, ids=[f"{s}-{'ddp' if d else 'plain'}" for s, d in CASES]
-)
-def test_sync_semantics(rank_results, sync, use_ddp):
-    r0, r1 = (res[(sync, use_ddp)] for res in rank_results)
+@pytest.mark.parametrize(("sync", "mode"), CASES, ids=[f"{s}-{m}" for s, m in CASES])
+def test_sync_semantics(rank_results, sync, mode):
+    r0, r1 = (res[(sync, mode)] for res in rank_results)
     assert all(torch.equal(a, b) for a, b in zip(r0, r1))  # identical on both ranks
     for got, want in zip(r0, reference(sync)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+def test_an_undeclared_ddp_is_detected_and_only_a_plain_model_is_reduced_by_the_optimizer(
+    rank_results,
+):
+    for res in rank_results:
+        assert res[("global", "ddp-undeclared", "detected")] is True
+        assert res[("global", "plain", "detected")] is False
+        assert res[("global", "ddp", "detected")] is None  # given: nothing to detect
+
+
+def test_local_sync_under_an_undeclared_ddp_is_refused_before_any_change(rank_results):
+    """m-sharpness needs each rank's own gradient; DDP averaged it, and without the module the
+    optimizer cannot use no_sync(): refused with the remedy, the parameters untouched."""
+    for res in rank_results:
+        message = res[("local", "ddp-undeclared", "error")]
+        assert "sync='local' needs the DistributedDataParallel module as model=" in message
+        assert "self.trainer.strategy.model" in message
+        for got, want in zip(res[("local", "ddp-undeclared")], make_model().parameters()):
+            assert torch.equal(got, want.detach())
+
+
 def test_global_and_local_differ(rank_results):
-    a, b = rank_results[0][("global", False)], rank_results[0][("local", False)]
+    a, b = rank_results[0][("global", "plain")], rank_results[0][("local", "plain")]
     assert not all(torch.allclose(x, y, rtol=0, atol=1e-9) for x, y in zip(a, b))

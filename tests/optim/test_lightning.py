@@ -1,7 +1,14 @@
 """A real Lightning ``Trainer.fit`` (automatic optimization, CPU) drives SAM exactly like a plain
-loop: Lightning calls ``optimizer.step(closure)`` and SAM computes the first gradient itself."""
+loop: Lightning calls ``optimizer.step(closure)`` and SAM computes the first gradient itself. Under
+``strategy="ddp"`` (2 processes) each sync mode keeps its semantics."""
 
 from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,3 +78,31 @@ def test_trainer_fit_matches_plain_loop():
     for k, v in model.state_dict().items():
         torch.testing.assert_close(lit_state[k], v, rtol=0, atol=0, msg=k)
     assert int(model[1].num_batches_tracked) == 6
+
+
+def test_trainer_ddp_at_two_processes_keeps_each_sync_semantics(tmp_path):
+    """Lightning's DDP strategy under torchrun (2 gloo processes on CPU), each rank its own
+    shard: ``sync="global"`` equals SAM on the concatenated batches; ``sync="local"`` with the
+    DDP module as ``model=`` equals m-sharpness by hand; without it, it is refused (Lightning's
+    DDP had averaged the gradient, which used to turn "local" into "global" silently)."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    script = Path(__file__).with_name("_lightning_ddp.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(script)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    cases = dict(re.findall(r"^case (\w+ model=\w+): (.*)$", out.stdout, re.M))
+    for case in ("global model=False", "local model=True"):
+        found = re.fullmatch(r"ranks agree (\w+), max error (\S+), distance to \w+ (\S+)",
+                             cases[case])
+        assert found, cases
+        assert found[1] == "True"
+        assert float(found[2]) < 1e-6  # float32 round-off
+        assert float(found[3]) > 1e-4  # the two semantics are told apart
+    assert cases["local model=False"].startswith(
+        "refused: sync='local' needs the DistributedDataParallel module as model="
+    ), cases

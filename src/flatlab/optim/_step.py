@@ -194,6 +194,8 @@ class StepContext:
                 norms.restore()
         self._norms_frozen = freeze and keep_norms_frozen
         loss = self._check_loss(loss)
+        if first and not graph:
+            self.detect_engine(loss)
         # a graph pass is never reduced here: autograd.grad bypasses DDP's reducer, and an
         # in-place all-reduce would cut the graph; the method reduces what it derives from
         # the gradient with reduce_ (GAM: g and H g^)
@@ -301,8 +303,57 @@ class StepContext:
                      if index[id(p)] in self._carried]
             torch._foreach_add_([a for a, _ in pairs], [b for _, b in pairs])
         if (reduce and self.opt.sync == "global" and self.distributed
-                and self.opt._ddp() is None and not self.sharded):
+                and not self.opt._engine_reduces() and not self.sharded):
             allreduce_mean(grads)
+
+    def detect_engine(self, loss: torch.Tensor) -> None:
+        """Decide, once, whether a data-parallel engine the optimizer was not handed averages
+        each pass's gradient (a model wrapped in DDP by Lightning or accelerate, with
+        ``model=`` not given). Right after a first pass, the ranks' losses are compared with
+        their gradients: one all-reduce of four numbers, at the first distributed step only.
+        Losses that differ with gradients equal to the bit mean an engine averaged them.
+        Equal losses (the same data on every rank), or gradients that are zero or not finite,
+        decide nothing, and the next step tries again.
+
+        An engine that averages makes ``sync="global"``'s own all-reduce redundant, so it is
+        skipped. ``sync="local"`` cannot work then, because no rank has its own gradient to
+        perturb with, and it is refused with the remedy instead of silently running
+        ``"global"``.
+        """
+        opt = self.opt
+        if not self.distributed or self.sharded or opt._ddp() is not None:
+            return
+        if opt._engine_averages is None:
+            opt._engine_averages = self._engine_averaged(loss)
+        if opt._engine_averages and opt.sync == "local":
+            raise ValueError(
+                "sync='local' needs the DistributedDataParallel module as model=: this rank's "
+                "gradient was already averaged over the ranks by a data-parallel engine the "
+                "optimizer was not given, so no rank has its own gradient to perturb with "
+                "(under Lightning, pass model=self.trainer.strategy.model in "
+                "configure_optimizers)"
+            )
+
+    def _engine_averaged(self, loss: torch.Tensor) -> bool | None:
+        """True/False when the ranks' first-pass losses differ and their gradients do / do not
+        agree to the bit; None when this pass cannot tell (see :meth:`detect_engine`)."""
+        # every rank joins the all-reduce, also one whose closure ran no backward (it adds a
+        # zero, which decides nothing; _collect then reports the closure)
+        loss = loss.detach().to(torch.float64).reshape(())
+        square = loss.new_zeros(())
+        for p in self.all_params:
+            if p.grad is not None:
+                square = square + p.grad.detach().to(loss.device, torch.float64).square().sum()
+        mine = torch.stack([loss, square])
+        both = torch.cat([mine, -mine])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        loss_hi, square_hi, loss_lo, square_lo = both.tolist()
+        loss_lo, square_lo = -loss_lo, -square_lo
+        if not (math.isfinite(loss_hi) and math.isfinite(square_hi) and square_lo > 0.0):
+            return None
+        if loss_hi == loss_lo:
+            return None
+        return square_hi == square_lo
 
     def grads(self) -> list[torch.Tensor]:
         """The current ``p.grad`` of :attr:`params` (the tensors themselves, not copies)."""

@@ -210,6 +210,10 @@ class SharpnessAware(Optimizer):
         self._left_grads: dict[int, tuple[torch.Tensor, int]] = {}
         self._pending: StepContext | None = None
         self._radii_used: dict[str, list[float]] | None = None
+        # whether a data-parallel engine the optimizer was not given (Lightning's or
+        # accelerate's DDP) averages each pass's gradient: decided at the first distributed
+        # step whose ranks' losses differ (StepContext.detect_engine); None = not yet known
+        self._engine_averages: bool | None = None
         # Optimizer.__init__ sets up hooks and step patching; it is given the base's groups
         # and then the group list itself is shared, never copied.
         super().__init__(self.base.param_groups, {})
@@ -428,6 +432,11 @@ class SharpnessAware(Optimizer):
         if m is not None and isinstance(m, nn.parallel.DistributedDataParallel):
             return m
         return None
+
+    def _engine_reduces(self) -> bool:
+        """True when something other than this optimizer averages each pass's gradient over
+        the ranks: the DDP module given as ``model=``, or one detected at the first step."""
+        return self._ddp() is not None or bool(self._engine_averages)
 
     def _scaler_skip(self, ctx: StepContext) -> None:
         """Let the GradScaler see an overflow so ``scaler.update()`` backs off the scale."""
