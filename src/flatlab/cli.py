@@ -283,6 +283,17 @@ def measure(
     k: int = typer.Option(5, "--k", help="number of top eigenvalues"),
     rho: float = typer.Option(0.05, "--rho", help="sharpness radius"),
     loss: str = typer.Option("cross_entropy", "--loss", help="torch.nn.functional loss"),
+    tol: float = typer.Option(None, "--tol", help="eigenvalue tolerance (default: "
+                              "top_eigenvalues' for the dtype)"),
+    stop: str = typer.Option("residual", "--stop", help="eigenvalue stopping rule: residual "
+                             "or value (fewer products for the same --tol)"),
+    probes: int = typer.Option(99, "--probes", help="Hessian-vector products of the trace"),
+    max_matvecs: int = typer.Option(None, "--max-matvecs", help="budget of each quantity: "
+                                    "products (loss evaluations for sharpness)"),
+    max_seconds: float = typer.Option(None, "--max-seconds", help="budget of the whole "
+                                      "measurement in seconds; a cut quantity reports "
+                                      "<name>_converged 0"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ) -> None:
     """Hessian eigenvalues, trace, spectral density and sharpness of a saved model."""
     import math
@@ -293,9 +304,20 @@ def measure(
         raise ConfigError(f"--k must be >= 1, got {k}")
     if not (math.isfinite(rho) and rho >= 0):
         raise ConfigError(f"--rho must be a finite number >= 0, got {rho}")
+    if probes < 4:
+        raise ConfigError(f"--probes must be >= 4 (XTrace's minimum), got {probes}")
+    for flag, value in (("--tol", tol), ("--max-seconds", max_seconds)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{flag} must be a finite number > 0, got {value}")
+    if max_matvecs is not None and max_matvecs < 1:
+        raise ConfigError(f"--max-matvecs must be >= 1, got {max_matvecs}")
+    if stop not in ("residual", "value"):
+        raise ConfigError(f"--stop must be residual or value, got {stop!r}")
 
     results = measure_checkpoint(checkpoint, model=model, data=data, what=what,
-                                 tag=tag or None, loss=loss, k=k, rho=rho)
+                                 tag=tag or None, loss=loss, k=k, rho=rho, tol=tol, stop=stop,
+                                 probes=probes, max_matvecs=max_matvecs,
+                                 max_seconds=max_seconds, progress=not quiet)
     typer.echo(format_results(results))
 
 

@@ -18,10 +18,14 @@ Quantities (``what``), all on the full data, in eval mode, the model untouched:
   (``density_plot``: its path);
 * ``sharpness``: worst-case L2 sharpness, adaptive L-infinity sharpness, first-order flatness
   and the gradient norm at radius ``rho``.
+
+Each quantity also reports ``<name>_converged`` (1 or 0). ``max_matvecs`` bounds each quantity
+on its own, and ``max_seconds`` bounds the whole measurement (see :func:`measure`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,7 @@ import torch
 from torch import nn
 
 from flatlab import curvature
+from flatlab._checks import check_choice, check_positive, check_positive_int
 from flatlab.experiments import load_factory
 from flatlab.train import ConfigError, load_checkpoint
 
@@ -107,10 +112,28 @@ def measure(
     probes: int = 99,
     steps: int = 80,
     seed: int = 0,
+    tol: float | None = None,
+    stop: str = "residual",
+    max_matvecs: int | None = None,
+    max_seconds: float | None = None,
     density_plot: str | Path | None = None,
     progress: Any = True,
 ) -> dict[str, float | str]:
     """Measure the chosen quantities; returns a flat ``{name: value}`` dict.
+
+    ``tol`` and ``stop``: the eigenvalues' tolerance and stopping rule
+    (:func:`~flatlab.curvature.top_eigenvalues`). ``probes``: the trace's products.
+    ``steps``: the density's Lanczos steps. Budgets:
+
+    * ``max_matvecs`` bounds each quantity on its own: Hessian-vector products for the
+      eigenvalues, trace and density, and loss evaluations for each sharpness measure.
+    * ``max_seconds`` bounds the whole measurement. Each quantity, in the order of
+      ``QUANTITIES``, gets the time that is left. A quantity that starts with no time left
+      is skipped. It is reported as not measured (``<name>_converged = 0``, no value), and
+      nothing is estimated in its place.
+
+    Every measured quantity reports ``<name>_converged``, 1 or 0. 0 means a budget cut it
+    short and the value is the partial result.
 
     ``density_plot``: a PNG path for the spectral density (:func:`~flatlab.curvature.
     plot_density`); its parent folder is created. ``progress``: bars on a terminal.
@@ -119,34 +142,79 @@ def measure(
     if unknown or not what:
         raise ConfigError(f"what must be a comma list of {', '.join(QUANTITIES)}, got "
                           f"{','.join(what)!r}")
+    if max_matvecs is not None:
+        max_matvecs = _checked("max_matvecs", check_positive_int, max_matvecs)
+    if max_seconds is not None:
+        max_seconds = _checked("max_seconds", check_positive, max_seconds)
+    if tol is not None:
+        tol = _checked("tol", check_positive, tol)
+    stop = _checked("stop", lambda name, v: check_choice(name, v, ("residual", "value")), stop)
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
+
+    def budget() -> dict[str, Any]:
+        # what is left, kept positive: out_of_time() has just said some is
+        left = None if deadline is None else max(deadline - time.monotonic(), 1e-3)
+        return {"max_matvecs": max_matvecs, "max_seconds": left, "progress": progress}
+
+    def out_of_time() -> bool:
+        return deadline is not None and time.monotonic() >= deadline
+
     out: dict[str, float | str] = {}
     op = curvature.hessian_operator(model, loss_fn, data)
-    if "eig" in what:
-        res = curvature.top_eigenvalues(op, min(k, op.shape[0]), seed=seed, progress=progress)
-        out.update({f"lambda_{i + 1}": float(v) for i, v in enumerate(res.values)})
-        out["eig_converged"] = float(res.converged)
-    if "trace" in what:
-        tr = curvature.hessian_trace(op, probes=probes, seed=seed, progress=progress)
-        out.update(trace=tr.value, trace_stderr=tr.stderr)
-    if "density" in what:
-        d = curvature.spectral_density(op, steps=steps, seed=seed, progress=progress)
-        live = d.weights > 0
-        out.update(density_min=float(d.nodes[live].min()), density_max=float(d.nodes[live].max()),
-                   density_m1=d.moment(1), density_m2=d.moment(2))
-        if density_plot is not None:
-            Path(density_plot).parent.mkdir(parents=True, exist_ok=True)
-            curvature.plot_density(d, path=density_plot)
-            out["density_plot"] = str(density_plot)
-    if "sharpness" in what:
-        out["loss"] = curvature.gradient_norm(model, loss_fn, data).loss
-        out["grad_norm"] = curvature.gradient_norm(model, loss_fn, data).value
-        out["worst_case_l2"] = curvature.worst_case_sharpness(model, loss_fn, data, rho).value
-        out["adaptive_worst_case_linf"] = curvature.worst_case_sharpness(
-            model, loss_fn, data, rho, adaptive=True, norm="linf").value
-        out["first_order_flatness"] = curvature.first_order_flatness(
-            model, loss_fn, data, rho).value
+    for quantity in QUANTITIES:
+        if quantity not in what:
+            continue
+        if out_of_time():
+            out[f"{quantity}_converged"] = 0.0
+            continue
+        if quantity == "eig":
+            res = curvature.top_eigenvalues(op, min(k, op.shape[0]), seed=seed, tol=tol,
+                                            stop=stop, **budget())
+            out.update({f"lambda_{i + 1}": float(v) for i, v in enumerate(res.values)})
+            out["eig_converged"] = float(res.converged)
+        elif quantity == "trace":
+            tr = curvature.hessian_trace(op, probes=probes, seed=seed, **budget())
+            out.update(trace=tr.value, trace_stderr=tr.stderr,
+                       trace_converged=float(tr.converged))
+        elif quantity == "density":
+            d = curvature.spectral_density(op, steps=steps, seed=seed, **budget())
+            live = d.weights > 0
+            out.update(density_min=float(d.nodes[live].min()),
+                       density_max=float(d.nodes[live].max()),
+                       density_m1=d.moment(1), density_m2=d.moment(2),
+                       density_converged=float(d.converged))
+            if density_plot is not None:
+                Path(density_plot).parent.mkdir(parents=True, exist_ok=True)
+                curvature.plot_density(d, path=density_plot)
+                out["density_plot"] = str(density_plot)
+        else:
+            grad = curvature.gradient_norm(model, loss_fn, data)
+            out.update(loss=grad.loss, grad_norm=grad.value)
+            parts = [("worst_case_l2", lambda b: curvature.worst_case_sharpness(
+                         model, loss_fn, data, rho, **b)),
+                     ("adaptive_worst_case_linf", lambda b: curvature.worst_case_sharpness(
+                         model, loss_fn, data, rho, adaptive=True, norm="linf", **b)),
+                     ("first_order_flatness", lambda b: curvature.first_order_flatness(
+                         model, loss_fn, data, rho, **b))]
+            converged = True
+            for name, run in parts:
+                if out_of_time():
+                    converged = False
+                    break
+                res = run(budget())
+                out[name] = res.value
+                converged = converged and res.converged
+            out["sharpness_converged"] = float(converged)
     out["n_hvps"] = float(op.n_matvecs)
     return out
+
+
+def _checked(name: str, check: Any, value: Any) -> Any:
+    """``check(name, value)``, with its TypeError / ValueError as one ConfigError line."""
+    try:
+        return check(name, value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def measure_checkpoint(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -81,7 +83,7 @@ def test_measure_density_writes_a_png_into_the_run_folder(tmp_path, capsys):
     out = capsys.readouterr()
     assert code == 0, out.err
     png = tmp_path / "plots" / "density.png"
-    assert f"density_plot  {png}" in out.out
+    assert re.search(rf"^density_plot +{re.escape(str(png))}$", out.out, re.M), out.out
     image = matplotlib.image.imread(png)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     assert float(image[..., :3].std()) > 0.01  # something is drawn, not a blank canvas
@@ -107,3 +109,47 @@ def test_plot_density_on_given_axes_and_log_clip(tmp_path):
     assert float(min(line.get_ydata())) > 0  # clipped, so the log axis can draw it
     plot_density(d, path=tmp_path / "d.png", log=False)
     assert (tmp_path / "d.png").stat().st_size > 1000
+
+
+def test_budgets_cut_each_quantity_and_say_so(tmp_path):
+    """max_matvecs bounds each quantity (the partial result is marked); max_seconds bounds the
+    whole measurement, and a quantity left with no time is reported unmeasured, not guessed."""
+    from flatlab.measure import measure
+
+    x, y = make_data().tensors
+    loss = nn.functional.cross_entropy
+    full = measure(make_model(), loss, (x, y), ["eig", "trace"], k=2, tol=1e-10, probes=20,
+                   progress=False)
+    assert full["eig_converged"] == 1.0 and full["trace_converged"] == 1.0
+    cut = measure(make_model(), loss, (x, y), ["eig", "trace", "sharpness"], k=2, tol=1e-10,
+                  probes=20, max_matvecs=5, progress=False)
+    assert cut["eig_converged"] == 0.0  # 5 products cannot reach 1e-10
+    assert cut["trace_converged"] == 0.0 and cut["sharpness_converged"] == 0.0
+    assert cut["n_hvps"] <= 10  # 5 each for the eigenvalues and the trace
+    assert cut["lambda_1"] <= full["lambda_1"] + 1e-12  # a Ritz value, from below
+    gone = measure(make_model(), loss, (x, y), list(("eig", "trace", "density", "sharpness")),
+                   max_seconds=1e-9, progress=False)
+    assert gone == {"eig_converged": 0.0, "trace_converged": 0.0, "density_converged": 0.0,
+                    "sharpness_converged": 0.0, "n_hvps": 0.0}
+
+
+def test_cli_measure_budget_stop_and_bad_values(tmp_path, capsys):
+    from flatlab.cli import main
+
+    save_checkpoint(tmp_path / "checkpoints" / "fit" / "latest.pt",
+                    {"model": make_model().state_dict()})
+    args = ["measure", str(tmp_path), "--model", f"{SPEC}:make_model", "--data",
+            f"{SPEC}:make_data", "--what", "eig"]
+    assert main([*args, "--stop", "value", "--tol", "1e-6", "--quiet"]) == 0
+    out = capsys.readouterr()
+    assert re.search(r"^eig_converged +1$", out.out, re.M) and out.err == ""  # no bar
+    assert main([*args, "--tol", "1e-12", "--max-matvecs", "3", "--quiet"]) == 0
+    assert re.search(r"^eig_converged +0$", capsys.readouterr().out, re.M)
+    for bad, named in ((["--stop", "gap"], "--stop must be residual or value, got 'gap'"),
+                       (["--tol", "0"], "--tol must be a finite number > 0, got 0.0"),
+                       (["--max-seconds", "inf"], "--max-seconds must be a finite number > 0"),
+                       (["--max-matvecs", "0"], "--max-matvecs must be >= 1, got 0"),
+                       (["--probes", "3"], "--probes must be >= 4")):
+        assert main([*args, *bad]) == 2
+        err = capsys.readouterr().err
+        assert named in err and err.count("\n") == 1, err
