@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from flatlab.optim import SAM
+from flatlab.optim._step import ENGINE_TRIES
 
 WORLD, STEPS, RHO, LR = 2, 5, 0.05, 0.1
 CASES = [("global", "plain"), ("global", "ddp"), ("global", "ddp-undeclared"),
@@ -63,6 +64,21 @@ def _worker(rank: int, port: int, out: str) -> None:
             results[(sync, mode, "error")] = str(err)
         results[(sync, mode)] = [p.detach().clone() for p in model.parameters()]
         results[(sync, mode, "detected")] = opt._engine_averages
+    # the same data on both ranks: nothing to tell, asked for ENGINE_TRIES steps only
+    model = make_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    x0, y0 = shards()[0]
+
+    def same(opt=opt, model=model):
+        loss = nn.functional.mse_loss(model(x0), y0)
+        loss.backward()
+        return loss
+
+    seen = []
+    for _ in range(ENGINE_TRIES + 1):
+        opt.step(same)
+        seen.append(opt._engine_averages)
+    results["same-data"] = seen
     finish_rank(results, out, rank)
 
 
@@ -147,6 +163,11 @@ def test_an_undeclared_ddp_is_detected_and_only_a_plain_model_is_reduced_by_the_
         assert res[("global", "ddp-undeclared", "detected")] is True
         assert res[("global", "plain", "detected")] is False
         assert res[("global", "ddp", "detected")] is None  # given: nothing to detect
+
+
+def test_ranks_with_the_same_data_stop_looking_for_an_engine(rank_results):
+    for res in rank_results:
+        assert res["same-data"] == [None] * (ENGINE_TRIES - 1) + [False, False]
 
 
 def test_local_sync_under_an_undeclared_ddp_is_refused_before_any_change(rank_results):

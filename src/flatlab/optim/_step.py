@@ -41,6 +41,8 @@ from flatlab.optim._norms import discover_norm_modules
 
 __all__ = ["ClosureError", "NonFiniteStep", "StepContext", "allreduce_mean"]
 
+ENGINE_TRIES = 8  # first steps that may look for an engine averaging the gradient
+
 
 class NonFiniteStep(RuntimeError):
     """Raised inside a step when a loss or gradient is not finite (the step is skipped)."""
@@ -313,7 +315,8 @@ class StepContext:
         their gradients: one all-reduce of four numbers, at the first distributed step only.
         Losses that differ with gradients equal to the bit mean an engine averaged them.
         Equal losses (the same data on every rank), or gradients that are zero or not finite,
-        decide nothing, and the next step tries again.
+        decide nothing, and the next step tries again, up to ``ENGINE_TRIES`` steps (then: no
+        engine).
 
         An engine that averages makes ``sync="global"``'s own all-reduce redundant, so it is
         skipped. ``sync="local"`` cannot work then, because no rank has its own gradient to
@@ -325,6 +328,11 @@ class StepContext:
             return
         if opt._engine_averages is None:
             opt._engine_averages = self._engine_averaged(loss)
+            opt._engine_tries += 1
+            if opt._engine_averages is None and opt._engine_tries >= ENGINE_TRIES:
+                # the ranks keep seeing the same data: then "local" equals "global" and the
+                # optimizer's own all-reduce changes nothing, so stop asking
+                opt._engine_averages = False
         if opt._engine_averages and opt.sync == "local":
             raise ValueError(
                 "sync='local' needs the DistributedDataParallel module as model=: this rank's "

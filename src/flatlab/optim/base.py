@@ -214,6 +214,7 @@ class SharpnessAware(Optimizer):
         # accelerate's DDP) averages each pass's gradient: decided at the first distributed
         # step whose ranks' losses differ (StepContext.detect_engine); None = not yet known
         self._engine_averages: bool | None = None
+        self._engine_tries = 0
         # Optimizer.__init__ sets up hooks and step patching; it is given the base's groups
         # and then the group list itself is shared, never copied.
         super().__init__(self.base.param_groups, {})
