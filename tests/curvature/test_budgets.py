@@ -119,6 +119,24 @@ def test_xtrace_cut_in_its_sketch_falls_back_to_hutchinson_on_the_products_done(
     assert abs(res.value - truth) < 6 * res.stderr
 
 
+@pytest.mark.parametrize("method", ["xtrace", "xnystrace", "hutch++"])
+def test_a_product_budget_below_the_method_minimum_runs_hutchinson_on_it(method):
+    """A budget is never an error: below XTrace's 4 (XNysTrace's 2, Hutch++'s 3) products the
+    budget's products go to Hutchinson, marked unconverged; probes themselves stay checked."""
+    from flatlab.curvature.trace import MINIMUM_PROBES
+
+    A = _matrix()
+    for budget in range(1, MINIMUM_PROBES[method]):
+        res = hessian_trace(A, probes=50, method=method, max_matvecs=budget, progress=False)
+        assert res.method == "hutchinson" and res.n_matvecs == budget and not res.converged
+        assert res.samples.numel() == budget
+    at = hessian_trace(A, probes=50, method=method, max_matvecs=MINIMUM_PROBES[method],
+                       progress=False)
+    assert at.method == method and not at.converged
+    with pytest.raises(ValueError, match=f"probes must be >= {MINIMUM_PROBES[method]}"):
+        hessian_trace(A, probes=MINIMUM_PROBES[method] - 1, method=method)
+
+
 @pytest.mark.parametrize("fn", [worst_case_sharpness, average_sharpness, first_order_flatness])
 def test_time_budget_stops_sharpness(fn):
     model, data = SlowNet(), _data()

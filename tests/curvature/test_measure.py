@@ -127,6 +127,8 @@ def test_budgets_cut_each_quantity_and_say_so(tmp_path):
     assert cut["trace_converged"] == 0.0 and cut["sharpness_converged"] == 0.0
     assert cut["n_hvps"] <= 10  # 5 each for the eigenvalues and the trace
     assert cut["lambda_1"] <= full["lambda_1"] + 1e-12  # a Ritz value, from below
+    tiny = measure(make_model(), loss, (x, y), ["trace"], max_matvecs=2, progress=False)
+    assert tiny["trace_converged"] == 0.0 and tiny["n_hvps"] == 2  # below XTrace's 4: no error
     gone = measure(make_model(), loss, (x, y), list(("eig", "trace", "density", "sharpness")),
                    max_seconds=1e-9, progress=False)
     assert gone == {"eig_converged": 0.0, "trace_converged": 0.0, "density_converged": 0.0,

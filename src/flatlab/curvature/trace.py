@@ -63,6 +63,8 @@ from flatlab.curvature._progress import Meter
 from flatlab.curvature.hvp import as_operator
 
 METHODS = ("xtrace", "xnystrace", "hutch++", "hutchinson")
+# the fewest probes each estimator needs
+MINIMUM_PROBES = {"xtrace": 4, "xnystrace": 2, "hutch++": 3, "hutchinson": 1}
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,8 @@ def hutchinson(op: Any, probes: int = 100, *, seed: int = 0, block: int = 16,
 def hutchpp(op: Any, probes: int = 99, *, seed: int = 0, block: int = 16,
             meter: Meter | None = None) -> TraceResult:
     """Hutch++ with a budget of ``probes >= 3`` products (see module docstring)."""
-    op, probes, meter, gen = _prepare(op, probes, seed, "hutch++", meter, minimum=3)
+    op, probes, meter, gen = _prepare(op, probes, seed, "hutch++", meter,
+                                      minimum=MINIMUM_PROBES["hutch++"])
     n = op.shape[0]
     r = min(probes // 3, n)
     g = probes - 2 * r  # the remainder goes to the Hutchinson part
@@ -244,7 +247,8 @@ def xtrace(op: Any, probes: int = 100, *, seed: int = 0, block: int = 16,
     Raises:
         ValueError: ``probes < 4``.
     """
-    op, probes, meter, gen = _prepare(op, probes, seed, "xtrace", meter, minimum=4)
+    op, probes, meter, gen = _prepare(op, probes, seed, "xtrace", meter,
+                                      minimum=MINIMUM_PROBES["xtrace"])
     n = op.shape[0]
     if probes >= n:
         return _exact(op, block, meter)
@@ -292,7 +296,8 @@ def xnystrace(op: Any, probes: int = 100, *, seed: int = 0, block: int = 16,
     Raises:
         ValueError: ``probes < 2``, or an operator that is not PSD on the probes.
     """
-    op, probes, meter, gen = _prepare(op, probes, seed, "xnystrace", meter, minimum=2)
+    op, probes, meter, gen = _prepare(op, probes, seed, "xnystrace", meter,
+                                      minimum=MINIMUM_PROBES["xnystrace"])
     n = op.shape[0]
     if probes >= n:
         return _exact(op, block, meter)
@@ -337,6 +342,8 @@ def hessian_trace(
             ``"hutch++"`` or ``"hutchinson"``.
         seed: seed of the probes; block: probes per batched product.
         max_matvecs: product budget (``probes`` is cut to it; ``converged=False`` then).
+            A budget below the method's minimum runs Hutchinson on the budget instead
+            (``method="hutchinson"`` in the result).
         max_seconds: wall-clock budget; when it ends, what was computed is returned with
             ``converged=False``.
         progress: a progress bar on stderr when it is a terminal (``False``: never).
@@ -359,6 +366,10 @@ def hessian_trace(
                      distributed=distributed)
     planned = probes if max_matvecs is None else min(probes, check_positive_int(
         "max_matvecs", max_matvecs))
+    if planned < probes and planned < MINIMUM_PROBES[method]:
+        # a budget below the method's minimum: what can be done is Hutchinson on the budget
+        # (marked unconverged below), not an error about probes the caller did not set
+        method = "hutchinson"
     with Meter(f"trace ({method})", planned, max_seconds=max_seconds,
                progress=progress, ranks=getattr(op, "ranks", None)) as meter:
         res = _ESTIMATORS[method](op, planned, seed=seed, block=block, meter=meter)
