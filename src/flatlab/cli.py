@@ -304,8 +304,11 @@ def measure(
         raise ConfigError(f"--k must be >= 1, got {k}")
     if not (math.isfinite(rho) and rho >= 0):
         raise ConfigError(f"--rho must be a finite number >= 0, got {rho}")
-    if probes < 4:
-        raise ConfigError(f"--probes must be >= 4 (XTrace's minimum), got {probes}")
+    from flatlab.curvature.trace import MINIMUM_PROBES
+
+    if probes < MINIMUM_PROBES["xtrace"]:
+        raise ConfigError(f"--probes must be >= {MINIMUM_PROBES['xtrace']} (XTrace's minimum), "
+                          f"got {probes}")
     for flag, value in (("--tol", tol), ("--max-seconds", max_seconds)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{flag} must be a finite number > 0, got {value}")

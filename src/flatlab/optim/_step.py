@@ -312,7 +312,7 @@ class StepContext:
         """Decide, once, whether a data-parallel engine the optimizer was not handed averages
         each pass's gradient (a model wrapped in DDP by Lightning or accelerate, with
         ``model=`` not given). Right after a first pass, the ranks' losses are compared with
-        their gradients: one all-reduce of four numbers, at the first distributed step only.
+        their gradient norms: one all-reduce of four numbers, at the first distributed step only.
         Losses that differ with gradients equal to the bit mean an engine averaged them.
         Equal losses (the same data on every rank), or gradients that are zero or not finite,
         decide nothing, and the next step tries again, up to ``ENGINE_TRIES`` steps (then: no
@@ -348,20 +348,17 @@ class StepContext:
         # every rank joins the all-reduce, also one whose closure ran no backward (it adds a
         # zero, which decides nothing; _collect then reports the closure)
         loss = loss.detach().to(torch.float64).reshape(())
-        square = loss.new_zeros(())
-        for p in self.all_params:
-            if p.grad is not None:
-                square = square + p.grad.detach().to(loss.device, torch.float64).square().sum()
-        mine = torch.stack([loss, square])
+        norm = _tree.global_norm([p.grad for p in self.all_params if p.grad is not None])
+        mine = torch.stack([loss, norm.to(loss.device, torch.float64)])
         both = torch.cat([mine, -mine])
         dist.all_reduce(both, op=dist.ReduceOp.MAX)
-        loss_hi, square_hi, loss_lo, square_lo = both.tolist()
-        loss_lo, square_lo = -loss_lo, -square_lo
-        if not (math.isfinite(loss_hi) and math.isfinite(square_hi) and square_lo > 0.0):
+        loss_hi, norm_hi, loss_lo, norm_lo = both.tolist()
+        loss_lo, norm_lo = -loss_lo, -norm_lo
+        if not (math.isfinite(loss_hi) and math.isfinite(norm_hi) and norm_lo > 0.0):
             return None
         if loss_hi == loss_lo:
             return None
-        return square_hi == square_lo
+        return norm_hi == norm_lo
 
     def grads(self) -> list[torch.Tensor]:
         """The current ``p.grad`` of :attr:`params` (the tensors themselves, not copies)."""
