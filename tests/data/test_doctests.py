@@ -9,6 +9,7 @@ MODULES = [
     "flatlab.data.tabular", "flatlab.data.domains", "flatlab.data.synthetic",
     "flatlab.data.registry", "flatlab.models.mlp", "flatlab.models.cnn", "flatlab.models.resnet",
     "flatlab.models.vit", "flatlab.models.mixer", "flatlab.models.registry",
+    "flatlab.models.imagenet_resnet", "flatlab.data.augment",
 ]
 
 

@@ -14,6 +14,8 @@ name                    model
 ``small_cnn``           :class:`~flatlab.models.cnn.SmallCNN` (digits)
 ``cnn1d``               :class:`~flatlab.models.cnn.CNN1d` (MNIST-1D)
 ``resnet``              :class:`~flatlab.models.resnet.ResNet` (CIFAR, BatchNorm)
+``resnet18``            :class:`~flatlab.models.imagenet_resnet.ImageNetResNet` (ImageNet,
+                        torchvision's layout; also ``resnet34``, ``resnet50``, ``resnet101``)
 ``vit``                 :class:`~flatlab.models.vit.ViT`
 ``mixer``               :class:`~flatlab.models.mixer.Mixer`
 ======================  =========================================================
@@ -29,6 +31,7 @@ import torch.nn as nn
 
 from flatlab._checks import check_positive_int
 from flatlab.models.cnn import MNISTCNN, CNN1d, SmallCNN
+from flatlab.models.imagenet_resnet import ARCHITECTURES, ImageNetResNet
 from flatlab.models.mixer import Mixer
 from flatlab.models.mlp import MLP, ResidualMLP
 from flatlab.models.resnet import ResNet
@@ -42,6 +45,14 @@ def _flat(cls: type[nn.Module]) -> Callable[..., nn.Module]:
         return cls(math.prod(input_shape), num_classes, **kw)
 
     make.__doc__ = f"{cls.__name__}(prod(input_shape), num_classes, **kw)"
+    return make
+
+
+def _imagenet(arch: str) -> Callable[..., nn.Module]:
+    def make(input_shape: Sequence[int], num_classes: int, **kw: Any) -> nn.Module:
+        return ImageNetResNet(tuple(input_shape), num_classes, arch=arch, **kw)
+
+    make.__doc__ = f"ImageNetResNet(input_shape, num_classes, arch={arch!r}, **kw)"
     return make
 
 
@@ -62,6 +73,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet": _shaped(ResNet),
     "vit": _shaped(ViT),
     "mixer": _shaped(Mixer),
+    **{arch: _imagenet(arch) for arch in ARCHITECTURES},
 }
 
 

@@ -128,6 +128,7 @@ def fit(
     progress: bool = True,
     stop_on_nonfinite: bool = True,
     distributed: bool | None = None,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
 ) -> FitResult:
     """Train ``model`` with ``optimizer`` for ``steps`` steps on ``train``.
 
@@ -154,6 +155,11 @@ def fit(
             :mod:`flatlab.train.parallel`): every rank passes the whole ``train`` and takes
             its part of each minibatch; only rank 0 writes checkpoints and shows progress.
             ``None`` (default): as ``run`` says (a laboratory run at several ranks).
+        augment: ``augment(x, generator) -> x`` applied to every training minibatch's inputs
+            (after sampling, before the optimizer step; e.g.
+            :class:`flatlab.data.augment.DomainBedAugment`). It must draw its randomness from
+            ``generator``, the data-order generator saved in checkpoints, so a resumed fit
+            augments exactly as an uninterrupted one. Evaluation callbacks see raw data.
 
     Raises:
         ValueError / TypeError: bad ``steps``, ``batch_size``, ``log_every`` or data.
@@ -249,6 +255,8 @@ def fit(
             break
         picks = [sampler.next() for sampler in samplers]
         batches = [(x[idx], y[idx]) for (x, y), idx in zip(domains, picks)]
+        if augment is not None:
+            batches = [(augment(x, generator), y) for x, y in batches]
         passes = 0
 
         def make_closure(x: torch.Tensor, y: torch.Tensor) -> Callable[..., torch.Tensor]:
