@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flatlab.data.augment import IMAGENET_MEAN, IMAGENET_STD, DomainBedAugment, adjust_hue
-from flatlab.train import Checkpoint, Callback, build_optimizer, fit
+from flatlab.train import Callback, Checkpoint, build_optimizer, fit
 
 OFF = {"scale": (1.0, 1.0), "ratio": (1.0, 1.0), "flip": 0.0, "jitter": 0.0, "grayscale": 0.0}
 

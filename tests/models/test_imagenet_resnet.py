@@ -1,4 +1,4 @@
-"""ImageNet ResNet-18/50: torchvision's layout and sizes, DomainBed's frozen BN, pretrained files."""
+"""ImageNet ResNet-18/50: torchvision's layout and sizes, frozen BN, pretrained files."""
 
 import pytest
 import torch

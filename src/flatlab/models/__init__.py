@@ -23,7 +23,8 @@ from flatlab.models.resnet import BasicBlock, ResNet
 from flatlab.models.vit import SelfAttention, TransformerBlock, ViT
 
 __all__ = [
-    "ACTIVATIONS", "MLP", "MNISTCNN", "MODELS", "BasicBlock", "CNN1d", "ImageNetResNet", "MLPBlock", "Mixer",
-    "MixerBlock", "Patchify", "ResNet", "ResidualMLP", "SelfAttention", "SmallCNN",
+    "ACTIVATIONS", "MLP", "MNISTCNN", "MODELS", "BasicBlock", "CNN1d", "ImageNetResNet",
+    "MLPBlock", "Mixer", "MixerBlock", "Patchify", "ResNet", "ResidualMLP", "SelfAttention",
+    "SmallCNN",
     "TokenMixing", "TransformerBlock", "ViT", "build", "load_pretrained", "make_activation",
 ]
