@@ -133,7 +133,7 @@ def test_image_folder_fixture(tmp_path):
                 Image.fromarray(img).save(folder / f"{i}.png")
     run = launch("dg", quick=True, out=tmp_path / "runs", overrides=[
         "dataset=image_folder", f"data_dir={tmp_path / 'data'}", "image_dataset=TOY",
-        "methods=[erm,dgsam]", "test_domains=[2]", "batch_size=4"])
+        "methods=[erm,dgsam]", "test_domains=[2]", "batch_size=4", "model=cnn"])
     recs = [json.loads(x) for x in (run.path / "dg_records.jsonl").read_text().splitlines()]
     assert [r["test_domain"] for r in recs] == ["sketch", "sketch"]
     assert recs[1]["passes_per_step"] == 3

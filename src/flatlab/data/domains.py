@@ -115,6 +115,11 @@ class Domains:
         return (Domains(self.names, tuple(ins), self.num_classes, self.input_shape, self.name),
                 Domains(self.names, tuple(outs), self.num_classes, self.input_shape, self.name))
 
+    def to(self, device: str | torch.device) -> Domains:
+        """The same domains with every tensor on ``device``."""
+        data = tuple((x.to(device), y.to(device)) for x, y in self.data)
+        return Domains(self.names, data, self.num_classes, self.input_shape, self.name)
+
     def pooled(self) -> Pair:
         """All domains concatenated into one ``(x, y)`` pair."""
         xs, ys = zip(*self.data)

@@ -31,6 +31,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 DOMAINBED_FOLDERS = {
     "pacs": "PACS", "vlcs": "VLCS", "office_home": "office_home",
     "terra_incognita": "terra_incognita", "domain_net": "domain_net",
+    "officehome": "office_home", "terraincognita": "terra_incognita", "domainnet": "domain_net",
 }
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -71,7 +72,9 @@ def image_folder(
     Args:
         root: data root (``dataset`` is a subfolder of it), or the dataset folder itself if
             ``dataset`` is None.
-        dataset: folder name, e.g. ``"PACS"`` or ``"office_home"``.
+        dataset: folder name, e.g. ``"PACS"`` or ``"office_home"``; DomainBed's dataset names
+            (``"OfficeHome"``, ``"TerraIncognita"``, ``"DomainNet"``, any case) find their
+            folders too.
         size: images are resized to ``size x size``.
         normalize: standardise with ImageNet channel statistics.
         domains: read only these domains (names of subfolders); default all, sorted.
@@ -88,7 +91,9 @@ def image_folder(
         check_positive_int("max_per_class", max_per_class)
     folder = Path(root).expanduser()
     if dataset is not None:
-        folder = folder / dataset
+        alias = DOMAINBED_FOLDERS.get(dataset.lower())
+        named = folder / dataset
+        folder = folder / alias if not named.is_dir() and alias is not None else named
     if not folder.is_dir():
         raise FileNotFoundError(f"image-folder dataset directory not found: {folder}")
     domain_dirs = _subdirs(folder)

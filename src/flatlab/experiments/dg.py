@@ -43,13 +43,20 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from flatlab.experiments import ConfigError, ExperimentConfig, Run, register
 from flatlab.train.callbacks import Callback, FitState, evaluate
 from flatlab.train.optimizers import base_class, build_optimizer
 
 METHODS = ("erm", "sam", "gam", "sagm", "dgsam")
+MODELS = ("auto", "cnn", "mlp", "resnet18", "resnet50")
+#: DomainBed's defaults for its image datasets (``hparams_registry.py``, ``datasets.py``: 5001
+#: steps, a checkpoint every 300, 224x224 inputs, lr 5e-5, 32 images per domain, an ImageNet
+#: ResNet-50, training augmentation); ``dataset=image_folder`` takes each one not ``--set``
+IMAGE_DEFAULTS: dict[str, Any] = {"model": "resnet50", "image_size": 224, "lr": 5e-5,
+                                  "batch_size": 32, "steps": 5001, "checkpoint_freq": 300,
+                                  "augment": True}
 DATASETS = ("rotated_digits", "colored_digits", "mnist1d", "rotated_mnist", "colored_mnist",
             "image_folder")
 
@@ -81,7 +88,16 @@ class Config(ExperimentConfig):
         "S rho), rho/sqrt(S), or rho/S (total <= rho, SAM's bound)")
     sagm_per_domain: bool = Field(
         False, description="SAGM on per-domain closures instead of the pooled batch (authors)")
-    model: Literal["auto", "cnn", "mlp"] = Field("auto", description="cnn for images, else mlp")
+    model: Literal[MODELS] = Field(
+        "auto", description="auto: resnet50 for image folders, cnn for other images, else mlp")
+    pretrained: str | None = Field(
+        None, description="resnet*: torchvision-layout ImageNet state_dict file to start from")
+    resnet_dropout: float = Field(0.0, ge=0, lt=1, description="resnet*: dropout before fc")
+    freeze_bn: bool | None = Field(
+        None, description="resnet*: BatchNorm in eval mode while training (None: iff pretrained)")
+    augment: bool = Field(False, description="DomainBed's training augmentation (RGB images)")
+    device: str = Field("cpu", description="where models and data live: cpu, cuda, cuda:1, ...")
+    eval_batch_size: int = Field(256, ge=1, description="batch size of checkpoint evaluation")
     channels: list[int] = Field([32, 64, 64, 64], description="cnn: four conv widths")
     width: int = Field(128, ge=1, description="mlp: hidden width")
     depth: int = Field(2, ge=1, description="mlp: hidden layers")
@@ -90,6 +106,45 @@ class Config(ExperimentConfig):
     sharpness_examples: int = Field(128, ge=1, description="examples per domain for sharpness")
     sharpness_steps: int = Field(10, ge=1, description="gradient-ascent steps of the sharpness")
     timing_steps: int = Field(60, ge=0, description="timed steps per method (0: no benchmark)")
+
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained_exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).expanduser().is_file():
+            raise ValueError("pretrained must be an existing file")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        try:
+            dev = torch.device(value)
+        except RuntimeError:
+            raise ValueError("device must be a torch device such as cpu or cuda:0") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device must be available on this machine (no CUDA here)")
+        return value
+
+    @model_validator(mode="after")
+    def _image_folder_defaults(self) -> Config:
+        """DomainBed's image-dataset defaults for every key of IMAGE_DEFAULTS not given."""
+        if self.dataset == "image_folder":
+            for key, value in IMAGE_DEFAULTS.items():
+                if key not in self.model_fields_set:
+                    object.__setattr__(self, key, value)
+            if self.data_dir is None:
+                raise ValueError("dataset 'image_folder' needs data_dir, got None")
+            _image_folder_dir(self.data_dir, self.image_dataset)
+        if self.pretrained is not None:
+            if not self.model.startswith("resnet"):
+                raise ValueError(f"pretrained needs model resnet18 or resnet50, got "
+                                 f"{self.model!r}")
+            from flatlab.models import ImageNetResNet, load_pretrained
+
+            with torch.device("meta"):  # names and shapes only: no memory, no arithmetic
+                shell = ImageNetResNet((3, 224, 224), 1000, arch=self.model)
+            load_pretrained(shell, self.pretrained)  # ValueError naming the misfit
+        return self
 
 
 def load_domains(cfg: Config) -> Any:
@@ -113,10 +168,27 @@ def load_domains(cfg: Config) -> Any:
 
 
 def make_model(cfg: Config, domains: Any) -> torch.nn.Module:
-    """MNIST-CNN (GroupNorm) for images, an MLP for vectors (or as ``cfg.model`` says)."""
-    from flatlab.models import MLP, MNISTCNN
+    """MNIST-CNN (GroupNorm) for images, an MLP for vectors, or DomainBed's ImageNet ResNet
+    (``cfg.model``), on ``cfg.device``; a ResNet starts from ``cfg.pretrained`` if given."""
+    return _architecture(cfg, domains).to(cfg.device)
+
+
+def _architecture(cfg: Config, domains: Any) -> torch.nn.Module:
+    from flatlab.models import MLP, MNISTCNN, ImageNetResNet, load_pretrained
 
     shape = tuple(domains.input_shape)
+    if cfg.model.startswith("resnet"):
+        if len(shape) != 3:
+            raise ConfigError(f"model {cfg.model!r} needs images, got inputs of shape {shape}")
+        frozen = cfg.pretrained is not None if cfg.freeze_bn is None else cfg.freeze_bn
+        net = ImageNetResNet(shape, domains.num_classes, arch=cfg.model,
+                             dropout=cfg.resnet_dropout, freeze_bn=frozen)
+        if cfg.pretrained is not None:
+            try:
+                load_pretrained(net, cfg.pretrained)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+        return net
     if cfg.model == "cnn" or (cfg.model == "auto" and len(shape) == 3):
         return MNISTCNN(shape, domains.num_classes, channels=cfg.channels,
                         groups=min(8, min(cfg.channels)))
@@ -145,9 +217,12 @@ class DomainCheckpoints(Callback):
     """Checkpoint evaluation: validation = mean accuracy on the training domains' out splits,
     plus the test domain's in/out accuracy; keeps the weights of the best validation step."""
 
-    def __init__(self, every: int, val: list[Any], test_in: Any, test_out: Any) -> None:
+    def __init__(self, every: int, val: list[Any], test_in: Any, test_out: Any,
+                 batch_size: int | None = None) -> None:
         super().__init__(every)
-        self.val, self.test_in, self.test_out = val, test_in, test_out
+        chunk = (lambda d: d) if batch_size is None else (lambda d: _chunks(d, batch_size))
+        self.val = [chunk(d) for d in val]
+        self.test_in, self.test_out = chunk(test_in), chunk(test_out)
         self.history: list[dict[str, float]] = []
         self.best: dict[str, torch.Tensor] | None = None
 
@@ -167,6 +242,12 @@ class DomainCheckpoints(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = list(state.get("history", []))
         self.best = state.get("best")
+
+
+def _chunks(pair: Any, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x, y)`` as consecutive batches of at most ``size`` (views, no copy)."""
+    x, y = pair
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, x.shape[0], size)]
 
 
 def measure_sharpness(model: torch.nn.Module, train: Any, cfg: Config) -> dict[str, Any]:
@@ -194,10 +275,16 @@ def train_one(cfg: Config, run: Run, domains: Any, method: str, test: int, seed:
     model = make_model(cfg, domains)
     opt = make_optimizer(method, model.parameters(), cfg, len(train_in))
     ckpts = DomainCheckpoints(min(cfg.checkpoint_freq, steps), list(train_out), test_in[0],
-                              test_out[0])
+                              test_out[0], batch_size=cfg.eval_batch_size)
+    augment = None
+    if cfg.augment:
+        from flatlab.data.augment import DomainBedAugment
+
+        augment = DomainBedAugment(normalized=cfg.dataset == "image_folder")
     result = fit(model, opt, list(train_in), steps=steps, batch_size=cfg.batch_size,
                  callbacks=[ckpts], run=run, tag=f"{method}-{domains.names[test]}-s{seed}",
-                 seed=seed, log_every=max(1, cfg.checkpoint_freq), progress=False)
+                 seed=seed, log_every=max(1, cfg.checkpoint_freq), progress=False,
+                 augment=augment)
     best = max(ckpts.history, key=lambda h: h["val"])  # first maximum, as the callback kept
     # the same training step for every method: the last one (steps are equal across methods)
     final = {"step": result.steps, "sharpness": measure_sharpness(model, train_in, cfg)}
@@ -209,7 +296,10 @@ def train_one(cfg: Config, run: Run, domains: Any, method: str, test: int, seed:
         "hparams": {"lr": cfg.lr, "rho": cfg.rho, "batch_size": cfg.batch_size,
                     "alpha": cfg.alpha, "dgsam_combine": cfg.dgsam_combine,
                     "dgsam_radius_rule": cfg.dgsam_radius_rule,
-                    "sagm_per_domain": cfg.sagm_per_domain, "steps": steps},
+                    "sagm_per_domain": cfg.sagm_per_domain, "steps": steps,
+                    "weight_decay": cfg.weight_decay, "model": cfg.model,
+                    "pretrained": cfg.pretrained is not None, "augment": cfg.augment,
+                    "resnet_dropout": cfg.resnet_dropout},
         "test_domain": domains.names[test], "domains": list(domains.names),
         "checkpoints": ckpts.history,
         "selected": {**best, "sharpness": measure_sharpness(model, train_in, cfg)},
@@ -306,15 +396,37 @@ def num_domains(cfg: Config) -> int:
         return len(MNIST1D_DOMAINS)
     if cfg.data_dir is None:
         raise ConfigError("dataset 'image_folder' needs data_dir, got None")
-    return sum(p.is_dir() for p in Path(cfg.data_dir, cfg.image_dataset).iterdir())
+    folder = _image_folder_dir(cfg.data_dir, cfg.image_dataset)
+    return sum(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
+
+
+def _image_folder_dir(data_dir: str, image_dataset: str) -> Path:
+    """``data_dir/<image_dataset>``, or DomainBed's folder name for it (``OfficeHome`` ->
+    ``office_home``); ValueError naming the folder if neither exists."""
+    from flatlab.data.image_folder import DOMAINBED_FOLDERS
+
+    folder = Path(data_dir, image_dataset).expanduser()
+    alias = DOMAINBED_FOLDERS.get(image_dataset.lower())
+    if not folder.is_dir() and alias is not None:
+        folder = Path(data_dir, alias).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"image-folder dataset directory not found: {folder}")
+    return folder
 
 
 def sweep_defaults(cfg: Config) -> dict[str, Any]:
     """``flatlab sweep dg``: one job per method x test domain x draw x seed; DomainBed's random
-    search for small images, scaled down (batch 2^U(3, 6) instead of 2^U(3, 9))."""
+    search: for image folders its image space (lr 10^U(-5, -3.5), batch 2^U(3, 5.5), weight
+    decay 10^U(-6, -2), ResNet dropout in {0, 0.1, 0.5}), for small images its MNIST space
+    scaled down (batch 2^U(3, 6) instead of 2^U(3, 9)); rho 10^U(-2, -1) for both."""
+    if cfg.dataset == "image_folder":
+        space = {"lr": "log:-5:-3.5", "batch_size": "pow2:3:5.5", "weight_decay": "log:-6:-2",
+                 "resnet_dropout": "choice:0,0.1,0.5", "rho": "log:-2:-1"}
+    else:
+        space = {"lr": "log:-4.5:-2.5", "batch_size": "pow2:3:6", "rho": "log:-2:-1"}
     return {
         "grid": {"methods": list(cfg.methods), "test_domains": list(range(num_domains(cfg)))},
-        "space": {"lr": "log:-4.5:-2.5", "batch_size": "pow2:3:6", "rho": "log:-2:-1"},
+        "space": space,
         "seed_key": "seeds",
         "fixed": {"timing_steps": 0},  # one method per job: time ratios come from collect
         "list_keys": ["methods", "test_domains", "seeds"],
@@ -328,12 +440,14 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
 
 
 def quick(cfg: Config) -> dict[str, Any]:
-    """``--quick``'s preset: 3 domains, 1 seed, 1 test domain, 12 steps, tiny images and nets."""
+    """``--quick``'s preset: 3 domains, 1 seed, 1 test domain, 12 steps, tiny images and nets
+    (a ResNet-50 becomes a ResNet-18)."""
     return {"angles": cfg.angles[:3], "steps": min(cfg.steps, 12),
             "checkpoint_freq": min(cfg.checkpoint_freq, 6), "seeds": cfg.seeds[:1],
             "test_domains": cfg.test_domains if cfg.test_domains is not None else [0],
             "image_size": 8, "channels": [8, 8, 8, 8], "timing_steps": 3,
-            "sharpness_examples": 32, "sharpness_steps": 3, "mnist1d_n": 200}
+            "sharpness_examples": 32, "sharpness_steps": 3, "mnist1d_n": 200,
+            **({"model": "resnet18"} if cfg.model == "resnet50" else {})}
 
 
 @register("dg", Config, help="domain generalization (DomainBed protocol): ERM/SAM/GAM/SAGM/DGSAM",
@@ -342,7 +456,10 @@ def run(cfg: Config, run: Run) -> dict[str, Any]:
     """Leave-one-domain-out training of every method and seed; tables, figures, records."""
     from flatlab.report.dg import report
 
-    domains = load_domains(cfg)
+    domains = load_domains(cfg).to(cfg.device)
+    if cfg.augment and (len(domains.input_shape) != 3 or domains.input_shape[0] != 3):
+        raise ConfigError(f"augment needs RGB images (3, H, W), got {cfg.dataset} inputs of "
+                          f"shape {tuple(domains.input_shape)}")
     if len(domains) < 2:
         raise ConfigError(f"dataset must have at least 2 domains, got {len(domains)}")
     empty = [n for n, size in domains.sizes().items() if size < 5]
@@ -365,7 +482,8 @@ def run(cfg: Config, run: Run) -> dict[str, Any]:
                     with open(path, "a") as fh:
                         fh.write(json.dumps(rec) + "\n")
                 records.append(rec)
-    timing = time_methods(cfg, domains, list(cfg.methods), cfg.timing_steps) if (
+    timing = time_methods(cfg, domains, list(cfg.methods), cfg.timing_steps,
+                          device=cfg.device) if (
         cfg.timing_steps > 0) else {"wall": {}, "cpu": {}}
     return report(run, records, timing["wall"], num_train_domains=len(domains) - 1,
                   cpu_timing=timing["cpu"])
