@@ -5,6 +5,10 @@ over the ranks; SAM, which averages its passes itself; SignSGD on the full batch
 at 2 ranks the way torchrun starts it (RANK/WORLD_SIZE in the environment), and in one
 process. The metrics must agree to float64 round-off, rank 1's in-memory records must be
 rank 0's, one folder must exist, and a run that crashed at 2 ranks must resume bit for bit.
+
+The SGD phase also runs the measuring callbacks (curvature, two sharpness measures,
+activation sparsity) and the experiments' end-of-run measurements: at 2 ranks each rank
+measures half the rows, and the values must be the one process's.
 """
 
 from __future__ import annotations
@@ -21,12 +25,25 @@ import torch.distributed as dist
 from pydantic import Field
 
 from flatlab.experiments import ExperimentConfig, _registry, launch
-from flatlab.train import Callback, Checkpoint, Evaluate, Run, build_optimizer, fit
-from flatlab.train.parallel import _bounds
+from flatlab.train import (
+    ActivationSparsity,
+    Callback,
+    Checkpoint,
+    CurvatureMonitor,
+    Evaluate,
+    Run,
+    Sharpness,
+    build_optimizer,
+    fit,
+)
+from flatlab.train.parallel import DataParallel, _bounds, measured
 from tests.optim.test_distributed import finish_rank, run_ranks
 
 WORLD = 2
 TIMING = ("step_time", "step_cpu_time")
+MEASURED = ("lambda_max", "edge_gd", "sharpness_worst_case", "sharpness_trace", "act_sparsity",
+            "act_sparsity/1")
+_END: dict = {}  # the toy's end-of-run measurements, read by the worker after launch
 
 
 class Config(ExperimentConfig):
@@ -44,6 +61,14 @@ class _Crash(Callback):
         return None
 
 
+class _Rows(Callback):
+    """Logs how many rows of the training set this rank measures."""
+
+    def on_step(self, state):
+        part, across = state.measured(None)
+        return {"rows": float(sum(y.shape[0] for _, y in part)), "across": float(across)}
+
+
 def _toy(cfg: Config, run: Run) -> dict:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(40, 5, generator=g, dtype=torch.float64)
@@ -51,18 +76,41 @@ def _toy(cfg: Config, run: Run) -> dict:
     results = {}
     for name, batch in (("sgd", 7), ("sam", 7), ("signsgd", None)):
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(),
+        model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(),
                                     torch.nn.Linear(8, 2)).double()
         kw = {"momentum": 0.9} if name == "sgd" else {"rho": 0.1} if name == "sam" else {}
         opt = build_optimizer(name, model.parameters(), lr=0.05, **kw)
         callbacks = [Evaluate({"train": (x, y)}, every=2), Checkpoint(every=2)]
+        if name == "sgd":
+            callbacks += [CurvatureMonitor(every=3), Sharpness(every=3, rho=0.1, steps=3),
+                          Sharpness(every=3, measure="trace", probes=8),
+                          ActivationSparsity(every=3), _Rows(every=3)]
         if os.environ.get("TOY_CRASH_AT") and name == "sam":  # not in the saved config
             callbacks.append(_Crash(int(os.environ["TOY_CRASH_AT"])))
         res = fit(model, opt, (x, y), steps=cfg.steps, batch_size=batch, run=run, tag=name,
                   callbacks=callbacks, progress=False, seed=cfg.seed)
         results[name] = res.last("loss")
+        if name == "sgd":
+            _END.clear()
+            _END.update(_end_measures(model, x, y, run))
     run.add_section("Numbers", "Final losses.", table=[results])
     return results
+
+
+def _end_measures(model, x, y, run: Run) -> dict:
+    from types import SimpleNamespace
+
+    from flatlab.experiments import dg, flatness
+
+    cfg = SimpleNamespace(measure_examples=30, trace_probes=8, sharpness_steps=3,
+                          sharpness_rho=0.1, adaptive_rho=0.5, sharpness_examples=15)
+    splits = SimpleNamespace(train=(x[:30], y[:30]), test=(x[30:], y[30:]))
+    out = flatness.measure(model, splits, cfg, run.parallel)
+    domains = {"a": (x[:20], y[:20]), "b": (x[20:], y[20:])}
+    sharp = dg.measure_sharpness(model, domains, cfg, run.parallel)
+    out.update({f"dg_{k}": v for k, v in sharp.items() if k != "per_domain"})
+    out.update({f"dg_{k}": v for k, v in sharp["per_domain"].items()})
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +134,7 @@ def _worker(rank: int, port: int, out: str) -> None:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         root = Path(out)
         fresh = launch("parallel_toy", out=root / "fresh", report=False)
+        end = dict(_END)
         crashed = None
         os.environ["TOY_CRASH_AT"] = "3"
         try:
@@ -96,7 +145,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         del os.environ["TOY_CRASH_AT"]
         resumed = launch(resume=crashed, report=False)
         finish_rank({"fresh": _records(fresh), "resumed": _records(resumed),
-                     "writes": (fresh.writes, resumed.writes), "path": str(fresh.path)},
+                     "writes": (fresh.writes, resumed.writes), "path": str(fresh.path), "end": end},
                     out, rank)
     except Exception:
         traceback.print_exc()
@@ -111,17 +160,37 @@ def ranks(toy, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def alone(toy, tmp_path_factory):
-    return _records(launch("parallel_toy", out=tmp_path_factory.mktemp("alone"), report=False))
+    records = _records(launch("parallel_toy", out=tmp_path_factory.mktemp("alone"),
+                              report=False))
+    return records, dict(_END)
 
 
 def test_two_ranks_equal_one_process(ranks, alone):
     _, (r0, _) = ranks
-    fresh = r0["fresh"]
+    fresh, alone = r0["fresh"], alone[0]
     assert [(r["tag"], r["step"]) for r in fresh] == [(r["tag"], r["step"]) for r in alone]
     for got, want in zip(fresh, alone):
         for key in ("loss", "train_loss", "train_acc"):
             if key in want:
                 assert got[key] == pytest.approx(want[key], rel=1e-10, abs=1e-12), (got, key)
+
+
+def test_measurements_are_sharded_and_equal_the_one_process_values(ranks, alone):
+    _, (r0, r1) = ranks
+    records, end = alone
+    measured_steps = [r for r in records if "lambda_max" in r]
+    assert [r["step"] for r in measured_steps] == [0, 3, 6]  # of the SGD phase
+    assert all(r["rows"] == 40 and r["across"] == 0 for r in measured_steps)
+    got = [r for r in r0["fresh"] if "lambda_max" in r]
+    assert all(r["rows"] == 20 and r["across"] == 1 for r in got)  # each rank half the rows
+    for g, want in zip(got, measured_steps):
+        assert set(MEASURED) <= set(want)
+        for key in MEASURED:
+            assert g[key] == pytest.approx(want[key], rel=1e-8, abs=1e-10), key
+    assert set(r0["end"]) == set(end) and len(end) > 12
+    for key, want in end.items():
+        for res in (r0, r1):  # every rank gets the full data's value
+            assert res["end"][key] == pytest.approx(want, rel=1e-8, abs=1e-10), key
 
 
 def test_only_rank_0_writes_and_rank_1_follows_its_records(ranks):
@@ -149,6 +218,30 @@ def test_parts_of_a_minibatch_cover_it_as_tensor_split_does():
             want = [len(p) for p in torch.tensor_split(torch.arange(n), world)]
             got = [hi - lo for lo, hi in (_bounds(n, world, r) for r in range(world))]
             assert got == want and _bounds(n, world, world - 1)[1] == n
+
+
+def _fake_group(rank: int, world: int) -> DataParallel:
+    par = object.__new__(DataParallel)
+    par.rank, par.world = rank, world
+    return par
+
+
+def test_a_shard_is_this_ranks_rows_of_each_pair_or_none_when_it_cannot_be_split():
+    x, y = torch.arange(14.0).view(7, 2), torch.arange(7)
+    parts = [_fake_group(r, 2).shard((x, y)) for r in range(2)]
+    assert [p[1].tolist() for p in parts] == [[0, 1, 2, 3], [4, 5, 6]]
+    assert torch.equal(torch.cat([p[0] for p in parts]), x)
+    pairs = [(x, y), (x[:3], y[:3])]
+    got = _fake_group(1, 3).shard(pairs)
+    assert isinstance(got, list) and [p[1].tolist() for p in got] == [[3, 4], [1]]
+    assert _fake_group(0, 4).shard(pairs) is None  # a pair of 3 rows cannot feed 4 ranks
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=2)
+    assert _fake_group(0, 2).shard(loader) is None
+    assert measured(loader, _fake_group(0, 2)) == (loader, False)
+    data = (x, y)
+    assert measured(data, None) == (data, False)
+    part, across = measured(data, _fake_group(1, 2))
+    assert across is True and part[1].tolist() == [4, 5, 6]
 
 
 def test_a_follower_writes_nothing(tmp_path):

@@ -250,14 +250,21 @@ def _chunks(pair: Any, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x[i:i + size], y[i:i + size]) for i in range(0, x.shape[0], size)]
 
 
-def measure_sharpness(model: torch.nn.Module, train: Any, cfg: Config) -> dict[str, Any]:
-    """Per-training-domain, max and pooled worst-case sharpness of ``model`` (first examples)."""
+def measure_sharpness(model: torch.nn.Module, train: Any, cfg: Config,
+                      parallel: Any = None) -> dict[str, Any]:
+    """Per-training-domain, max and pooled worst-case sharpness of ``model`` (first examples);
+    at several ranks (``parallel``) each rank measures its shard of every domain."""
     from flatlab.curvature import domain_sharpness
+    from flatlab.train.parallel import measured
 
     n = cfg.sharpness_examples
     doms = {name: (x[:n], y[:n]) for name, (x, y) in train.items()}
+    shards = {name: measured(d, parallel) for name, d in doms.items()}
+    across = all(a for _, a in shards.values())
+    if across:
+        doms = {name: d for name, (d, _) in shards.items()}
     res = domain_sharpness(model, F.cross_entropy, doms, cfg.sharpness_rho,
-                           steps=cfg.sharpness_steps)
+                           steps=cfg.sharpness_steps, distributed=across)
     per = {k: float(v) for k, v in res.per_domain.items()}
     return {"per_domain": per, "max": float(res.max), "mean": float(res.mean),
             "pooled": float(res.pooled)}
@@ -287,7 +294,8 @@ def train_one(cfg: Config, run: Run, domains: Any, method: str, test: int, seed:
                  augment=augment)
     best = max(ckpts.history, key=lambda h: h["val"])  # first maximum, as the callback kept
     # the same training step for every method: the last one (steps are equal across methods)
-    final = {"step": result.steps, "sharpness": measure_sharpness(model, train_in, cfg)}
+    final = {"step": result.steps,
+             "sharpness": measure_sharpness(model, train_in, cfg, run.parallel)}
     if ckpts.best is not None:
         model.load_state_dict(ckpts.best)
     pooled = 1 if getattr(opt, "per_domain", False) else len(train_in)
@@ -302,7 +310,7 @@ def train_one(cfg: Config, run: Run, domains: Any, method: str, test: int, seed:
                     "resnet_dropout": cfg.resnet_dropout},
         "test_domain": domains.names[test], "domains": list(domains.names),
         "checkpoints": ckpts.history,
-        "selected": {**best, "sharpness": measure_sharpness(model, train_in, cfg)},
+        "selected": {**best, "sharpness": measure_sharpness(model, train_in, cfg, run.parallel)},
         "final": final,
         "sec_per_step": result.time_per_step, "cpu_sec_per_step": result.cpu_time_per_step,
         "passes_per_step": result.passes_per_step,

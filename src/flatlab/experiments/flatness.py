@@ -248,8 +248,13 @@ def val_change_last20(history: list[dict[str, Any]]) -> float:
     return float(last[1] - at80[1])
 
 
-def measure(model: nn.Module, splits: Any, cfg: Config) -> dict[str, float]:
-    """Every flatness measure of a trained classifier (see the module docstring)."""
+def measure(model: nn.Module, splits: Any, cfg: Config,
+            parallel: Any = None) -> dict[str, float]:
+    """Every flatness measure of a trained classifier (see the module docstring).
+
+    ``parallel``: the run's :class:`~flatlab.train.parallel.DataParallel` group at several
+    ranks; each rank then measures its shard and the values are the full data's.
+    """
     from flatlab.curvature import (
         first_order_flatness,
         gradient_norm,
@@ -258,27 +263,30 @@ def measure(model: nn.Module, splits: Any, cfg: Config) -> dict[str, float]:
         worst_case_sharpness,
     )
     from flatlab.sparsity import activation_sparsity
+    from flatlab.train.parallel import measured
 
     loss_fn = F.cross_entropy
     m = min(cfg.measure_examples, splits.train[0].shape[0])
-    data = (splits.train[0][:m], splits.train[1][:m])
-    train = evaluate(model, loss_fn, splits.train)
-    test = evaluate(model, loss_fn, splits.test)
+    data, across = measured((splits.train[0][:m], splits.train[1][:m]), parallel)
+    train = evaluate(model, loss_fn, *measured(splits.train, parallel))
+    test = evaluate(model, loss_fn, *measured(splits.test, parallel))
     out = {"train_acc": train.get("acc", float("nan")), "train_loss": train["loss"],
            "test_acc": test.get("acc", float("nan")), "test_loss": test["loss"]}
     out["gen_gap"] = out["train_acc"] - out["test_acc"]
-    out["lambda_max"] = float(top_eigenvalues(model, loss_fn, data, 1).values[0])
-    out["trace"] = float(hessian_trace(model, loss_fn, data, probes=cfg.trace_probes).value)
+    kw = {"distributed": across}
+    out["lambda_max"] = float(top_eigenvalues(model, loss_fn, data, 1, **kw).values[0])
+    out["trace"] = float(hessian_trace(model, loss_fn, data, probes=cfg.trace_probes,
+                                       **kw).value)
     steps = cfg.sharpness_steps
     out["sharpness_worst"] = float(worst_case_sharpness(
-        model, loss_fn, data, rho=cfg.sharpness_rho, steps=steps).value)
+        model, loss_fn, data, rho=cfg.sharpness_rho, steps=steps, **kw).value)
     out["sharpness_adaptive"] = float(worst_case_sharpness(
-        model, loss_fn, data, rho=cfg.adaptive_rho, adaptive=True, steps=steps).value)
+        model, loss_fn, data, rho=cfg.adaptive_rho, adaptive=True, steps=steps, **kw).value)
     out["first_order_flatness"] = float(first_order_flatness(
-        model, loss_fn, data, rho=cfg.sharpness_rho, steps=steps).value)
-    out["grad_norm"] = float(gradient_norm(model, loss_fn, data).value)
+        model, loss_fn, data, rho=cfg.sharpness_rho, steps=steps, **kw).value)
+    out["grad_norm"] = float(gradient_norm(model, loss_fn, data, **kw).value)
     try:
-        out["act_sparsity"] = float(activation_sparsity(model, data).mean)
+        out["act_sparsity"] = float(activation_sparsity(model, data, **kw).mean)
     except ValueError:  # a model with no activation module the probe can find
         out["act_sparsity"] = float("nan")
     return out
@@ -371,7 +379,7 @@ def _seed_runs(cfg, run, name, task, opt, lr, knob, best: Trained, seeds, sam_rh
                             sam_rho, steps) for seed in range(1, seeds)]
     for t in runs:
         res = t.fit
-        rec = measure(t.model, task.splits, cfg)
+        rec = measure(t.model, task.splits, cfg, run.parallel)
         rec.update(time_per_step=res.time_per_step, cpu_time_per_step=res.cpu_time_per_step,
                    passes_per_step=res.passes_per_step, steps=res.steps,
                    cpu_time=res.cpu_time_per_step * res.steps,

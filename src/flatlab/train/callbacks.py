@@ -20,6 +20,10 @@ curvature monitor warm-starts Lanczos from its last eigenvector) expose ``state_
 
 :mod:`flatlab.curvature` and :mod:`flatlab.sparsity` are imported on first use, so the loop
 itself needs neither.
+
+In a data-parallel run (``FitState.parallel`` set) every measurement takes this rank's shard
+of its data and sums over the ranks (:func:`flatlab.train.parallel.measured`): the logged
+value is the full data's, the same on every rank, at ~1/R of the passes per rank.
 """
 
 from __future__ import annotations
@@ -55,6 +59,14 @@ class FitState:
     step: int = 0
     loss: float = float("nan")
     diverged: bool = False
+    parallel: Any = None  # the run's DataParallel group at several ranks
+
+    def measured(self, data: Any) -> tuple[Any, bool]:
+        """``(data, distributed)`` for a measurement on ``data`` (default: the training set):
+        this rank's shard and ``True`` in a data-parallel run, else the data and ``False``."""
+        from flatlab.train.parallel import measured
+
+        return measured(self.train_data() if data is None else data, self.parallel)
 
     @property
     def lr(self) -> float:
@@ -89,13 +101,18 @@ class Checkpoint(Callback):
         return None
 
 
-def _data(data: Any, state: FitState) -> Any:
-    return state.train_data() if data is None else data
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, loss_fn: Any, data: Any) -> dict[str, float]:
-    """Mean loss (weighted by batch size) and, for class-index targets, accuracy over ``data``."""
+def evaluate(model: nn.Module, loss_fn: Any, data: Any,
+             distributed: Any = False) -> dict[str, float]:
+    """Mean loss (weighted by batch size) and, for class-index targets, accuracy over ``data``.
+
+    ``distributed``: ``True`` or a process group: every rank passes its own shard of the data
+    and the sums are reduced over the ranks (one all-reduce), so every rank gets the full
+    data's loss and accuracy.
+    """
+    from flatlab._ranks import ranks_of
+
+    ranks = ranks_of(distributed)
     was = model.training
     model.eval()
     total, loss_sum, correct, classify = 0, 0.0, 0, True
@@ -110,6 +127,11 @@ def evaluate(model: nn.Module, loss_fn: Any, data: Any) -> dict[str, float]:
                 classify = False
     finally:
         model.train(was)
+    if ranks is not None:
+        sums = ranks.sum(torch.tensor([loss_sum, total, correct, float(classify)],
+                                      dtype=torch.float64, device=ranks.device)).tolist()
+        loss_sum, total, correct = sums[0], sums[1], sums[2]
+        classify = sums[3] == ranks.world
     result = {"loss": loss_sum / total}
     if classify:
         result["acc"] = correct / total
@@ -138,7 +160,9 @@ class Evaluate(Callback):
     def on_step(self, state: FitState) -> dict[str, float]:
         out: dict[str, float] = {}
         for name, data in self.data.items():
-            for key, value in evaluate(state.model, self.loss_fn or state.loss_fn, data).items():
+            part, across = state.measured(data)
+            for key, value in evaluate(state.model, self.loss_fn or state.loss_fn, part,
+                                       distributed=across).items():
                 out[f"{name}_{key}"] = value
         return out
 
@@ -184,10 +208,10 @@ class CurvatureMonitor(Callback):
     def on_step(self, state: FitState) -> dict[str, float]:
         from flatlab.optim.stability import edge_of_stability
 
-        data = _data(self.data, state)
+        data, across = state.measured(self.data)
         init = self.init if self.warm_start else None
         res = curvature.top_eigenvalues(state.model, state.loss_fn, data, self.k, init=init,
-                              **self.kwargs)
+                                        distributed=across, **self.kwargs)
         values = [float(v) for v in torch.as_tensor(res.values).flatten()]
         if self.warm_start and getattr(res, "vectors", None) is not None:
             vec = torch.as_tensor(res.vectors)
@@ -201,7 +225,8 @@ class CurvatureMonitor(Callback):
         if rho > 0 and method == "usam":
             out["edge_usam"] = edge_of_stability("usam", lr, rho)
         elif rho > 0 and method == "sam":
-            g = curvature.gradient_norm(state.model, state.loss_fn, data).value
+            g = curvature.gradient_norm(state.model, state.loss_fn, data,
+                                        distributed=across).value
             out["grad_norm"] = g
             out["edge_sam"] = edge_of_stability("sam", lr, rho, grad_norm=g)
         return out
@@ -270,7 +295,8 @@ class Sharpness(Callback):
         kwargs = dict(self.kwargs)
         if takes_rho:
             kwargs.setdefault("rho", self.rho)
-        res = fn(state.model, state.loss_fn, _data(self.data, state), **kwargs)
+        data, across = state.measured(self.data)
+        res = fn(state.model, state.loss_fn, data, distributed=across, **kwargs)
         return {f"sharpness_{self.measure}": float(res.value)}
 
 
@@ -291,7 +317,8 @@ class ActivationSparsity(Callback):
     def on_step(self, state: FitState) -> dict[str, float]:
         from flatlab.sparsity import activation_sparsity
 
-        res = activation_sparsity(state.model, _data(self.data, state))
+        data, across = state.measured(self.data)
+        res = activation_sparsity(state.model, data, distributed=across)
         out = {"act_sparsity": float(res.mean)}
         if self.per_layer:
             for layer, frac in res.per_layer.items():

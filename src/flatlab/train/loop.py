@@ -186,7 +186,7 @@ def fit(
         ckpt_path = Path(checkpoint_dir) / "latest.pt"
 
     state = FitState(model=model, optimizer=optimizer, loss_fn=loss_fn, train=domains,
-                     steps=steps, run=run, tag=tag)
+                     steps=steps, run=run, tag=tag, parallel=par)
     start, resumed_from, totals = 0, None, {"passes": 0, "time": 0.0, "steps": 0}
     if ckpt_path is not None and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)

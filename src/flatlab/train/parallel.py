@@ -18,6 +18,12 @@ NAME``) trains what the same run trains in one process, split over the ranks:
   rank 0 writes them and every rank resumes from them.
 * **Writing.** Only rank 0 writes the run folder (config, metrics, plots, checkpoints,
   report); the other ranks follow it read-only (:meth:`flatlab.train.Run.follow`).
+* **Measurements** (the callbacks' evaluation, curvature, sharpness and sparsity, and the
+  experiments' end-of-run measurements) are sharded too: :meth:`DataParallel.shard` gives
+  rank ``r`` the contiguous part ``[lo_r, hi_r)`` of every batch of the data, and the
+  measurement, called with ``distributed=True``, sums over the ranks. Its value is that of
+  the full data, ``sum_{b,r} n_{b,r} L_{b,r} / N = sum_b n_b L_b / N``, the same on every
+  rank; each rank runs ``~1/R`` of the forward and backward passes.
 
 So a run at R ranks equals the run in one process up to floating-point summation order
 (tested in float64 at 2 gloo ranks), and a run saved at R ranks resumes bit for bit at R ranks.
@@ -70,6 +76,28 @@ class DataParallel:
         lo, hi = _bounds(n, self.world, self.rank)
         return x[lo:hi], y[lo:hi], self.world * (hi - lo) / n
 
+    def shard(self, data: Any) -> Any:
+        """This rank's part of a measurement's ``data``, or ``None`` when it cannot be split.
+
+        A tensor pair ``(x, y)`` gives its rows ``[lo_r, hi_r)`` (as :meth:`part` cuts); a list
+        or tuple of pairs gives that part of every pair. ``None`` (the caller then measures
+        the whole data on every rank, as one process does) for anything else, e.g. a
+        DataLoader, and for a pair of fewer than ``R`` rows, which would leave a rank
+        without data. Every rank holds the same data, so every rank decides alike.
+        """
+        from flatlab._batches import _is_pair
+
+        pairs = [data] if _is_pair(data) else data
+        if not isinstance(pairs, (list, tuple)) or not pairs or not all(
+                _is_pair(p) and p[0].dim() > 0 and p[0].shape[0] == p[1].shape[0]
+                and p[0].shape[0] >= self.world for p in pairs):
+            return None
+        parts = []
+        for x, y in pairs:
+            lo, hi = _bounds(int(y.shape[0]), self.world, self.rank)
+            parts.append((x[lo:hi], y[lo:hi]))
+        return parts[0] if _is_pair(data) else parts
+
     def average_(self, tensors: list[torch.Tensor]) -> None:
         """``t <- mean_r t_r`` in place, one all-reduce of a flat buffer."""
         from flatlab.optim._step import allreduce_mean
@@ -95,6 +123,17 @@ class DataParallel:
 
     def barrier(self) -> None:
         dist.barrier()
+
+
+def measured(data: Any, parallel: DataParallel | None) -> tuple[Any, bool]:
+    """``(data, distributed)`` for a measurement inside a run: this rank's shard and ``True``
+    at several ranks (:meth:`DataParallel.shard`), else ``data`` unchanged and ``False``.
+
+    Example: ``part, dist = measured(data, run.parallel)`` then
+    ``top_eigenvalues(model, loss_fn, part, 1, distributed=dist)``.
+    """
+    part = parallel.shard(data) if parallel is not None else None
+    return (data, False) if part is None else (part, True)
 
 
 def _bounds(n: int, world: int, rank: int) -> tuple[int, int]:
