@@ -30,7 +30,7 @@ from flatlab.curvature import (
     top_eigenvalues,
     worst_case_sharpness,
 )
-from flatlab.sparsity import activation_sparsity
+from flatlab.sparsity import activation_sparsity, augmented_flatness
 from tests.optim.test_distributed import finish_rank, run_ranks
 
 WORLD = 2
@@ -93,6 +93,10 @@ def measure(model: nn.Module, data, **dp) -> dict:
     sp = activation_sparsity(model, data, **dp)
     out["sparsity"] = torch.tensor([sp.mean, sp.per_layer["1"], sp.zero_output["1"],
                                     sp.entries["1"], sp.n_examples], dtype=torch.float64)
+    af = augmented_flatness(model, loss_fn, data, **dp)
+    out["augmented_flatness"] = torch.tensor([af.value["0"], af.density["0"], af.active_mean["0"],
+                                              af.entries["0"], af.identity_gap["0"]],
+                                             dtype=torch.float64)
     return out
 
 
@@ -179,7 +183,8 @@ def single():
 
 
 KEYS = ["eig", "eig_power", "eig_block", "dense_cached", "dense_streamed", "trace",
-        "trace_hutch", "ggn", "density", "worst", "landscape", "sparsity"]
+        "trace_hutch", "ggn", "density", "worst", "landscape", "sparsity",
+        "augmented_flatness"]
 
 
 @pytest.mark.parametrize("key", KEYS)

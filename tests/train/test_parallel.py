@@ -100,7 +100,7 @@ def _toy(cfg: Config, run: Run) -> dict:
 def _end_measures(model, x, y, run: Run) -> dict:
     from types import SimpleNamespace
 
-    from flatlab.experiments import dg, flatness
+    from flatlab.experiments import dg, flatness, sparsity
 
     cfg = SimpleNamespace(measure_examples=30, trace_probes=8, sharpness_steps=3,
                           sharpness_rho=0.1, adaptive_rho=0.5, sharpness_examples=15)
@@ -110,6 +110,13 @@ def _end_measures(model, x, y, run: Run) -> dict:
     sharp = dg.measure_sharpness(model, domains, cfg, run.parallel)
     out.update({f"dg_{k}": v for k, v in sharp.items() if k != "per_domain"})
     out.update({f"dg_{k}": v for k, v in sharp["per_domain"].items()})
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(),
+                              torch.nn.Linear(8, 2)).double()
+    trained = sparsity._train(run, "sparsity", net, splits, seed=0, lr=0.05, batch=7, epochs=1,
+                              sharpness=True)  # sparsity, lambda_max and AF at the end
+    out.update({f"sparsity_{k}": trained[k] for k in ("final_mean", "delta_mean", "lambda_max",
+                                                      "af", "af_gap", "history_final")})
     return out
 
 

@@ -126,10 +126,17 @@ def _spearman(x: list[float], y: list[float]) -> float:
 def _train(run: Run, tag: str, model: torch.nn.Module, data: Any, *, seed: int, lr: float,
            batch: int, epochs: int, optimizer: str = "sgd", constrain: bool = False,
            sharpness: bool = False, **opt_kw: Any) -> dict[str, Any]:
-    """Train one model; sparsity/spectra at init and at the end on held-out data."""
+    """Train one model; sparsity/spectra at init and at the end on held-out data.
+
+    At several ranks (``run.parallel``) each rank measures its shard of the data and the
+    measurements are the full data's (:func:`flatlab.train.parallel.measured`).
+    """
+    from flatlab.train.parallel import measured
+
     train, test = data.train, data.test
     spe = math.ceil(train[0].shape[0] / batch)  # steps per epoch
-    init = activation_sparsity(model, test)
+    test_part, test_across = measured(test, run.parallel)
+    init = activation_sparsity(model, test_part, distributed=test_across)
     spec0 = spectral_concentration(model)
     spec0_mean = spectral_concentration(model, rtol=0.1, relative_to="mean_sq")
     opt = build_optimizer(optimizer, model.parameters(), lr=lr, **opt_kw)
@@ -142,7 +149,7 @@ def _train(run: Run, tag: str, model: torch.nn.Module, data: Any, *, seed: int, 
     out["history_final"] = logged[-1] if logged else float("nan")
     if res.diverged:
         return out
-    final = activation_sparsity(model, test)
+    final = activation_sparsity(model, test_part, distributed=test_across)
     spec1 = spectral_concentration(model)
     spec1_mean = spectral_concentration(model, rtol=0.1, relative_to="mean_sq")
     out.update(
@@ -160,9 +167,10 @@ def _train(run: Run, tag: str, model: torch.nn.Module, data: Any, *, seed: int, 
     if sharpness:
         from flatlab.curvature import top_eigenvalues
 
-        lam = top_eigenvalues(model, F.cross_entropy, train, 1, seed=0)
+        part, across = measured(train, run.parallel)
+        lam = top_eigenvalues(model, F.cross_entropy, part, 1, seed=0, distributed=across)
         out["lambda_max"] = float(lam.values[0])
-        af = augmented_flatness(model, F.cross_entropy, train)
+        af = augmented_flatness(model, F.cross_entropy, part, distributed=across)
         out["af"] = sum(af.value.values())
         out["af_gap"] = max(af.identity_gap.values())
     return out

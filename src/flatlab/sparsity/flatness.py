@@ -22,6 +22,12 @@ i.e. higher sparsity. :func:`augmented_flatness` measures both sides with hooks;
 mean loss over all of ``data`` (a batch of ``n_b`` of ``n`` examples contributes
 ``(n_b/n) dL_b/dh``). The identity's two sides agree exactly only if the key layer's output
 feeds the activation alone; ``identity_gap`` reports their relative difference.
+
+Data-parallel (``distributed=True``): rank ``r`` passes its shard of the data. Every term
+above is a sum over tokens of ``||n_b dL_b/dh_t||^2 ||x_t||^2 = ||d(sum of losses)/dh_t||^2
+||x_t||^2``, which does not depend on how the tokens are batched (the model is in eval
+mode), so the ranks' sums and example counts are added in one all-reduce and every rank gets
+the value of the full data.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import torch
 from torch import nn
 
 from flatlab._batches import Data, batches
+from flatlab._ranks import ranks_of
 from flatlab.sparsity._discovery import (
     autograd_region,
     backward_batch,
@@ -66,7 +73,8 @@ class AugmentedFlatness:
 
 
 def augmented_flatness(
-    model: nn.Module, loss_fn: LossFn, data: Data, modules: Modules = None
+    model: nn.Module, loss_fn: LossFn, data: Data, modules: Modules = None, *,
+    distributed: object = False,
 ) -> AugmentedFlatness:
     """``AF_K`` of the linear layer before each activation, and its density decomposition.
 
@@ -76,10 +84,14 @@ def augmented_flatness(
         data: a tensor pair, a list of pairs or a DataLoader.
         modules: activation modules (default: discovered); each needs an ``nn.Linear``
             sibling right before it.
+        distributed: ``True`` or a process group: every rank passes its own shard of the
+            data, the sums are added over the ranks (one all-reduce) and every rank gets the
+            full data's values. Every rank must call it.
 
     Raises:
         ValueError: an activation without a preceding ``nn.Linear``, or empty data.
     """
+    ranks = ranks_of(distributed)
     acts = resolve_modules(model, modules)
     names = {id(m): n for n, m in model.named_modules()}
     pairs: dict[str, tuple[nn.Linear, nn.Module]] = {}
@@ -133,6 +145,15 @@ def augmented_flatness(
             scale["n"] = float(n)  # n_b dL_b/dh; divided by the total n at the end
             n_total += n
             backward_batch(model, loss_fn, inputs, targets)
+    if ranks is not None:
+        keys = list(acc)
+        sums = torch.tensor([[acc[k][f] for f in zero] for k in keys] + [[n_total, 0, 0, 0]],
+                            dtype=torch.float64)
+        sums = ranks.sum(sums.to(ranks.device)).cpu()
+        for k, row in zip(keys, sums.tolist()):
+            acc[k] = {"af": row[0], "act_sum": row[1], "active": int(row[2]),
+                      "entries": int(row[3])}
+        n_total = int(sums[-1, 0])
     value, density, mean, entries, gap = {}, {}, {}, {}, {}
     for k, a in acc.items():
         value[k] = a["af"] / n_total**2
