@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from flatlab.curvature import hessian_operator, hessian_trace, top_eigenvalues
+from flatlab.curvature.gauss_newton import nonlinear_tensors
 
 
 def build(seed: int = 0, n: int = 512):
@@ -314,8 +315,13 @@ def _cpu(fn):
     return out, time.process_time() - t0
 
 
-def resnet_table(rounds: int = 3, seed: int = 0) -> None:
-    """top-1 (tol 1e-3), top-3 and trace at equal estimated error: median CPU seconds."""
+def resnet_table(rounds: int = 3, seed: int = 0,
+                 quantities: tuple[str, ...] = ("top-1", "top-3", "trace"),
+                 xtrace_search: bool = True) -> None:
+    """top-1 (tol 1e-3), top-3 and trace at equal estimated error: median CPU seconds.
+
+    ``quantities`` restricts the table; without ``xtrace_search`` the XTrace row uses the
+    80 products of the 3 December search instead of searching again."""
     import random
     import statistics
 
@@ -326,12 +332,22 @@ def resnet_table(rounds: int = 3, seed: int = 0) -> None:
 
     # high-precision reference: float64 copy, Lanczos to a residual of 1e-9
     m64 = copy.deepcopy(model).double()
-    ref_op = hessian_operator(m64, CE, (x.double(), y))
-    (ref, ref_s) = _cpu(lambda: top_eigenvalues(ref_op, 3, tol=1e-9, progress=False))
-    truth = ref.values.tolist()
+    truth = []
+    if "top-1" in quantities or "top-3" in quantities:
+        ref_op = hessian_operator(m64, CE, (x.double(), y))
+        (ref, ref_s) = _cpu(lambda: top_eigenvalues(ref_op, 3, tol=1e-9, progress=False))
+        print(f"reference (float64 Lanczos, tol 1e-9, {ref.n_matvecs} products, {ref_s:.0f} "
+              f"CPU s): top-3 {[f'{v:.6g}' for v in truth]}")
     print(f"ResNet-20, {n} parameters, batch {x.shape[0]}, float32, BatchNorm eval, threads "
-          f"{torch.get_num_threads()}; reference (float64 Lanczos, tol 1e-9, "
-          f"{ref.n_matvecs} products, {ref_s:.0f} CPU s): top-3 {[f'{v:.6g}' for v in truth]}")
+          f"{torch.get_num_threads()}")
+    if "trace" in quantities:
+        # tr H of the float64 copy: its Gauss-Newton trace, exact when every tensor enters
+        # affinely (checked and printed)
+        nonlin = nonlinear_tensors(m64, (x.double(), y))
+        tr64, tr_s = _cpu(lambda: hessian_trace(m64, CE, (x.double(), y),
+                                                method="gauss_newton", progress=False))
+        print(f"trace reference (float64 Gauss-Newton, {tr_s:.0f} CPU s): {tr64.value:.8g}, "
+              f"tensors entering nonlinearly: {nonlin or 'none'}")
 
     def fl_eigs(k, stop="residual"):
         op = hessian_operator(model, CE, (x, y))
@@ -360,25 +376,33 @@ def resnet_table(rounds: int = 3, seed: int = 0) -> None:
         r = hessian_trace(op, probes=probes, seed=s, progress=False)
         return r.value, r.stderr, r.n_matvecs
 
+    def gn_trace(s):
+        r = hessian_trace(model, CE, (x, y), method="gauss_newton", seed=s, progress=False)
+        return r.value, r.stderr, r.n_matvecs
+
     # equal error: the fewest XTrace products whose own error estimate is at most the
     # median of PyHessian's (std / sqrt(K) of its Hutchinson samples, its default stop rule)
-    ph_se = statistics.median(ph_trace(s)[1] for s in range(3))
-    probes = None
-    for p in (10, 20, 30, 40, 60, 80, 120, 160):
-        if fl_trace(p, 0)[1] <= ph_se:
-            probes = p
-            break
-    probes = probes or 160
-    print(f"trace: PyHessian's error estimate {ph_se:.4g} (median of 3 runs); XTrace reaches it "
-          f"at {probes} products")
+    probes = 80  # measured on 3 December: XTrace's estimate first reaches PyHessian's at 80
+    if "trace" in quantities and xtrace_search:
+        ph_se = statistics.median(ph_trace(s)[1] for s in range(3))
+        probes = None
+        for p in (10, 20, 30, 40, 60, 80, 120, 160):
+            if fl_trace(p, 0)[1] <= ph_se:
+                probes = p
+                break
+        probes = probes or 160
+        print(f"trace: PyHessian's error estimate {ph_se:.4g} (median of 3 runs); XTrace "
+              f"reaches it at {probes} products")
 
     tasks = {
         ("top-1", "flatlab"): lambda r: fl_eigs(1), ("top-1", "PyHessian"): lambda r: ph_eigs(1),
         ("top-1", "flatlab, stop='value'"): lambda r: fl_eigs(1, "value"),
         ("top-3", "flatlab"): lambda r: fl_eigs(3), ("top-3", "PyHessian"): lambda r: ph_eigs(3),
         ("trace", "flatlab"): lambda r: fl_trace(probes, r),
+        ("trace", "flatlab, gauss_newton"): lambda r: gn_trace(r),
         ("trace", "PyHessian"): lambda r: ph_trace(r),
     }
+    tasks = {key: f for key, f in tasks.items() if key[0] in quantities}
     times = {key: [] for key in tasks}
     last = {}
     order = list(tasks)
@@ -391,14 +415,14 @@ def resnet_table(rounds: int = 3, seed: int = 0) -> None:
     print(f"| quantity | {'method':21} | {'CPU s (median)':>14} | {'ratio':>5} | "
           f"{'products':>8} | {'max rel. error vs reference / stderr':36} |")
     print(f"|----------|{'-' * 23}|{'-' * 16}|{'-' * 7}|{'-' * 10}|{'-' * 38}|")
-    for q in ("top-1", "top-3", "trace"):
+    for q in [q for q in ("top-1", "top-3", "trace") if q in quantities]:
         base = statistics.median(times[(q, "PyHessian")])
         for who in [w for qq, w in tasks if qq == q]:
             t = statistics.median(times[(q, who)])
             out = last[(q, who)]
             if q == "trace":
                 value, se, used = out
-                acc = f"{value:.5g} +- {se:.3g}"
+                acc = f"{value:.5g} +- {se:.3g} (error {abs(value - tr64.value):.3g})"
             else:
                 vals, used = out
                 k = len(vals)
@@ -487,6 +511,10 @@ def main() -> None:
     parser.add_argument("--part", choices=("mlp", "trace-error", "resnet", "products",
                                            "stop-rules", "ggn-residual"), default="mlp")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quantities", default="top-1,top-3,trace",
+                        help="resnet: the rows to measure, comma-separated")
+    parser.add_argument("--no-xtrace-search", action="store_true",
+                        help="resnet: XTrace at 80 products, without searching again")
     parser.add_argument("--reps", type=int, default=10, help="mlp: seeds of the trace rows")
     parser.add_argument("--rounds", type=int, default=3, help="resnet: interleaved rounds "
                         "(products: 4x as many products)")
@@ -498,7 +526,8 @@ def main() -> None:
         trace_error_table()
         return
     if args.part == "resnet":
-        resnet_table(args.rounds)
+        resnet_table(args.rounds, quantities=tuple(args.quantities.split(",")),
+                     xtrace_search=not args.no_xtrace_search)
         return
     if args.part == "products":
         product_table(4 * args.rounds)  # 12 products each by default

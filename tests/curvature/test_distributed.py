@@ -78,6 +78,8 @@ def measure(model: nn.Module, data, **dp) -> dict:
     out["trace"] = torch.tensor(hessian_trace(model, loss_fn, data, probes=12, **q, **dp).value)
     out["trace_hutch"] = torch.tensor(hessian_trace(model, loss_fn, data, probes=12,
                                                     method="hutchinson", **q, **dp).value)
+    out["trace_gn"] = torch.tensor(hessian_trace(model, loss_fn, data, probes=12,
+                                                 method="gauss_newton", **q, **dp).value)
     out["ggn"] = ggn_operator(model, loss_fn, data, **dp).to_dense()
     out["density"] = spectral_density(model, loss_fn, data, steps=8, runs=2, **q, **dp).density
     out["worst"] = torch.tensor([
@@ -183,7 +185,7 @@ def single():
 
 
 KEYS = ["eig", "eig_power", "eig_block", "dense_cached", "dense_streamed", "trace",
-        "trace_hutch", "ggn", "density", "worst", "landscape", "sparsity",
+        "trace_hutch", "trace_gn", "ggn", "density", "worst", "landscape", "sparsity",
         "augmented_flatness"]
 
 

@@ -45,6 +45,11 @@ the last factor again rescaling to the complement of ``Omega_-i`` (``A - A<Omega
 vanishes on ``Omega_-i``). A tiny shift ``nu`` (``A + nu I``, subtracted afterwards) keeps
 ``G`` positive definite in floating point.
 
+Gauss-Newton (:func:`gauss_newton_trace`, a model only): ``tr H = tr G + tr R`` with
+``tr G`` computed exactly from per-example gradients and ``tr R`` by XTrace on the tensors the
+outputs are not affine in; for piecewise-linear networks ``tr R = 0`` and the trace is exact
+(:mod:`flatlab.curvature.gauss_newton`).
+
 Probes are applied in blocks through ``op.matmat``. When ``max_seconds`` ends a sketch early,
 the estimate falls back to Hutchinson on the products already done (``converged=False``).
 Shapes: probes ``(n, s)``; small matrices ``(s, s)`` in float64.
@@ -56,15 +61,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from flatlab._checks import check_choice, check_positive_int
+from flatlab._ranks import ranks_of
 from flatlab.curvature._krylov import _work_dtype
+from flatlab.curvature._model import measured_model, resolve_params
 from flatlab.curvature._progress import Meter
-from flatlab.curvature.hvp import as_operator
+from flatlab.curvature.gauss_newton import ggn_trace, nonlinear_tensors
+from flatlab.curvature.hvp import as_operator, ggn_operator, hessian_operator
+from flatlab.curvature.operator import LinearOperator
 
-METHODS = ("xtrace", "xnystrace", "hutch++", "hutchinson")
-# the fewest probes each estimator needs
-MINIMUM_PROBES = {"xtrace": 4, "xnystrace": 2, "hutch++": 3, "hutchinson": 1}
+METHODS = ("xtrace", "xnystrace", "hutch++", "hutchinson", "gauss_newton")
+# the fewest probes each estimator needs (gauss_newton: those of its residual, XTrace)
+MINIMUM_PROBES = {"xtrace": 4, "xnystrace": 2, "hutch++": 3, "hutchinson": 1,
+                  "gauss_newton": 4}
 
 
 @dataclass(frozen=True)
@@ -74,9 +85,10 @@ class TraceResult:
     Attributes:
         value: the estimate of ``tr(A)`` (NaN if a budget ended before any product).
         stderr: its estimated standard error (0 when exact, ``inf`` when unknown).
-        n_matvecs: operator products used.
-        method: ``"xtrace"``, ``"xnystrace"``, ``"hutch++"``, ``"hutchinson"`` or
-            ``"exact"`` (``probes >= n``: ``sum_i e_i^T A e_i``).
+        n_matvecs: operator products used (``"gauss_newton"``: its per-example gradient
+            passes, plus two products, Hessian and Gauss-Newton, per residual probe).
+        method: ``"xtrace"``, ``"xnystrace"``, ``"hutch++"``, ``"hutchinson"``,
+            ``"gauss_newton"`` or ``"exact"`` (``probes >= n``: ``sum_i e_i^T A e_i``).
         samples: the per-probe values averaged into ``value`` (Hutchinson terms, or the
             exchangeable estimates ``t_i``), shape ``(K,)``.
         converged: the planned budget was spent (``False``: a budget cut it short).
@@ -308,6 +320,65 @@ def xnystrace(op: Any, probes: int = 100, *, seed: int = 0, block: int = 16,
     return _result(xnystrace_estimates(Om, Y), probes, "xnystrace", True)
 
 
+class _Residual(LinearOperator):
+    """``R = H - G``, the Hessian less its Gauss-Newton part (one product of each)."""
+
+    def __init__(self, h: Any, g: Any):
+        super().__init__(h.shape[0], h.dtype, h.device)
+        self.h, self.g = h, g
+        self.ranks = h.ranks
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.h.matvec(v) - self.g.matvec(v)
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.h.matmat(V) - self.g.matmat(V)
+
+
+def gauss_newton_trace(model: Any, loss_fn: Any, data: Any, probes: int = 100, *,
+                       seed: int = 0, block: int = 16, params: Any = None,
+                       eval_mode: bool = True, distributed: Any = False,
+                       meter: Meter | None = None) -> TraceResult:
+    """``tr H = tr G + tr R``: the Gauss-Newton part exactly, the residual estimated only on
+    the parameter tensors the outputs are not affine in (:mod:`flatlab.curvature.gauss_newton`).
+
+    ``tr R = sum_k tr R_kk``, and ``R_kk = 0`` for every tensor ``w_k`` the outputs are affine
+    in, so the residual is XTrace (``probes`` of its products) on the principal block of
+    ``H - G`` over the other tensors. When there are none (piecewise-linear networks: ReLU,
+    convolutions, pooling, eval-mode BatchNorm), ``tr H = tr G`` and ``stderr`` is 0.
+    """
+    if int(probes) < MINIMUM_PROBES["gauss_newton"]:
+        raise ValueError(f"probes must be >= {MINIMUM_PROBES['gauss_newton']} for "
+                         f"gauss_newton (its residual is XTrace), got {probes}")
+    meter = meter or Meter("trace (gauss_newton)", None, progress=False, unit="passes")
+    nonlinear = nonlinear_tensors(model, data, params, seed=seed, eval_mode=eval_mode)
+    ranks = ranks_of(distributed)
+    if ranks is not None:  # each rank checked its own examples: nonlinear if any says so
+        flags = torch.tensor([float(n in nonlinear) for n in _names(model, params)],
+                             device=ranks.device)
+        flags = ranks.sum(flags)
+        nonlinear = [n for n, f in zip(_names(model, params), flags.tolist()) if f > 0]
+    gn = ggn_trace(model, loss_fn, data, params, eval_mode=eval_mode, distributed=distributed,
+                   meter=meter)
+    if not nonlinear:
+        return TraceResult(gn.value, gn.stderr, gn.passes, "gauss_newton", gn.per_example,
+                           gn.converged)
+    if not gn.converged:  # no budget left for the residual: tr H is not estimated
+        return TraceResult(gn.value, float("inf"), gn.passes, "gauss_newton",
+                           gn.per_example, False)
+    kw = {"params": nonlinear, "eval_mode": eval_mode, "distributed": distributed}
+    h = hessian_operator(model, loss_fn, data, **kw)
+    g = ggn_operator(model, loss_fn, data, **kw)
+    est = xtrace(_Residual(h, g), probes, seed=seed, block=block, meter=meter)
+    return TraceResult(gn.value + est.value, est.stderr,
+                       gn.passes + h.n_matvecs + g.n_matvecs, "gauss_newton",
+                       est.samples + gn.value, est.converged)
+
+
+def _names(model: Any, params: Any) -> list[str]:
+    return resolve_params(measured_model(model), params)[0]
+
+
 _ESTIMATORS = {"xtrace": xtrace, "xnystrace": xnystrace, "hutch++": hutchpp,
                "hutchinson": hutchinson}
 
@@ -339,9 +410,16 @@ def hessian_trace(
             follow, positionally or by keyword).
         probes: number of products (the total budget of every method).
         method: ``"xtrace"`` (default), ``"xnystrace"`` (PSD operators, e.g. a GGN),
-            ``"hutch++"`` or ``"hutchinson"``.
+            ``"hutch++"``, ``"hutchinson"``, or ``"gauss_newton"`` (a model only: the
+            Gauss-Newton trace exactly from per-example gradients, plus XTrace with
+            ``probes`` products on the residual of the tensors the outputs are not affine
+            in; exact, ``stderr`` 0, for piecewise-linear networks, see
+            :func:`gauss_newton_trace`).
         seed: seed of the probes; block: probes per batched product.
         max_matvecs: product budget (``probes`` is cut to it; ``converged=False`` then).
+            For ``"gauss_newton"`` it counts per-example gradient passes and residual
+            probes; when it ends, the examples done give the estimate, with their standard
+            error (a single-process budget: refused with ``distributed``).
             A budget below the method's minimum runs Hutchinson on the budget instead
             (``method="hutchinson"`` in the result).
         max_seconds: wall-clock budget; when it ends, what was computed is returned with
@@ -352,8 +430,9 @@ def hessian_trace(
             Hessian on every rank; the probes are the same on every rank).
 
     Raises:
-        ValueError: a bad ``method``, or ``probes`` below the method's minimum (4 for
-            XTrace, 3 for Hutch++, 2 for XNysTrace).
+        ValueError: a bad ``method``, ``probes`` below the method's minimum (4 for
+            XTrace and the Gauss-Newton residual, 3 for Hutch++, 2 for XNysTrace), or
+            ``"gauss_newton"`` without a model (see :func:`gauss_newton_trace`).
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))
@@ -362,6 +441,18 @@ def hessian_trace(
     """
     method = check_choice("method", method, METHODS)
     probes = check_positive_int("probes", probes)
+    if method == "gauss_newton":
+        if not isinstance(op_or_model, nn.Module) or loss_fn is None or data is None:
+            raise ValueError("method='gauss_newton' needs a model with loss_fn and data, got "
+                             f"{type(op_or_model).__name__}"
+                             + ("" if isinstance(op_or_model, nn.Module) else
+                                " (an operator has no per-example Gauss-Newton part)"))
+        with Meter("trace (gauss_newton)", None, max_matvecs=max_matvecs,
+                   max_seconds=max_seconds, progress=progress, unit="passes",
+                   ranks=ranks_of(distributed)) as meter:
+            return gauss_newton_trace(op_or_model, loss_fn, data, probes, seed=seed,
+                                      block=block, params=params, eval_mode=eval_mode,
+                                      distributed=distributed, meter=meter)
     op = as_operator(op_or_model, loss_fn=loss_fn, data=data, params=params, eval_mode=eval_mode,
                      distributed=distributed)
     planned = probes if max_matvecs is None else min(probes, check_positive_int(

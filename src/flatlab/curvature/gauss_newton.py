@@ -1,0 +1,300 @@
+"""The Hessian's trace through its Gauss-Newton part: exact where the network allows it.
+
+For a mean loss ``L(w) = (1/N) sum_i ell(f(x_i; w), y_i)`` with outputs ``f_i`` of size ``D``,
+
+    H = G + R,   G = (1/N) sum_i J_i^T Lam_i J_i,   R = (1/N) sum_i sum_c r_ic grad^2_w f_ic,
+
+with ``J_i = d f_i / d w`` (``D x n``), ``Lam_i = d^2 ell / d f_i^2`` (``D x D``) and
+``r_i = d ell / d f_i``. Write ``Lam_i = sum_c lam_ic q_ic q_ic^T`` (its eigendecomposition).
+Then the Gauss-Newton trace is a sum of per-example gradient norms, with no probes:
+
+    tr G = (1/N) sum_i sum_c lam_ic ||J_i^T q_ic||^2,
+
+``J_i^T q_ic`` being the gradient of the scalar ``q_ic . f(x_i; w)``: ``D`` vectorized
+per-example gradient passes (``torch.func.vmap`` over ``grad``) per batch of examples.
+
+**When tr H = tr G exactly.** ``tr R = sum_k tr R_kk`` over the parameter tensors ``w_k``
+(the diagonal blocks). If the outputs are affine in each tensor ``w_k`` alone, the others
+held fixed, then ``grad^2_{w_k} f = 0``, every ``R_kk`` vanishes and ``tr H = tr G``. This is
+the case, almost everywhere, for networks built of linear and convolution layers, ReLU-type
+activations, max or average pooling, residual additions and eval-mode BatchNorm, where each
+tensor enters every path once: for a fixed activation pattern, ``f`` is multi-affine in the
+tensors. It is *not* the case for tanh, GELU, softmax attention or training-mode BatchNorm,
+or for a weight used twice on one path.
+
+:func:`nonlinear_tensors` checks the condition on the given inputs: for each tensor it draws
+a random direction ``V_k`` (scaled to ``||w_k||``) and computes the second directional
+derivative ``d^2/dt^2 f(w_k + t V_k)`` by nested forward-mode AD. Piecewise-linear
+operations propagate it as exact zeros; a tensor is reported as nonlinear when
+``||f''|| > 100 eps (||f'|| + ||f||)``. A random direction finds a nonzero quadratic form
+with probability one, but only on the examples checked (data-dependent control flow that
+is nonlinear on other inputs would go unseen).
+
+Shapes: outputs ``(B, *out)`` with ``D = prod(out)``; ``Lam`` ``(B, D, D)``; per-example
+gradients ``(b, *w_k.shape)`` for a chunk of ``b`` examples. Cost: ``D`` per-example gradient
+passes per chunk, about ``D`` Hessian-vector products' worth for the whole data on CPU; the
+loss must be a mean of per-example terms and the model must treat examples independently
+(both checked on the first batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.func import grad, hessian, jvp, vmap
+
+from flatlab._batches import batches
+from flatlab._ranks import ranks_of
+from flatlab.curvature._model import (
+    FunctionalLoss,
+    measured_model,
+    measurement_mode,
+    resolve_params,
+)
+from flatlab.curvature._progress import Meter
+
+# bytes of per-example gradients one vectorized pass may hold
+CHUNK_BYTES = 2**28
+
+
+@dataclass(frozen=True)
+class GGNTrace:
+    """The exact Gauss-Newton trace, or a partial one when a budget ended it.
+
+    Attributes:
+        value: ``tr G`` (the mean of ``per_example`` over all examples when complete).
+        stderr: 0 when every example was done; otherwise the standard error of the mean
+            of the examples done (with the finite-population correction, when ``N`` is known).
+        passes: per-example gradient passes spent (``D`` per chunk of examples).
+        examples: examples done (over all ranks).
+        per_example: ``sum_c lam_ic ||J_i^T q_ic||^2`` of this rank's examples done, ``(k,)``.
+        converged: every example was done.
+    """
+
+    value: float
+    stderr: float
+    passes: int
+    examples: int
+    per_example: torch.Tensor
+    converged: bool
+
+
+def _outputs_of(floss: FunctionalLoss, tensors: Sequence[torch.Tensor]):
+    """``x -> f(x; w)`` for one example (no batch dimension in or out)."""
+
+    def one(x: torch.Tensor) -> torch.Tensor:
+        out = floss.outputs(tensors, x.unsqueeze(0))
+        if not isinstance(out, torch.Tensor):
+            raise ValueError("method='gauss_newton' needs a model whose output is one tensor, "
+                             f"got {type(out).__name__}")
+        return out.squeeze(0)
+
+    return one
+
+
+def _check_inputs(inputs: Any) -> torch.Tensor:
+    if not isinstance(inputs, torch.Tensor):
+        raise ValueError("method='gauss_newton' needs batches whose inputs are one tensor, got "
+                         f"{type(inputs).__name__}")
+    return inputs
+
+
+def _check_batch(floss: FunctionalLoss, tensors, inputs, targets) -> None:
+    """The model treats the examples independently and the loss is their mean."""
+    with torch.no_grad():
+        out = floss.outputs(tensors, inputs)
+        try:
+            one = vmap(_outputs_of(floss, tensors))(inputs)
+        except (RuntimeError, ValueError) as e:  # data-dependent control flow, batch statistics
+            raise ValueError(
+                "method='gauss_newton' needs a model torch.func.vmap can run one example at a "
+                f"time, and this one fails ({str(e).splitlines()[0][:120]}); use "
+                "method='xtrace'") from e
+        scale = float(out.abs().max()) + 1e-30
+        if float((out - one).abs().max()) > 1e-4 * scale:
+            raise ValueError(
+                "method='gauss_newton' needs a model that treats examples independently: its "
+                "outputs on the batch differ from its outputs one example at a time (a "
+                "training-mode BatchNorm?); use eval_mode=True or method='xtrace'")
+        loss = floss.loss_of_outputs(out, targets)
+        each = torch.stack([floss.loss_of_outputs(o.unsqueeze(0), t.unsqueeze(0))
+                            for o, t in zip(out, targets)])
+        if abs(float(loss) - float(each.mean())) > 1e-4 * (abs(float(loss)) + 1e-30):
+            raise ValueError(
+                "method='gauss_newton' needs a loss that is the mean of per-example terms: "
+                f"loss_fn on the batch gives {float(loss):.6g}, the mean of its per-example "
+                f"values {float(each.mean()):.6g} (a weighted or summed loss?); use "
+                "method='xtrace'")
+
+
+def _chunk_trace(floss: FunctionalLoss, tensors, x: torch.Tensor, t: torch.Tensor,
+                 ) -> tuple[torch.Tensor, int]:
+    """``sum_c lam_ic ||J_i^T q_ic||^2`` for the examples of one chunk, ``(b,)``, and the
+    passes spent (an eigen-direction whose ``|lam|`` is within round-off of 0 on every
+    example of the chunk, such as cross-entropy's constant direction, is not run)."""
+    one = _outputs_of(floss, tensors)
+    with torch.no_grad():
+        out = vmap(one)(x)
+        shape = out.shape[1:]
+        flat = out.reshape(out.shape[0], -1)
+
+        def ell(o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return floss.loss_of_outputs(o.reshape(shape).unsqueeze(0), y.unsqueeze(0))
+
+        try:
+            lam_mat = vmap(hessian(ell))(flat, t)
+        except RuntimeError:  # a loss vmap cannot batch (.item(), one_hot): one at a time
+            lam_mat = torch.stack([hessian(ell)(o, y) for o, y in zip(flat, t)])
+        lam_mat = lam_mat.to(torch.float64)
+        lam_mat = (lam_mat + lam_mat.transpose(1, 2)) / 2
+        lam, q = torch.linalg.eigh(lam_mat)
+    q = q.to(flat.dtype)
+    skip = 64 * torch.finfo(flat.dtype).eps * float(lam.abs().max())
+
+    def along(w: Sequence[torch.Tensor], xi: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return (_outputs_of(floss, w)(xi).reshape(-1) * u).sum()
+
+    per_example = vmap(grad(along), in_dims=(None, 0, 0))
+    total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    passes = 0
+    for c in range(lam.shape[1]):
+        if float(lam[:, c].abs().max()) <= skip:
+            continue
+        gs = per_example(list(tensors), x, q[:, :, c])
+        sq = sum(g.reshape(g.shape[0], -1).to(torch.float64).pow(2).sum(1) for g in gs)
+        total += lam[:, c] * sq
+        passes += 1
+    return total, passes
+
+
+def ggn_trace(
+    model: Any,
+    loss_fn: Any,
+    data: Any,
+    params: Any = None,
+    *,
+    eval_mode: bool = True,
+    distributed: Any = False,
+    meter: Meter | None = None,
+    total_examples: int | None = None,
+) -> GGNTrace:
+    """The trace of the generalized Gauss-Newton matrix, exactly (module docstring).
+
+    Args:
+        model, loss_fn, data, params, eval_mode, distributed: as for
+            :func:`~flatlab.curvature.hessian_operator` (``distributed``: each rank its shard,
+            one all-reduce of the sums at the end).
+        meter: budgets and progress (one unit per per-example gradient pass); when a budget
+            ends, the examples done so far give the estimate (``converged=False``). Not with
+            ``distributed`` (the ranks' example counts differ).
+        total_examples: ``N``, when known, for the finite-population correction of a partial
+            result's error.
+
+    Raises:
+        ValueError: inputs that are not one tensor, a model that couples examples, a loss that
+            is not a mean of per-example terms, or a meter with ``distributed``.
+    """
+    model = measured_model(model)
+    names, tensors = resolve_params(model, params)
+    floss = FunctionalLoss(model, loss_fn, names)
+    ranks = ranks_of(distributed)
+    if ranks is not None and meter is not None and (
+            meter.max_matvecs is not None or meter.max_seconds is not None):
+        raise ValueError("method='gauss_newton' takes no max_matvecs / max_seconds budget "
+                         "with distributed=: the ranks' example counts differ")
+    meter = meter or Meter("trace (gauss_newton)", None, progress=False, unit="passes")
+    w = [p.detach() for p in tensors]
+    n_params = sum(p.numel() for p in w)
+    chunk = max(1, CHUNK_BYTES // (n_params * w[0].element_size()))
+    parts: list[torch.Tensor] = []
+    passes, last, converged, checked = 0, 0, True, False
+    with measurement_mode(model, eval_mode):
+        for inputs, targets, _ in batches(data, device=w[0].device):
+            inputs = _check_inputs(inputs)
+            if not checked:
+                _check_batch(floss, w, inputs, targets)
+                checked = True
+            for start in range(0, inputs.shape[0], chunk):
+                x, t = inputs[start:start + chunk], targets[start:start + chunk]
+                if ranks is None and parts and meter.allowed(last) < last:
+                    converged = False  # the next chunk would not fit a budget
+                    break
+                vals, last = _chunk_trace(floss, w, x, t)
+                parts.append(vals)
+                passes += last
+                meter.update(last)
+            if not converged:
+                break
+    per_example = torch.cat(parts)
+    total, count = per_example.sum(), per_example.numel()
+    if ranks is not None:
+        buf = ranks.sum(torch.stack([total, total.new_tensor(float(count))]))
+        total, count = buf[0], int(buf[1])
+    value = float(total / count)
+    stderr = 0.0
+    if not converged:
+        k = per_example.numel()
+        stderr = float(per_example.std() / k**0.5) if k > 1 else float("inf")
+        if total_examples:
+            stderr *= max(0.0, 1.0 - k / total_examples) ** 0.5
+    return GGNTrace(value, stderr, passes, count, per_example, converged)
+
+
+def nonlinear_tensors(
+    model: Any,
+    data: Any,
+    params: Any = None,
+    *,
+    examples: int = 2,
+    seed: int = 0,
+    eval_mode: bool = True,
+) -> list[str]:
+    """Names of the selected parameter tensors the outputs are not affine in (see the module
+    docstring): an empty list means ``tr H = tr G`` on the examples checked.
+
+    Args:
+        model, params, eval_mode: as for :func:`ggn_trace`.
+        data: the first ``examples`` inputs of its first batch are checked.
+        seed: seed of the random directions.
+    """
+    model = measured_model(model)
+    names, tensors = resolve_params(model, params)
+    floss = FunctionalLoss(model, lambda o, t: o.sum(), names)
+    w = [p.detach() for p in tensors]
+    inputs, _, _ = next(iter(batches(data, device=w[0].device)))
+    x = _check_inputs(inputs)[:examples]
+    gen = torch.Generator().manual_seed(int(seed))
+    eps = torch.finfo(w[0].dtype).eps
+    directions = []
+    for p in w:
+        v = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        directions.append((v * ((float(p.norm()) or 1.0) / float(v.norm()))).to(p))
+    n_params = sum(p.numel() for p in w)
+    group = max(1, CHUNK_BYTES // (n_params * w[0].element_size()))
+    bad = []
+
+    def second(*tangents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def first(*ws: torch.Tensor) -> torch.Tensor:
+            return jvp(lambda *w2: floss.outputs(w2, x), ws, tangents)[1]
+
+        return jvp(first, tuple(w), tangents)
+
+    with measurement_mode(model, eval_mode):
+        with torch.no_grad():
+            out_norm = float(floss.outputs(w, x).norm())
+        for lo in range(0, len(w), group):  # directions lo..hi-1, one tensor each, batched
+            hi = min(len(w), lo + group)
+            stacked = []
+            for j, p in enumerate(w):
+                t = torch.zeros((hi - lo, *p.shape), dtype=p.dtype, device=p.device)
+                if lo <= j < hi:
+                    t[j - lo] = directions[j]
+                stacked.append(t)
+            d1, d2 = vmap(second)(*stacked)
+            for j in range(hi - lo):
+                if float(d2[j].norm()) > 100 * eps * (float(d1[j].norm()) + out_norm):
+                    bad.append(names[lo + j])
+    return bad
