@@ -336,6 +336,7 @@ def resnet_table(rounds: int = 3, seed: int = 0,
     if "top-1" in quantities or "top-3" in quantities:
         ref_op = hessian_operator(m64, CE, (x.double(), y))
         (ref, ref_s) = _cpu(lambda: top_eigenvalues(ref_op, 3, tol=1e-9, progress=False))
+        truth = ref.values.tolist()
         print(f"reference (float64 Lanczos, tol 1e-9, {ref.n_matvecs} products, {ref_s:.0f} "
               f"CPU s): top-3 {[f'{v:.6g}' for v in truth]}")
     print(f"ResNet-20, {n} parameters, batch {x.shape[0]}, float32, BatchNorm eval, threads "

@@ -251,6 +251,7 @@ def nonlinear_tensors(
     examples: int = 2,
     seed: int = 0,
     eval_mode: bool = True,
+    distributed: Any = False,
 ) -> list[str]:
     """Names of the selected parameter tensors the outputs are not affine in (see the module
     docstring): an empty list means ``tr H = tr G`` on the examples checked.
@@ -259,10 +260,12 @@ def nonlinear_tensors(
         model, params, eval_mode: as for :func:`ggn_trace`.
         data: the first ``examples`` inputs of its first batch are checked.
         seed: seed of the random directions.
+        distributed: each rank checks its own first examples; a tensor is nonlinear when
+            any rank finds it so (one all-reduce of the flags), so every rank agrees.
     """
     model = measured_model(model)
     names, tensors = resolve_params(model, params)
-    floss = FunctionalLoss(model, lambda o, t: o.sum(), names)
+    floss = FunctionalLoss(model, lambda o, t: o.sum(), names)  # only its outputs are used
     w = [p.detach() for p in tensors]
     inputs, _, _ = next(iter(batches(data, device=w[0].device)))
     x = _check_inputs(inputs)[:examples]
@@ -274,7 +277,7 @@ def nonlinear_tensors(
         directions.append((v * ((float(p.norm()) or 1.0) / float(v.norm()))).to(p))
     n_params = sum(p.numel() for p in w)
     group = max(1, CHUNK_BYTES // (n_params * w[0].element_size()))
-    bad = []
+    flags = torch.zeros(len(w), dtype=torch.float64, device=w[0].device)
 
     def second(*tangents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         def first(*ws: torch.Tensor) -> torch.Tensor:
@@ -296,5 +299,8 @@ def nonlinear_tensors(
             d1, d2 = vmap(second)(*stacked)
             for j in range(hi - lo):
                 if float(d2[j].norm()) > 100 * eps * (float(d1[j].norm()) + out_norm):
-                    bad.append(names[lo + j])
-    return bad
+                    flags[lo + j] = 1.0
+    ranks = ranks_of(distributed)
+    if ranks is not None:
+        flags = ranks.sum(flags.to(ranks.device))
+    return [n for n, f in zip(names, flags.tolist()) if f > 0]

@@ -66,7 +66,6 @@ from torch import nn
 from flatlab._checks import check_choice, check_positive_int
 from flatlab._ranks import ranks_of
 from flatlab.curvature._krylov import _work_dtype
-from flatlab.curvature._model import measured_model, resolve_params
 from flatlab.curvature._progress import Meter
 from flatlab.curvature.gauss_newton import ggn_trace, nonlinear_tensors
 from flatlab.curvature.hvp import as_operator, ggn_operator, hessian_operator
@@ -351,13 +350,8 @@ def gauss_newton_trace(model: Any, loss_fn: Any, data: Any, probes: int = 100, *
         raise ValueError(f"probes must be >= {MINIMUM_PROBES['gauss_newton']} for "
                          f"gauss_newton (its residual is XTrace), got {probes}")
     meter = meter or Meter("trace (gauss_newton)", None, progress=False, unit="passes")
-    nonlinear = nonlinear_tensors(model, data, params, seed=seed, eval_mode=eval_mode)
-    ranks = ranks_of(distributed)
-    if ranks is not None:  # each rank checked its own examples: nonlinear if any says so
-        flags = torch.tensor([float(n in nonlinear) for n in _names(model, params)],
-                             device=ranks.device)
-        flags = ranks.sum(flags)
-        nonlinear = [n for n, f in zip(_names(model, params), flags.tolist()) if f > 0]
+    nonlinear = nonlinear_tensors(model, data, params, seed=seed, eval_mode=eval_mode,
+                                  distributed=distributed)
     gn = ggn_trace(model, loss_fn, data, params, eval_mode=eval_mode, distributed=distributed,
                    meter=meter)
     if not nonlinear:
@@ -373,10 +367,6 @@ def gauss_newton_trace(model: Any, loss_fn: Any, data: Any, probes: int = 100, *
     return TraceResult(gn.value + est.value, est.stderr,
                        gn.passes + h.n_matvecs + g.n_matvecs, "gauss_newton",
                        est.samples + gn.value, est.converged)
-
-
-def _names(model: Any, params: Any) -> list[str]:
-    return resolve_params(measured_model(model), params)[0]
 
 
 _ESTIMATORS = {"xtrace": xtrace, "xnystrace": xnystrace, "hutch++": hutchpp,
