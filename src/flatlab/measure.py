@@ -135,6 +135,9 @@ def measure(
     Every measured quantity reports ``<name>_converged``, 1 or 0. 0 means a budget cut it
     short and the value is the partial result.
 
+    The trace is ``hessian_trace``'s default, ``"auto"``: exact by the Gauss-Newton route
+    where it applies, XTrace otherwise; ``trace_method`` names the one taken.
+
     ``density_plot``: a PNG path for the spectral density (:func:`~flatlab.curvature.
     plot_density`); its parent folder is created. ``progress``: bars on a terminal.
     """
@@ -161,6 +164,7 @@ def measure(
 
     out: dict[str, float | str] = {}
     op = curvature.hessian_operator(model, loss_fn, data)
+    trace_products = 0  # the trace runs on the model (its own operator or passes)
     for quantity in QUANTITIES:
         if quantity not in what:
             continue
@@ -173,9 +177,12 @@ def measure(
             out.update({f"lambda_{i + 1}": float(v) for i, v in enumerate(res.values)})
             out["eig_converged"] = float(res.converged)
         elif quantity == "trace":
-            tr = curvature.hessian_trace(op, probes=probes, seed=seed, **budget())
+            # the model, so that "auto" can take the exact Gauss-Newton route where it applies
+            tr = curvature.hessian_trace(model, loss_fn, data, probes=probes, seed=seed,
+                                         **budget())
             out.update(trace=tr.value, trace_stderr=tr.stderr,
-                       trace_converged=float(tr.converged))
+                       trace_converged=float(tr.converged), trace_method=tr.method)
+            trace_products = tr.n_matvecs
         elif quantity == "density":
             d = curvature.spectral_density(op, steps=steps, seed=seed, **budget())
             live = d.weights > 0
@@ -205,7 +212,7 @@ def measure(
                 out[name] = res.value
                 converged = converged and res.converged
             out["sharpness_converged"] = float(converged)
-    out["n_hvps"] = float(op.n_matvecs)
+    out["n_hvps"] = float(op.n_matvecs + trace_products)
     return out
 
 

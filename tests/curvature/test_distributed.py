@@ -75,7 +75,13 @@ def measure(model: nn.Module, data, **dp) -> dict:
         op = hessian_operator(model, loss_fn, data, path=path, **dp)
         out[f"dense_{path}"] = op.to_dense()
         out[f"path_{path}"] = op.path
-    out["trace"] = torch.tensor(hessian_trace(model, loss_fn, data, probes=12, **q, **dp).value)
+    out["trace"] = torch.tensor(hessian_trace(model, loss_fn, data, probes=12, method="xtrace",
+                                              **q, **dp).value)
+    torch.manual_seed(3)  # "auto" on a tanh MLP: its Linear blocks exactly, on every rank
+    tanh = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    auto = hessian_trace(tanh, loss_fn, data, probes=12, **q, **dp)
+    assert auto.method == "gauss_newton" and auto.stderr == 0.0
+    out["trace_auto"] = torch.tensor(auto.value)
     out["trace_hutch"] = torch.tensor(hessian_trace(model, loss_fn, data, probes=12,
                                                     method="hutchinson", **q, **dp).value)
     out["trace_gn"] = torch.tensor(hessian_trace(model, loss_fn, data, probes=12,
@@ -185,7 +191,7 @@ def single():
 
 
 KEYS = ["eig", "eig_power", "eig_block", "dense_cached", "dense_streamed", "trace",
-        "trace_hutch", "trace_gn", "ggn", "density", "worst", "landscape", "sparsity",
+        "trace_hutch", "trace_gn", "trace_auto", "ggn", "density", "worst", "landscape", "sparsity",
         "augmented_flatness"]
 
 

@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 from flatlab.curvature import ggn_operator, hessian_operator, hessian_trace
-from flatlab.curvature.gauss_newton import ggn_trace, nonlinear_tensors
+from flatlab.curvature.gauss_newton import (
+    NotApplicable,
+    ggn_trace,
+    linear_blocks,
+    nonlinear_tensors,
+    plan,
+)
 
 CE = nn.functional.cross_entropy
 
@@ -111,13 +117,50 @@ def test_the_check_names_exactly_the_tensors_entering_nonlinearly():
     assert nonlinear_tensors(Reused().double(), batches(d=4)) == ["lin.weight"]
 
 
-def test_a_tanh_network_estimates_the_residual_on_its_nonlinear_tensors():
+class CustomLinear(nn.Module):
+    """A linear layer that is not an ``nn.Linear``: its tensors are no exact Linear block."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        lin = nn.Linear(d_in, d_out)
+        self.w, self.b = nn.Parameter(lin.weight.detach()), nn.Parameter(lin.bias.detach())
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.w, self.b)
+
+
+def test_a_tanh_mlp_is_exact_through_its_linear_blocks():
     model, data = mlp(nn.Tanh), batches()
+    route = plan(model, CE, data)
+    assert route.nonlinear == route.exact == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert route.residual == [] and route.passes == 4 + 8 + 8
+    res = hessian_trace(model, CE, data, method="gauss_newton", progress=False)
+    assert res.value == pytest.approx(dense_trace(model, CE, data), rel=1e-10)
+    assert res.stderr == 0.0 and res.converged
+    # per batch: 3 Gauss-Newton passes (the last layer), 8 + 8 for the two tanh layers
+    assert res.n_matvecs == 2 * (3 + 16)
+    # and the blocks alone: ggn_trace(exact=) is tr G off them plus tr H_kk on them
+    H = hessian_operator(model, CE, data).to_dense()
+    G = ggn_operator(model, CE, data).to_dense()
+    k = 5 * 8 + 8  # the first layer's coordinates come first
+    want = float(H[:k, :k].trace() + G[k:, k:].trace())
+    got = ggn_trace(model, CE, data, exact=["0.weight", "0.bias"]).value
+    assert got == pytest.approx(want, rel=1e-10)
+
+
+def test_a_tanh_network_estimates_the_residual_on_the_other_nonlinear_tensors():
+    torch.manual_seed(0)
+    model = nn.Sequential(CustomLinear(5, 16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh(),
+                          nn.Linear(8, 4)).double()
+    data = batches()
     truth = dense_trace(model, CE, data)
-    # 40 + 8 + 64 + 8 = 120 nonlinear coordinates: 200 probes make the residual exact
+    route = plan(model, CE, data)
+    assert route.residual == ["0.w", "0.b"] and route.exact == ["2.weight", "2.bias"]
+    # 80 + 16 = 96 residual coordinates: 200 probes make the residual exact
     exact = hessian_trace(model, CE, data, method="gauss_newton", probes=200, progress=False)
     assert exact.value == pytest.approx(truth, rel=1e-10) and exact.stderr == 0.0
-    assert exact.n_matvecs == 6 + 2 * 120  # the passes, then one H and one G product each
+    # per batch 3 + 8 passes, then one H and one G product per residual coordinate
+    assert exact.n_matvecs == 2 * (3 + 8) + 2 * 96
     covered = 0
     for seed in range(10):
         r = hessian_trace(model, CE, data, method="gauss_newton", probes=40, seed=seed,
@@ -125,6 +168,86 @@ def test_a_tanh_network_estimates_the_residual_on_its_nonlinear_tensors():
         assert r.converged and 0 < r.stderr < float("inf")
         covered += abs(r.value - truth) <= 2 * r.stderr
     assert covered >= 8
+    # "auto" does not estimate: a residual is left, so it is XTrace on the Hessian
+    assert hessian_trace(model, CE, data, probes=40, progress=False).method == "xtrace"
+
+
+class Direct(nn.Module):
+    """``fc1.weight`` also enters directly, affinely: not through ``fc1``'s outputs only."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 5), nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x))) + (x @ self.fc1.weight.T)[:, :4]
+
+
+class Twice(nn.Module):
+    """``fc1`` is called twice on one path."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 5), nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(torch.tanh(self.fc1(x)))))
+
+
+class Tied(nn.Module):
+    """``fc2.weight`` is ``fc1.weight``; the biases are their own."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 4)
+        self.fc2.weight = self.fc1.weight
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+
+class Tokens(nn.Module):
+    """``fc1`` acts on each of 5 tokens: its weight is shared along a dimension."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.out = nn.Linear(1, 3), nn.Linear(15, 4)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc1(x.unsqueeze(-1))).flatten(1))
+
+
+@pytest.mark.parametrize(("cls", "exact"), [(Direct, []), (Twice, []), (Tokens, []),
+                                            (Tied, ["fc1.bias", "fc2.bias"])])
+def test_linear_blocks_refuse_a_weight_used_elsewhere_and_stay_exact(cls, exact):
+    torch.manual_seed(1)
+    model, data = cls().double(), batches()
+    route = plan(model, CE, data)
+    assert route.exact == exact and route.residual
+    res = hessian_trace(model, CE, data, method="gauss_newton", probes=200, progress=False)
+    assert res.value == pytest.approx(dense_trace(model, CE, data), rel=1e-10)
+    assert linear_blocks(model, data, route.nonlinear) == exact
+
+
+def test_auto_takes_the_exact_route_only_when_it_is_exact_and_within_the_probes():
+    model, data = mlp(nn.Tanh), batches()
+    res = hessian_trace(model, CE, data, progress=False)  # "auto", 100 probes
+    assert res.method == "gauss_newton" and res.stderr == 0.0
+    assert res.value == pytest.approx(dense_trace(model, CE, data), rel=1e-10)
+    # 20 passes per batch exceed 10 probes; an operator; a loss that is not a mean
+    assert hessian_trace(model, CE, data, probes=10, progress=False).method == "xtrace"
+    assert hessian_trace(model, CE, data, probes=30, max_matvecs=10,
+                         progress=False).method == "xtrace"
+    op = hessian_operator(model, CE, data)
+    assert hessian_trace(op, probes=30, progress=False).method == "xtrace"
+
+    def summed(o, t):
+        return nn.functional.cross_entropy(o, t, reduction="sum")
+
+    with pytest.raises(NotApplicable, match="mean of per-example terms"):
+        plan(model, summed, data)
+    res = hessian_trace(model, summed, data, probes=30, progress=False)
+    assert res.method == "xtrace"
 
 
 def test_a_parameter_subset_is_the_principal_block():

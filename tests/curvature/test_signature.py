@@ -33,9 +33,14 @@ INSTRUMENTS = {
     "top_eigenvalues_which": (
         lambda m, d: top_eigenvalues(m, CE, d, 2, "smallest").values,
         lambda m, d: top_eigenvalues(hessian_operator(m, CE, d), 2, "smallest").values),
-    "hessian_trace": (lambda m, d: curvature.hessian_trace(m, CE, d, probes=10).value,
+    "hessian_trace": (lambda m, d: curvature.hessian_trace(m, CE, d, probes=10,
+                                                           method="xtrace").value,
                       lambda m, d: curvature.hessian_trace(hessian_operator(m, CE, d),
                                                            probes=10).value),
+    # "auto" on a model takes the exact route here (a tanh MLP): positional = keywords
+    "hessian_trace_auto": (lambda m, d: curvature.hessian_trace(m, CE, d, probes=10).value,
+                           lambda m, d: curvature.hessian_trace(m, loss_fn=CE,
+                                                                data=d, probes=10).value),
     "spectral_density": (lambda m, d: curvature.spectral_density(m, CE, d, steps=8).nodes,
                          lambda m, d: curvature.spectral_density(hessian_operator(m, CE, d),
                                                                  steps=8).nodes),

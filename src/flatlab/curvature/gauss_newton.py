@@ -22,6 +22,17 @@ tensor enters every path once: for a fixed activation pattern, ``f`` is multi-af
 tensors. It is *not* the case for tanh, GELU, softmax attention or training-mode BatchNorm,
 or for a weight used twice on one path.
 
+**Linear blocks, exact whatever the activation.** For the weight ``W`` and bias ``b`` of an
+``nn.Linear`` layer ``z = W h + b`` applied once per forward to one vector ``h_i`` per
+example, with ``W`` and ``b`` used nowhere else, ``h`` does not depend on them and
+
+    tr H_WW = (1/N) sum_i ||h_i||^2 sum_j d_ij,   tr H_bb = (1/N) sum_i sum_j d_ij,
+
+``d_ij = d^2 ell_i / d z_ij^2`` (the rest of the network included): ``d_out`` second
+directional derivatives per example, by nested forward-mode AD through a forward hook that
+adds a perturbation to ``z`` (:func:`linear_blocks`, checked numerically). For an MLP with
+tanh or GELU activations every nonlinear tensor is such a block, and the trace is exact.
+
 :func:`nonlinear_tensors` checks the condition on the given inputs: for each tensor it draws
 a random direction ``V_k`` (scaled to ``||w_k||``) and computes the second directional
 derivative ``d^2/dt^2 f(w_k + t V_k)`` by nested forward-mode AD. Piecewise-linear
@@ -44,6 +55,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from torch.func import grad, hessian, jvp, vmap
 
 from flatlab._batches import batches
@@ -58,6 +70,13 @@ from flatlab.curvature._progress import Meter
 
 # bytes of per-example gradients one vectorized pass may hold
 CHUNK_BYTES = 2**28
+# (direction, example) pairs one vectorized second-derivative pass of a Linear layer holds
+DIRECTIONS_PER_PASS = 4096
+
+
+class NotApplicable(ValueError):
+    """The Gauss-Newton route does not apply: the inputs or outputs are not one tensor, the
+    model couples examples, or the loss is not a mean of per-example terms."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +107,7 @@ def _outputs_of(floss: FunctionalLoss, tensors: Sequence[torch.Tensor]):
     def one(x: torch.Tensor) -> torch.Tensor:
         out = floss.outputs(tensors, x.unsqueeze(0))
         if not isinstance(out, torch.Tensor):
-            raise ValueError("method='gauss_newton' needs a model whose output is one tensor, "
+            raise NotApplicable("method='gauss_newton' needs a model whose output is one tensor, "
                              f"got {type(out).__name__}")
         return out.squeeze(0)
 
@@ -97,7 +116,7 @@ def _outputs_of(floss: FunctionalLoss, tensors: Sequence[torch.Tensor]):
 
 def _check_inputs(inputs: Any) -> torch.Tensor:
     if not isinstance(inputs, torch.Tensor):
-        raise ValueError("method='gauss_newton' needs batches whose inputs are one tensor, got "
+        raise NotApplicable("method='gauss_newton' needs batches whose inputs are one tensor, got "
                          f"{type(inputs).__name__}")
     return inputs
 
@@ -109,13 +128,13 @@ def _check_batch(floss: FunctionalLoss, tensors, inputs, targets) -> None:
         try:
             one = vmap(_outputs_of(floss, tensors))(inputs)
         except (RuntimeError, ValueError) as e:  # data-dependent control flow, batch statistics
-            raise ValueError(
+            raise NotApplicable(
                 "method='gauss_newton' needs a model torch.func.vmap can run one example at a "
                 f"time, and this one fails ({str(e).splitlines()[0][:120]}); use "
                 "method='xtrace'") from e
         scale = float(out.abs().max()) + 1e-30
         if float((out - one).abs().max()) > 1e-4 * scale:
-            raise ValueError(
+            raise NotApplicable(
                 "method='gauss_newton' needs a model that treats examples independently: its "
                 "outputs on the batch differ from its outputs one example at a time (a "
                 "training-mode BatchNorm?); use eval_mode=True or method='xtrace'")
@@ -123,7 +142,7 @@ def _check_batch(floss: FunctionalLoss, tensors, inputs, targets) -> None:
         each = torch.stack([floss.loss_of_outputs(o.unsqueeze(0), t.unsqueeze(0))
                             for o, t in zip(out, targets)])
         if abs(float(loss) - float(each.mean())) > 1e-4 * (abs(float(loss)) + 1e-30):
-            raise ValueError(
+            raise NotApplicable(
                 "method='gauss_newton' needs a loss that is the mean of per-example terms: "
                 f"loss_fn on the batch gives {float(loss):.6g}, the mean of its per-example "
                 f"values {float(each.mean()):.6g} (a weighted or summed loss?); use "
@@ -180,8 +199,13 @@ def ggn_trace(
     distributed: Any = False,
     meter: Meter | None = None,
     total_examples: int | None = None,
+    exact: Sequence[str] = (),
 ) -> GGNTrace:
     """The trace of the generalized Gauss-Newton matrix, exactly (module docstring).
+
+    With ``exact`` (names from :func:`linear_blocks`), those tensors' Gauss-Newton blocks
+    are replaced by their exact Hessian blocks: ``value`` is then
+    ``sum_{k not in exact} tr G_kk + sum_{k in exact} tr H_kk``.
 
     Args:
         model, loss_fn, data, params, eval_mode, distributed: as for
@@ -200,6 +224,17 @@ def ggn_trace(
     model = measured_model(model)
     names, tensors = resolve_params(model, params)
     floss = FunctionalLoss(model, loss_fn, names)
+    exact = [n for n in names if n in set(exact)]
+    gn_names = [n for n in names if n not in set(exact)]
+    gn_floss = FunctionalLoss(model, loss_fn, gn_names)
+    by_name = dict(zip(names, tensors))
+    modules = dict(model.named_modules())
+    layers: dict[nn.Module, tuple[bool, bool]] = {}
+    for n in exact:
+        owner, _, attr = n.rpartition(".")
+        w_sel, b_sel = layers.get(modules[owner], (False, False))
+        layers[modules[owner]] = (w_sel or attr == "weight", b_sel or attr == "bias")
+    lin_floss = FunctionalLoss(model, loss_fn, [])
     ranks = ranks_of(distributed)
     if ranks is not None and meter is not None and (
             meter.max_matvecs is not None or meter.max_seconds is not None):
@@ -207,7 +242,8 @@ def ggn_trace(
                          "with distributed=: the ranks' example counts differ")
     meter = meter or Meter("trace (gauss_newton)", None, progress=False, unit="passes")
     w = [p.detach() for p in tensors]
-    n_params = sum(p.numel() for p in w)
+    gn_w = [by_name[n].detach() for n in gn_names]
+    n_params = sum(p.numel() for p in gn_w) or sum(p.numel() for p in w)
     chunk = max(1, CHUNK_BYTES // (n_params * w[0].element_size()))
     parts: list[torch.Tensor] = []
     passes, last, converged, checked = 0, 0, True, False
@@ -222,7 +258,13 @@ def ggn_trace(
                 if ranks is None and parts and meter.allowed(last) < last:
                     converged = False  # the next chunk would not fit a budget
                     break
-                vals, last = _chunk_trace(floss, w, x, t)
+                vals = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+                last = 0
+                if gn_names:
+                    vals, last = _chunk_trace(gn_floss, gn_w, x, t)
+                if layers:
+                    more, p = _chunk_linear(lin_floss, layers, x, t)
+                    vals, last = vals + more, last + p
                 parts.append(vals)
                 passes += last
                 meter.update(last)
@@ -304,3 +346,240 @@ def nonlinear_tensors(
     if ranks is not None:
         flags = ranks.sum(flags.to(ranks.device))
     return [n for n, f in zip(names, flags.tolist()) if f > 0]
+
+
+def _linear_candidates(model: nn.Module, names: Sequence[str]) -> dict[nn.Module, list[str]]:
+    """Those of ``names`` that are the ``weight`` or ``bias`` of an ``nn.Linear`` (its own
+    ``forward``, no forward hooks), held by no other module slot; grouped by module."""
+    slots: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        for p in m._parameters.values():
+            if p is not None:
+                slots[id(p)] = slots.get(id(p), 0) + 1
+    named = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    out: dict[nn.Module, list[str]] = {}
+    for n in names:
+        owner, _, attr = n.rpartition(".")
+        m = modules.get(owner)
+        if (m is None or attr not in ("weight", "bias")
+                or type(m).forward is not nn.Linear.forward or m._forward_hooks
+                or m._parameters.get(attr) is not named[n] or slots[id(named[n])] != 1):
+            continue
+        out.setdefault(m, []).append(n)
+    return out
+
+
+class _Inject:
+    """Forward hooks on Linear modules: record ``||h||^2`` of their inputs (``capture``), or
+    add a perturbation ``delta`` to one module's output (``add``). Removed on exit."""
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        self.modules = list(modules)
+        self.target: nn.Module | None = None
+        self.delta: torch.Tensor | None = None
+        self.inputs: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in self.modules}
+        self.capture = False
+
+    def _hook(self, module, args, out):
+        if self.capture:
+            self.inputs[module].append(args[0].detach())
+        if module is self.target and self.delta is not None:
+            return out + self.delta
+        return None
+
+    def __enter__(self) -> _Inject:
+        self.handles = [m.register_forward_hook(self._hook) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def linear_blocks(model: Any, data: Any, names: Sequence[str], *, examples: int = 2,
+                  seed: int = 0, eval_mode: bool = True, distributed: Any = False) -> list[str]:
+    """Those of ``names`` whose diagonal Hessian block :func:`ggn_trace` can take exactly
+    (``exact=``): the weight ``W`` and bias ``b`` of an ``nn.Linear`` layer ``z = W h + b``
+    called once per forward on inputs ``h`` of shape ``(B, d_in)`` (one vector per example),
+    ``W`` and ``b`` entering the outputs only through ``z``.
+
+    Then ``h`` does not depend on ``W`` or ``b``, and with ``d_ij = d^2 ell_i / d z_ij^2``
+    (the diagonal of the loss Hessian in the layer's outputs, the rest of the network
+    included)
+
+        tr H_WW = (1/N) sum_i ||h_i||^2 sum_j d_ij,   tr H_bb = (1/N) sum_i sum_j d_ij,
+
+    exactly, whatever the activations: ``d_out`` second directional derivatives per example.
+
+    Checked on the first ``examples`` inputs: the call count and shapes by a forward hook,
+    and "only through ``z``" numerically. Along a random rank-one direction
+    ``(V_W, V_b) = (e_j u^T, c e_j)``, which moves each ``z_i`` by ``s_i e_j`` with
+    ``s_i = u . h_i + c``, the outputs' second derivative must equal their second derivative
+    along the perturbation ``s_i e_j`` added to ``z`` (a weight also used elsewhere, e.g.
+    tied by direct attribute access, fails this). With ``distributed``, each rank checks its
+    own first examples and a tensor is kept only when every rank keeps it.
+    """
+    model = measured_model(model)
+    cands = _linear_candidates(model, names)
+    ranks = ranks_of(distributed)
+    if not cands and ranks is None:
+        return []
+    floss = FunctionalLoss(model, lambda o, t: o.sum(), [])
+    inputs, _, _ = next(iter(batches(data, device=next(model.parameters()).device)))
+    x = _check_inputs(inputs)[:examples]
+    gen = torch.Generator().manual_seed(int(seed) + 1)
+    named = dict(model.named_parameters())
+    keep: list[str] = []
+    with measurement_mode(model, eval_mode), _Inject(list(cands)) as inj:
+        inj.capture = True
+        with torch.no_grad():
+            out0 = floss.outputs([], x)
+        inj.capture = False
+        scale = float(out0.norm()) if isinstance(out0, torch.Tensor) else 0.0
+        for m, ns in cands.items():
+            seen = inj.inputs[m]
+            if len(seen) != 1 or seen[0].dim() != 2 or seen[0].shape[0] != x.shape[0]:
+                continue  # called twice, or on tokens (the weight shared along a dimension)
+            h, w = seen[0], m.weight
+            j = int(torch.randint(w.shape[0], (1,), generator=gen))
+            u = torch.randn(w.shape[1], generator=gen, dtype=torch.float64).to(w)
+            c = float(torch.randn(1, generator=gen))
+            sel = list(ns)  # the module's candidate tensors, perturbed together
+            vw, s = [], torch.zeros(x.shape[0], dtype=w.dtype, device=w.device)
+            for n in sel:
+                v = torch.zeros_like(named[n])
+                if n.endswith("weight"):
+                    v[j], s = u, s + h @ u
+                else:
+                    v[j], s = c, s + c
+                vw.append(v)
+            tangent = torch.zeros(x.shape[0], w.shape[0], dtype=w.dtype, device=w.device)
+            tangent[:, j] = s
+            pl = FunctionalLoss(model, lambda o, t: o.sum(), sel)
+            p0 = [named[n].detach() for n in sel]
+
+            def along_params(*ws, pl=pl, vw=vw):
+                return jvp(lambda *w2: pl.outputs(w2, x), ws, tuple(vw))[1]
+
+            def along_z(d, tangent=tangent, m=m):
+                def f(d2):
+                    inj.target, inj.delta = m, d2
+                    try:
+                        return floss.outputs([], x)
+                    finally:
+                        inj.target, inj.delta = None, None
+                return jvp(f, (d,), (tangent,))[1]
+
+            # first and second derivatives: a second, affine use of W changes the first
+            d1p, d2p = jvp(along_params, tuple(p0), tuple(vw))
+            d1z, d2z = jvp(along_z, (torch.zeros_like(tangent),), (tangent,))
+            eps = torch.finfo(w.dtype).eps
+            size = sum(float(v.norm()) for v in (d1p, d2p, d1z, d2z)) + scale
+            if float((d1p - d1z).norm()) + float((d2p - d2z).norm()) <= 1e3 * eps * size:
+                keep.extend(ns)
+    if ranks is not None:
+        flags = torch.tensor([float(n in keep) for n in names], dtype=torch.float64)
+        flags = ranks.sum(flags.to(ranks.device)).cpu()
+        keep = [n for n, f in zip(names, flags.tolist()) if f == ranks.world]
+    return [n for n in names if n in keep]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What :func:`~flatlab.curvature.trace.gauss_newton_trace` will do, from
+    :func:`plan`.
+
+    Attributes:
+        nonlinear: tensors the outputs are not affine in (:func:`nonlinear_tensors`).
+        exact: those of them taken exactly as Linear blocks (:func:`linear_blocks`).
+        residual: the rest, whose ``tr R_kk`` XTrace estimates (empty: the trace is exact).
+        passes: passes per chunk of examples, at most: ``D`` (outputs per example) for the
+            Gauss-Newton part plus ``d_out`` per exact Linear layer.
+    """
+
+    nonlinear: list[str]
+    exact: list[str]
+    residual: list[str]
+    passes: int
+
+
+def plan(model: Any, loss_fn: Any, data: Any, params: Any = None, *, seed: int = 0,
+         eval_mode: bool = True, distributed: Any = False) -> Plan:
+    """Check that the Gauss-Newton route applies (on the first batch) and plan it.
+
+    Raises:
+        NotApplicable: on every rank when it does not apply on some rank (one all-reduce of
+            a flag, so that the ranks take the same route).
+    """
+    model = measured_model(model)
+    names, tensors = resolve_params(model, params)
+    floss = FunctionalLoss(model, loss_fn, names)
+    w = [p.detach() for p in tensors]
+    ranks = ranks_of(distributed)
+    error: NotApplicable | None = None
+    out_size = 0
+    try:
+        inputs, targets, _ = next(iter(batches(data, device=w[0].device)))
+        inputs = _check_inputs(inputs)
+        with measurement_mode(model, eval_mode):
+            _check_batch(floss, w, inputs, targets)
+            with torch.no_grad():
+                out_size = floss.outputs(w, inputs[:1])[0].numel()
+    except NotApplicable as e:
+        error = e
+    if ranks is not None:
+        failed = ranks.sum(torch.tensor([float(error is not None)], dtype=torch.float64,
+                                        device=ranks.device))
+        if float(failed[0]) > 0 and error is None:
+            error = NotApplicable("method='gauss_newton' does not apply on another rank")
+    if error is not None:
+        raise error
+    nonlinear = nonlinear_tensors(model, data, params, seed=seed, eval_mode=eval_mode,
+                                  distributed=distributed)
+    exact = linear_blocks(model, data, nonlinear, seed=seed, eval_mode=eval_mode,
+                          distributed=distributed)
+    modules = dict(model.named_modules())
+    layers = {modules[n.rpartition(".")[0]] for n in exact}
+    return Plan(nonlinear, exact, [n for n in nonlinear if n not in exact],
+                out_size + sum(m.out_features for m in layers))
+
+
+def _chunk_linear(floss: FunctionalLoss, layers: dict[nn.Module, tuple[bool, bool]],
+                  x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``sum_k tr H_kk`` per example over the Linear tensors of ``layers`` (module ->
+    (weight selected, bias selected)), ``(b,)`` in float64, and the passes (``d_out`` per
+    layer): ``sum_j d_ij (||h_i||^2 [weight] + 1 [bias])`` (see :func:`linear_blocks`)."""
+    total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    passes = 0
+    with _Inject(list(layers)) as inj:
+        inj.capture = True
+        with torch.no_grad():
+            floss.outputs([], x)
+        inj.capture = False
+        for m, (has_w, has_b) in layers.items():
+            h2 = inj.inputs[m][0].to(torch.float64).pow(2).sum(1)
+            d_out = m.out_features
+
+            def ell(d: torch.Tensor, xi: torch.Tensor, yi: torch.Tensor, m=m) -> torch.Tensor:
+                inj.target, inj.delta = m, d
+                try:
+                    out = floss.outputs([], xi.unsqueeze(0))
+                finally:
+                    inj.target, inj.delta = None, None
+                return floss.loss_of_outputs(out, yi.unsqueeze(0))
+
+            def second(e: torch.Tensor, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+                def first(d: torch.Tensor) -> torch.Tensor:
+                    return jvp(lambda d2: ell(d2, xi, yi), (d,), (e,))[1]
+                return jvp(first, (torch.zeros_like(e),), (e,))[1]
+
+            per = vmap(vmap(second, in_dims=(None, 0, 0)), in_dims=(0, None, None))
+            eye = torch.eye(d_out, dtype=m.weight.dtype, device=x.device)
+            group = max(1, min(d_out, DIRECTIONS_PER_PASS // max(1, x.shape[0])))
+            diag = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+            for lo in range(0, d_out, group):
+                diag += per(eye[lo:lo + group], x, t).to(torch.float64).sum(0)
+            total += diag * (h2 * float(has_w) + float(has_b))
+            passes += d_out
+    return total, passes

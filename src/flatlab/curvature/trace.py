@@ -67,13 +67,13 @@ from flatlab._checks import check_choice, check_positive_int
 from flatlab._ranks import ranks_of
 from flatlab.curvature._krylov import _work_dtype
 from flatlab.curvature._progress import Meter
-from flatlab.curvature.gauss_newton import ggn_trace, nonlinear_tensors
+from flatlab.curvature.gauss_newton import NotApplicable, Plan, ggn_trace, plan
 from flatlab.curvature.hvp import as_operator, ggn_operator, hessian_operator
 from flatlab.curvature.operator import LinearOperator
 
-METHODS = ("xtrace", "xnystrace", "hutch++", "hutchinson", "gauss_newton")
+METHODS = ("auto", "xtrace", "xnystrace", "hutch++", "hutchinson", "gauss_newton")
 # the fewest probes each estimator needs (gauss_newton: those of its residual, XTrace)
-MINIMUM_PROBES = {"xtrace": 4, "xnystrace": 2, "hutch++": 3, "hutchinson": 1,
+MINIMUM_PROBES = {"auto": 4, "xtrace": 4, "xnystrace": 2, "hutch++": 3, "hutchinson": 1,
                   "gauss_newton": 4}
 
 
@@ -337,23 +337,29 @@ class _Residual(LinearOperator):
 def gauss_newton_trace(model: Any, loss_fn: Any, data: Any, probes: int = 100, *,
                        seed: int = 0, block: int = 16, params: Any = None,
                        eval_mode: bool = True, distributed: Any = False,
-                       meter: Meter | None = None) -> TraceResult:
+                       meter: Meter | None = None, route: Plan | None = None) -> TraceResult:
     """``tr H = tr G + tr R``: the Gauss-Newton part exactly, the residual estimated only on
     the parameter tensors the outputs are not affine in (:mod:`flatlab.curvature.gauss_newton`).
 
     ``tr R = sum_k tr R_kk``, and ``R_kk = 0`` for every tensor ``w_k`` the outputs are affine
-    in, so the residual is XTrace (``probes`` of its products) on the principal block of
-    ``H - G`` over the other tensors. When there are none (piecewise-linear networks: ReLU,
-    convolutions, pooling, eval-mode BatchNorm), ``tr H = tr G`` and ``stderr`` is 0.
+    in. Nonlinear tensors that are the weight or bias of a Linear layer applied to one vector
+    per example get their ``tr H_kk`` exactly from the diagonal of the loss Hessian in the
+    layer's outputs (:func:`~flatlab.curvature.gauss_newton.linear_blocks`). The residual of
+    the remaining tensors is XTrace (``probes`` of its products) on the principal block of
+    ``H - G`` over them. When none remain (piecewise-linear networks: ReLU, convolutions,
+    pooling, eval-mode BatchNorm; MLPs with any activation), the trace is exact and
+    ``stderr`` is 0. ``route``: a :func:`~flatlab.curvature.gauss_newton.plan` already made.
     """
     if int(probes) < MINIMUM_PROBES["gauss_newton"]:
         raise ValueError(f"probes must be >= {MINIMUM_PROBES['gauss_newton']} for "
                          f"gauss_newton (its residual is XTrace), got {probes}")
     meter = meter or Meter("trace (gauss_newton)", None, progress=False, unit="passes")
-    nonlinear = nonlinear_tensors(model, data, params, seed=seed, eval_mode=eval_mode,
-                                  distributed=distributed)
+    if route is None:
+        route = plan(model, loss_fn, data, params, seed=seed, eval_mode=eval_mode,
+                     distributed=distributed)
+    nonlinear = route.residual
     gn = ggn_trace(model, loss_fn, data, params, eval_mode=eval_mode, distributed=distributed,
-                   meter=meter)
+                   meter=meter, exact=route.exact)
     if not nonlinear:
         return TraceResult(gn.value, gn.stderr, gn.passes, "gauss_newton", gn.per_example,
                            gn.converged)
@@ -369,6 +375,29 @@ def gauss_newton_trace(model: Any, loss_fn: Any, data: Any, probes: int = 100, *
                        est.samples + gn.value, est.converged)
 
 
+def _auto(op_or_model: Any, loss_fn: Any, data: Any, probes: int, max_matvecs: Any,
+          max_seconds: Any, seed: int, params: Any, eval_mode: bool, distributed: Any,
+          ) -> tuple[str, Plan | None]:
+    """``method="auto"``: ``"gauss_newton"`` when it is exact here (no residual left) and
+    costs no more passes per chunk than the products asked for; ``"xtrace"`` otherwise
+    (an operator, a loss or model it does not apply to, or too many outputs or Linear
+    units)."""
+    if not isinstance(op_or_model, nn.Module) or loss_fn is None or data is None:
+        return "xtrace", None
+    if ranks_of(distributed) is not None and (max_matvecs is not None
+                                              or max_seconds is not None):
+        return "xtrace", None  # gauss_newton takes no budget with distributed=
+    try:
+        route = plan(op_or_model, loss_fn, data, params, seed=seed, eval_mode=eval_mode,
+                     distributed=distributed)
+    except NotApplicable:
+        return "xtrace", None
+    budget = probes if max_matvecs is None else min(probes, int(max_matvecs))
+    if route.residual or route.passes > budget:
+        return "xtrace", None
+    return "gauss_newton", route
+
+
 _ESTIMATORS = {"xtrace": xtrace, "xnystrace": xnystrace, "hutch++": hutchpp,
                "hutchinson": hutchinson}
 
@@ -379,7 +408,7 @@ def hessian_trace(
     data: Any = None,
     *,
     probes: int = 100,
-    method: str = "xtrace",
+    method: str = "auto",
     seed: int = 0,
     block: int = 16,
     max_matvecs: int | None = None,
@@ -391,20 +420,24 @@ def hessian_trace(
 ) -> TraceResult:
     """Estimate ``tr(H)`` with ``probes`` Hessian-vector products.
 
-    The default, XTrace, had the lowest error of the four estimators on small networks
-    against their dense Hessians, indefinite ones included (``benchmarks/curvature.py
-    --part trace-error``; docs/benchmarks.md).
+    The default, ``"auto"``, takes the exact Gauss-Newton route when it applies and is exact
+    at no more than ``probes`` passes (a model with a per-example mean loss whose nonlinear
+    tensors are all Linear-layer blocks: ReLU and tanh MLPs, ReLU convolutional networks in
+    eval mode), and XTrace otherwise. Of the four stochastic estimators, XTrace had the
+    lowest error on small networks against their dense Hessians, indefinite ones included
+    (``benchmarks/curvature.py --part trace-error``; docs/benchmarks.md). ``method`` in the
+    result names the route taken.
 
     Args:
         op_or_model: an operator, a square tensor, or a model (then ``loss_fn`` and ``data``
             follow, positionally or by keyword).
         probes: number of products (the total budget of every method).
-        method: ``"xtrace"`` (default), ``"xnystrace"`` (PSD operators, e.g. a GGN),
-            ``"hutch++"``, ``"hutchinson"``, or ``"gauss_newton"`` (a model only: the
-            Gauss-Newton trace exactly from per-example gradients, plus XTrace with
-            ``probes`` products on the residual of the tensors the outputs are not affine
-            in; exact, ``stderr`` 0, for piecewise-linear networks, see
-            :func:`gauss_newton_trace`).
+        method: ``"auto"`` (default, above), ``"xtrace"``, ``"xnystrace"`` (PSD
+            operators, e.g. a GGN), ``"hutch++"``, ``"hutchinson"``, or ``"gauss_newton"``
+            (a model only: the Gauss-Newton trace exactly from per-example gradients, the
+            Linear blocks of nonlinear tensors exactly, plus XTrace with ``probes``
+            products on the residual of any other tensors the outputs are not affine in;
+            see :func:`gauss_newton_trace`).
         seed: seed of the probes; block: probes per batched product.
         max_matvecs: product budget (``probes`` is cut to it; ``converged=False`` then).
             For ``"gauss_newton"`` it counts per-example gradient passes and residual
@@ -431,6 +464,10 @@ def hessian_trace(
     """
     method = check_choice("method", method, METHODS)
     probes = check_positive_int("probes", probes)
+    route = None
+    if method == "auto":
+        method, route = _auto(op_or_model, loss_fn, data, probes, max_matvecs, max_seconds,
+                              seed, params, eval_mode, distributed)
     if method == "gauss_newton":
         if not isinstance(op_or_model, nn.Module) or loss_fn is None or data is None:
             raise ValueError("method='gauss_newton' needs a model with loss_fn and data, got "
@@ -442,7 +479,7 @@ def hessian_trace(
                    ranks=ranks_of(distributed)) as meter:
             return gauss_newton_trace(op_or_model, loss_fn, data, probes, seed=seed,
                                       block=block, params=params, eval_mode=eval_mode,
-                                      distributed=distributed, meter=meter)
+                                      distributed=distributed, meter=meter, route=route)
     op = as_operator(op_or_model, loss_fn=loss_fn, data=data, params=params, eval_mode=eval_mode,
                      distributed=distributed)
     planned = probes if max_matvecs is None else min(probes, check_positive_int(

@@ -275,8 +275,10 @@ def measure(model: nn.Module, splits: Any, cfg: Config,
     out["gen_gap"] = out["train_acc"] - out["test_acc"]
     kw = {"distributed": across}
     out["lambda_max"] = float(top_eigenvalues(model, loss_fn, data, 1, **kw).values[0])
+    # XTrace, pinned: the committed study and its resumable runs were measured with it
+    # (the "auto" default would take the exact route on these MLPs)
     out["trace"] = float(hessian_trace(model, loss_fn, data, probes=cfg.trace_probes,
-                                       **kw).value)
+                                       method="xtrace", **kw).value)
     steps = cfg.sharpness_steps
     out["sharpness_worst"] = float(worst_case_sharpness(
         model, loss_fn, data, rho=cfg.sharpness_rho, steps=steps, **kw).value)
