@@ -187,13 +187,54 @@ def trace_table(model, x, y, truth, reps):
 
 # ---- trace error on small networks against their dense Hessian (--part trace-error) -------
 
+class _Tokens(nn.Module):
+    """The 16 inputs as tokens: a per-token tanh MLP (its Linear weights shared along the
+    tokens, so no exact Linear blocks), then a linear head."""
+
+    def __init__(self, width: int, classes: int):
+        super().__init__()
+        self.a, self.b = nn.Linear(1, width), nn.Linear(width, width)
+        self.head = nn.Linear(16 * width, classes)
+
+    def forward(self, x):
+        h = torch.tanh(self.b(torch.tanh(self.a(x.unsqueeze(-1)))))
+        return self.head(h.flatten(1))
+
+
+class _Custom(nn.Module):
+    """A tanh MLP whose first layer is a hand-written ``F.linear`` (not an ``nn.Linear``)."""
+
+    def __init__(self, d: int, width: int, classes: int):
+        super().__init__()
+        first = nn.Linear(d, width)
+        self.w, self.b = nn.Parameter(first.weight.detach()), nn.Parameter(first.bias.detach())
+        self.mid, self.out = nn.Linear(width, width), nn.Linear(width, classes)
+
+    def forward(self, x):
+        h = torch.tanh(nn.functional.linear(x, self.w, self.b))
+        return self.out(torch.tanh(self.mid(h)))
+
+
 def small_network(kind: str, width: int, classes: int, seed: int = 0, n: int = 256):
-    """A float64 MLP (8 or 16 inputs) on teacher labels: ``init`` or Adam-``trained``."""
+    """A float64 network (8 or 16 inputs) on teacher labels, ``init`` or Adam-``trained``:
+    ``relu``/``tanh``: an MLP; ``tanhconv``: two 3x3 convolutions with ``width`` channels and
+    tanh on the 16 inputs as a 4x4 image, then a linear layer; ``tokens``: :class:`_Tokens`;
+    ``custom``: :class:`_Custom`. The last three are outside the exact route's structure."""
     torch.manual_seed(seed)
     act = nn.Tanh if kind.startswith("tanh") else nn.ReLU
     d = 16 if classes > 4 else 8
-    model = nn.Sequential(nn.Linear(d, width), act(), nn.Linear(width, width), act(),
-                          nn.Linear(width, classes)).double()
+    if kind.startswith("tanhconv"):
+        model = nn.Sequential(nn.Unflatten(1, (1, 4, 4)), nn.Conv2d(1, width, 3, padding=1),
+                              act(), nn.Conv2d(width, width, 3, padding=1), act(),
+                              nn.Flatten(), nn.Linear(16 * width, classes))
+    elif kind.startswith("tokens"):
+        model = _Tokens(width, classes)
+    elif kind.startswith("custom"):
+        model = _Custom(d, width, classes)
+    else:
+        model = nn.Sequential(nn.Linear(d, width), act(), nn.Linear(width, width), act(),
+                              nn.Linear(width, classes))
+    model = model.double()
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(n, d, generator=g, dtype=torch.float64)
     y = (x @ torch.randn(d, classes, generator=g, dtype=torch.float64)).argmax(1)
@@ -217,7 +258,10 @@ def pyhessian_hutchinson(model, x, y, products: int, seed: int) -> float:
 
 
 TRACE_NETWORKS = (("tanh-init", 8, 4), ("tanh-init", 16, 10), ("relu-init", 16, 10),
-                  ("relu-trained", 12, 4), ("relu-trained", 16, 10), ("tanh-trained", 16, 10))
+                  ("relu-trained", 12, 4), ("relu-trained", 16, 10), ("tanh-trained", 16, 10),
+                  ("tanhconv-init", 4, 10), ("tanhconv-trained", 4, 10),
+                  ("tanhconv-init", 8, 10), ("tokens-init", 4, 10), ("tokens-trained", 4, 10),
+                  ("custom-init", 16, 10), ("custom-trained", 16, 10))
 
 
 def trace_error_table(products: int = 60, seeds: int = 48) -> None:
@@ -243,7 +287,7 @@ def trace_error_table(products: int = 60, seeds: int = 48) -> None:
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     logs = {"hutch++": [], "xtrace": [], "hutchinson": []}
-    worst = 0.0
+    worst, met, estimated = 0.0, 0, []
     for kind, width, classes in TRACE_NETWORKS:
         model, x, y = small_network(kind, width, classes)
         H = hessian_operator(model, CE, (x, y)).to_dense()
@@ -267,6 +311,9 @@ def trace_error_table(products: int = 60, seeds: int = 48) -> None:
         for key, v in (("hutch++", hpp), ("xtrace", xt), ("hutchinson", hut)):
             logs[key].append(math.log(v / ph))
         worst = max(worst, dflt / ph)
+        met += dflt / ph <= 0.35
+        if any(r.stderr > 0 for r in runs):
+            estimated.append(math.log(dflt / ph))
         name = f"{kind} {width}w {classes}c"
         route = ", ".join(f"{m} {k}" for m, k in routes)
         print(f"| {name:22} | {H.shape[0]:4d} | {truth:8.3f} | "
@@ -276,7 +323,10 @@ def trace_error_table(products: int = 60, seeds: int = 48) -> None:
     gm = {k: math.exp(sum(v) / len(v)) for k, v in logs.items()}
     print(f"geometric mean of error / PyHessian's: Hutch++ {gm['hutch++']:.2f}, XTrace "
           f"{gm['xtrace']:.2f}, flatlab Hutchinson {gm['hutchinson']:.2f}")
-    print(f"the default's largest error / PyHessian's: {worst:.2e} (target <= 0.35)")
+    gm_est = math.exp(sum(estimated) / len(estimated)) if estimated else float("nan")
+    print(f"the default: error / PyHessian's <= 0.35 on {met} of {len(TRACE_NETWORKS)} "
+          f"networks, largest {worst:.2f}; geometric mean {gm_est:.2f} over the "
+          f"{len(estimated)} where it estimates a residual")
 
 
 def ggn_residual_table() -> None:
@@ -392,7 +442,9 @@ def resnet_table(rounds: int = 3, seed: int = 0,
         return r.value, r.stderr, r.n_matvecs
 
     def gn_trace(s):
-        r = hessian_trace(model, CE, (x, y), method="gauss_newton", seed=s, progress=False)
+        # the default on the model ("auto"), which takes the Gauss-Newton route here
+        r = hessian_trace(model, CE, (x, y), seed=s, progress=False)
+        assert r.method == "gauss_newton", r.method
         return r.value, r.stderr, r.n_matvecs
 
     # equal error: the fewest XTrace products whose own error estimate is at most the
@@ -413,8 +465,8 @@ def resnet_table(rounds: int = 3, seed: int = 0,
         ("top-1", "flatlab"): lambda r: fl_eigs(1), ("top-1", "PyHessian"): lambda r: ph_eigs(1),
         ("top-1", "flatlab, stop='value'"): lambda r: fl_eigs(1, "value"),
         ("top-3", "flatlab"): lambda r: fl_eigs(3), ("top-3", "PyHessian"): lambda r: ph_eigs(3),
-        ("trace", "flatlab"): lambda r: fl_trace(probes, r),
-        ("trace", "flatlab, gauss_newton"): lambda r: gn_trace(r),
+        ("trace", "flatlab, operator"): lambda r: fl_trace(probes, r),
+        ("trace", "flatlab, model (auto)"): lambda r: gn_trace(r),
         ("trace", "PyHessian"): lambda r: ph_trace(r),
     }
     tasks = {key: f for key, f in tasks.items() if key[0] in quantities}

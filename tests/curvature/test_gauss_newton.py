@@ -14,6 +14,7 @@ from flatlab.curvature.gauss_newton import (
     nonlinear_tensors,
     plan,
 )
+from flatlab.curvature.trace import SKETCH_REACH
 
 CE = nn.functional.cross_entropy
 
@@ -139,6 +140,14 @@ def test_a_tanh_mlp_is_exact_through_its_linear_blocks():
     assert res.stderr == 0.0 and res.converged
     # per batch: 3 Gauss-Newton passes (the last layer), 8 + 8 for the two tanh layers
     assert res.n_matvecs == 2 * (3 + 16)
+    # blocks that do not fit the probes stay in the residual (a wide MLP: no thousand passes)
+    small = plan(model, CE, data, probes=19)
+    assert small.exact == [] and small.residual == small.nonlinear and small.passes == 4
+    assert plan(model, CE, data, probes=20, total=True).exact == route.exact  # 20 fit
+    with pytest.raises(NotApplicable, match="no room for its residual's probes"):
+        plan(model, CE, data, probes=11, total=True)  # 4 + 2 x 4 > 11 without the blocks
+    with pytest.raises(NotApplicable, match="4 outputs per example"):
+        plan(model, CE, data, probes=3, total=True)
     # and the blocks alone: ggn_trace(exact=) is tr G off them plus tr H_kk on them
     H = hessian_operator(model, CE, data).to_dense()
     G = ggn_operator(model, CE, data).to_dense()
@@ -165,11 +174,26 @@ def test_a_tanh_network_estimates_the_residual_on_the_other_nonlinear_tensors():
     for seed in range(10):
         r = hessian_trace(model, CE, data, method="gauss_newton", probes=40, seed=seed,
                           progress=False)
-        assert r.converged and 0 < r.stderr < float("inf")
+        assert r.converged and 0 < r.stderr < float("inf") and len(r.samples) == 20
         covered += abs(r.value - truth) <= 2 * r.stderr
     assert covered >= 8
-    # "auto" does not estimate: a residual is left, so it is XTrace on the Hessian
-    assert hessian_trace(model, CE, data, probes=40, progress=False).method == "xtrace"
+    # "auto" at 40 products: 3 + 8 passes a batch leave (40 - 11) // 2 = 14 residual probes
+    auto = hessian_trace(model, CE, data, probes=40, progress=False)
+    assert auto.method == "gauss_newton" and auto.n_matvecs == 2 * 11 + 2 * 14
+    fixed = hessian_trace(model, CE, data, method="gauss_newton", probes=14, progress=False)
+    assert auto.value == fixed.value and auto.stderr == fixed.stderr > 0
+    # the plan counts D = 4 outputs (CE's constant direction is skipped only when run):
+    # at 19 products the blocks leave no room for 4 probes (4 + 8 + 2 x 4 > 19), so the
+    # residual is all four nonlinear tensors, with (19 - 4) // 2 = 7 probes; its 168
+    # coordinates exceed SKETCH_REACH x 7, so they are Hutchinson's (7 samples)
+    small = hessian_trace(model, CE, data, probes=19, progress=False)
+    assert small.method == "gauss_newton" and small.n_matvecs == 2 * 3 + 2 * 7
+    assert len(small.samples) == 7
+    # so are the 96 coordinates at 14 probes (14 samples); at 40 probes (the loop above)
+    # they are XTrace's, with 20 leave-one-out estimates
+    assert len(auto.samples) == 14 and SKETCH_REACH * 14 < 96 <= SKETCH_REACH * 40
+    # at 10 products not even that (4 + 2 x 4 > 10): XTrace
+    assert hessian_trace(model, CE, data, probes=10, progress=False).method == "xtrace"
 
 
 class Direct(nn.Module):

@@ -72,6 +72,8 @@ from flatlab.curvature._progress import Meter
 CHUNK_BYTES = 2**28
 # (direction, example) pairs one vectorized second-derivative pass of a Linear layer holds
 DIRECTIONS_PER_PASS = 4096
+# the fewest XTrace probes of a residual (trace.MINIMUM_PROBES["xtrace"])
+MINIMUM_RESIDUAL = 4
 
 
 class NotApplicable(ValueError):
@@ -485,66 +487,6 @@ def linear_blocks(model: Any, data: Any, names: Sequence[str], *, examples: int 
     return [n for n in names if n in keep]
 
 
-@dataclass(frozen=True)
-class Plan:
-    """What :func:`~flatlab.curvature.trace.gauss_newton_trace` will do, from
-    :func:`plan`.
-
-    Attributes:
-        nonlinear: tensors the outputs are not affine in (:func:`nonlinear_tensors`).
-        exact: those of them taken exactly as Linear blocks (:func:`linear_blocks`).
-        residual: the rest, whose ``tr R_kk`` XTrace estimates (empty: the trace is exact).
-        passes: passes per chunk of examples, at most: ``D`` (outputs per example) for the
-            Gauss-Newton part plus ``d_out`` per exact Linear layer.
-    """
-
-    nonlinear: list[str]
-    exact: list[str]
-    residual: list[str]
-    passes: int
-
-
-def plan(model: Any, loss_fn: Any, data: Any, params: Any = None, *, seed: int = 0,
-         eval_mode: bool = True, distributed: Any = False) -> Plan:
-    """Check that the Gauss-Newton route applies (on the first batch) and plan it.
-
-    Raises:
-        NotApplicable: on every rank when it does not apply on some rank (one all-reduce of
-            a flag, so that the ranks take the same route).
-    """
-    model = measured_model(model)
-    names, tensors = resolve_params(model, params)
-    floss = FunctionalLoss(model, loss_fn, names)
-    w = [p.detach() for p in tensors]
-    ranks = ranks_of(distributed)
-    error: NotApplicable | None = None
-    out_size = 0
-    try:
-        inputs, targets, _ = next(iter(batches(data, device=w[0].device)))
-        inputs = _check_inputs(inputs)
-        with measurement_mode(model, eval_mode):
-            _check_batch(floss, w, inputs, targets)
-            with torch.no_grad():
-                out_size = floss.outputs(w, inputs[:1])[0].numel()
-    except NotApplicable as e:
-        error = e
-    if ranks is not None:
-        failed = ranks.sum(torch.tensor([float(error is not None)], dtype=torch.float64,
-                                        device=ranks.device))
-        if float(failed[0]) > 0 and error is None:
-            error = NotApplicable("method='gauss_newton' does not apply on another rank")
-    if error is not None:
-        raise error
-    nonlinear = nonlinear_tensors(model, data, params, seed=seed, eval_mode=eval_mode,
-                                  distributed=distributed)
-    exact = linear_blocks(model, data, nonlinear, seed=seed, eval_mode=eval_mode,
-                          distributed=distributed)
-    modules = dict(model.named_modules())
-    layers = {modules[n.rpartition(".")[0]] for n in exact}
-    return Plan(nonlinear, exact, [n for n in nonlinear if n not in exact],
-                out_size + sum(m.out_features for m in layers))
-
-
 def _chunk_linear(floss: FunctionalLoss, layers: dict[nn.Module, tuple[bool, bool]],
                   x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``sum_k tr H_kk`` per example over the Linear tensors of ``layers`` (module ->
@@ -583,3 +525,94 @@ def _chunk_linear(floss: FunctionalLoss, layers: dict[nn.Module, tuple[bool, boo
             total += diag * (h2 * float(has_w) + float(has_b))
             passes += d_out
     return total, passes
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What :func:`~flatlab.curvature.trace.gauss_newton_trace` will do, from
+    :func:`plan`.
+
+    Attributes:
+        nonlinear: tensors the outputs are not affine in (:func:`nonlinear_tensors`).
+        exact: those of them taken exactly as Linear blocks (:func:`linear_blocks`).
+        residual: the rest, whose ``tr R_kk`` XTrace estimates (empty: the trace is exact).
+        passes: passes per chunk of examples, at most: ``D`` (outputs per example) for the
+            Gauss-Newton part plus ``d_out`` per exact Linear layer.
+    """
+
+    nonlinear: list[str]
+    exact: list[str]
+    residual: list[str]
+    passes: int
+
+
+def plan(model: Any, loss_fn: Any, data: Any, params: Any = None, *, probes: int = 100,
+         total: bool = False, seed: int = 0, eval_mode: bool = True,
+         distributed: Any = False) -> Plan:
+    """Check that the Gauss-Newton route applies (on the first batch) and plan it.
+
+    Args:
+        probes: with ``total=False`` (``method="gauss_newton"``), the residual's probes: the
+            Linear blocks are taken exactly when all of them fit, ``D + sum d_out <=
+            probes``; otherwise their tensors stay in the residual, which XTrace estimates
+            with ``probes`` products whatever its size (so a wide MLP does not cost
+            thousands of passes). With ``total=True`` (``method="auto"``), the whole budget:
+            the passes, plus two products per residual probe and at least
+            ``MINIMUM_RESIDUAL`` probes when a residual is left, must fit in it.
+        total: as above; then :class:`NotApplicable` is raised as soon as the route cannot
+            fit (no second-derivative checks are run for nothing).
+
+    Raises:
+        NotApplicable: on every rank when it does not apply on some rank (one all-reduce of
+            a flag, so that the ranks take the same route).
+    """
+    model = measured_model(model)
+    names, tensors = resolve_params(model, params)
+    floss = FunctionalLoss(model, loss_fn, names)
+    w = [p.detach() for p in tensors]
+    ranks = ranks_of(distributed)
+    error: NotApplicable | None = None
+    out_size = 0
+    try:
+        inputs, targets, _ = next(iter(batches(data, device=w[0].device)))
+        inputs = _check_inputs(inputs)
+        with measurement_mode(model, eval_mode):
+            _check_batch(floss, w, inputs, targets)
+            with torch.no_grad():
+                out_size = floss.outputs(w, inputs[:1])[0].numel()
+    except NotApplicable as e:
+        error = e
+    if ranks is not None:
+        failed = ranks.sum(torch.tensor([float(error is not None)], dtype=torch.float64,
+                                        device=ranks.device))
+        if float(failed[0]) > 0 and error is None:
+            error = NotApplicable("method='gauss_newton' does not apply on another rank")
+    if error is not None:
+        raise error
+    # the same on every rank from here: the model and its output size are
+    if total and out_size > probes:
+        raise NotApplicable(f"{out_size} outputs per example need more passes than the "
+                            f"{probes} products")
+    nonlinear = nonlinear_tensors(model, data, params, seed=seed, eval_mode=eval_mode,
+                                  distributed=distributed)
+    cands = _linear_candidates(model, nonlinear)
+    modules = dict(model.named_modules())
+    covered = all(any(n in ns for ns in cands.values()) for n in nonlinear)
+    # auto: a residual needs the products of its probes beside the passes
+    room = 2 * MINIMUM_RESIDUAL if total else 0
+    exact: list[str] = []
+    if cands and out_size + sum(m.out_features for m in cands) + (
+            0 if covered else room) <= probes:
+        exact = linear_blocks(model, data, nonlinear, seed=seed, eval_mode=eval_mode,
+                              distributed=distributed)
+
+    def passes_of(names_: list[str]) -> int:
+        return out_size + sum(m.out_features
+                              for m in {modules[n.rpartition(".")[0]] for n in names_})
+
+    if total and len(exact) < len(nonlinear) and passes_of(exact) + room > probes:
+        if out_size + room > probes:
+            raise NotApplicable("the Gauss-Newton route leaves no room for its residual's "
+                                f"probes within {probes} products")
+        exact = []
+    return Plan(nonlinear, exact, [n for n in nonlinear if n not in exact], passes_of(exact))

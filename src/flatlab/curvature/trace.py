@@ -63,6 +63,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flatlab._batches import _is_pair
 from flatlab._checks import check_choice, check_positive_int
 from flatlab._ranks import ranks_of
 from flatlab.curvature._krylov import _work_dtype
@@ -345,18 +346,20 @@ def gauss_newton_trace(model: Any, loss_fn: Any, data: Any, probes: int = 100, *
     in. Nonlinear tensors that are the weight or bias of a Linear layer applied to one vector
     per example get their ``tr H_kk`` exactly from the diagonal of the loss Hessian in the
     layer's outputs (:func:`~flatlab.curvature.gauss_newton.linear_blocks`). The residual of
-    the remaining tensors is XTrace (``probes`` of its products) on the principal block of
-    ``H - G`` over them. When none remain (piecewise-linear networks: ReLU, convolutions,
-    pooling, eval-mode BatchNorm; MLPs with any activation), the trace is exact and
-    ``stderr`` is 0. ``route``: a :func:`~flatlab.curvature.gauss_newton.plan` already made.
+    the remaining tensors is estimated with ``probes`` of its products on the principal
+    block of ``H - G`` over them: XTrace when that block's dimension is at most
+    ``SKETCH_REACH * probes``, Rademacher Hutchinson beyond. When none remain
+    (piecewise-linear networks: ReLU, convolutions, pooling, eval-mode BatchNorm; MLPs with
+    any activation), the trace is exact and ``stderr`` is 0. ``route``: a
+    :func:`~flatlab.curvature.gauss_newton.plan` already made.
     """
     if int(probes) < MINIMUM_PROBES["gauss_newton"]:
         raise ValueError(f"probes must be >= {MINIMUM_PROBES['gauss_newton']} for "
-                         f"gauss_newton (its residual is XTrace), got {probes}")
+                         f"gauss_newton (its residual may be XTrace), got {probes}")
     meter = meter or Meter("trace (gauss_newton)", None, progress=False, unit="passes")
     if route is None:
-        route = plan(model, loss_fn, data, params, seed=seed, eval_mode=eval_mode,
-                     distributed=distributed)
+        route = plan(model, loss_fn, data, params, probes=int(probes), seed=seed,
+                     eval_mode=eval_mode, distributed=distributed)
     nonlinear = route.residual
     gn = ggn_trace(model, loss_fn, data, params, eval_mode=eval_mode, distributed=distributed,
                    meter=meter, exact=route.exact)
@@ -369,34 +372,68 @@ def gauss_newton_trace(model: Any, loss_fn: Any, data: Any, probes: int = 100, *
     kw = {"params": nonlinear, "eval_mode": eval_mode, "distributed": distributed}
     h = hessian_operator(model, loss_fn, data, **kw)
     g = ggn_operator(model, loss_fn, data, **kw)
-    est = xtrace(_Residual(h, g), probes, seed=seed, block=block, meter=meter)
+    residual = _Residual(h, g)
+    estimator = xtrace if residual.shape[0] <= SKETCH_REACH * int(probes) else hutchinson
+    est = estimator(residual, probes, seed=seed, block=block, meter=meter)
     return TraceResult(gn.value + est.value, est.stderr,
                        gn.passes + h.n_matvecs + g.n_matvecs, "gauss_newton",
                        est.samples + gn.value, est.converged)
 
 
+def _batch_count(data: Any) -> int | None:
+    """Batches in ``data`` when known without iterating it (a pair: 1; a sized iterable)."""
+    if _is_pair(data):
+        return 1
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
 def _auto(op_or_model: Any, loss_fn: Any, data: Any, probes: int, max_matvecs: Any,
           max_seconds: Any, seed: int, params: Any, eval_mode: bool, distributed: Any,
-          ) -> tuple[str, Plan | None]:
-    """``method="auto"``: ``"gauss_newton"`` when it is exact here (no residual left) and
-    costs no more passes per chunk than the products asked for; ``"xtrace"`` otherwise
-    (an operator, a loss or model it does not apply to, or too many outputs or Linear
-    units)."""
+          ) -> tuple[str, Plan | None, int]:
+    """``method="auto"``: the Gauss-Newton route whenever it applies within the products
+    asked for, else XTrace; returns the method, its plan and its ``probes``.
+
+    The route's passes per batch count as products (a pass over a batch costs about what a
+    product over it does). With nothing left to estimate it is exact. With a residual left,
+    it gets ``(probes - passes) // 2`` probes (a Hessian and a Gauss-Newton product each), at
+    least 4, so it spends the same products as XTrace would (on the networks of
+    ``benchmarks/curvature.py --part trace-error`` where a residual is left it had the lower
+    error; docs/benchmarks.md). XTrace for an operator, a loss or model the route does not
+    apply to, too many outputs per example, or a ``max_matvecs`` the passes of every batch
+    would exceed.
+    """
     if not isinstance(op_or_model, nn.Module) or loss_fn is None or data is None:
-        return "xtrace", None
+        return "xtrace", None, probes
     if ranks_of(distributed) is not None and (max_matvecs is not None
                                               or max_seconds is not None):
-        return "xtrace", None  # gauss_newton takes no budget with distributed=
+        return "xtrace", None, probes  # gauss_newton takes no budget with distributed=
+    budget = probes
+    count = 1
+    if max_matvecs is not None:
+        count = _batch_count(data)
+        if count is None:  # a budget in passes over batches that cannot be counted
+            return "xtrace", None, probes
+        budget = min(probes, int(max_matvecs))
     try:
-        route = plan(op_or_model, loss_fn, data, params, seed=seed, eval_mode=eval_mode,
-                     distributed=distributed)
+        route = plan(op_or_model, loss_fn, data, params, probes=budget // count, total=True,
+                     seed=seed, eval_mode=eval_mode, distributed=distributed)
     except NotApplicable:
-        return "xtrace", None
-    budget = probes if max_matvecs is None else min(probes, int(max_matvecs))
-    if route.residual or route.passes > budget:
-        return "xtrace", None
-    return "gauss_newton", route
+        return "xtrace", None, probes
+    if not route.residual:
+        return "gauss_newton", route, max(probes, MINIMUM_PROBES["gauss_newton"])
+    return "gauss_newton", route, (budget - route.passes * count) // 2
 
+
+# The Gauss-Newton route's residual is XTrace when its dimension is at most this many times
+# the probes, Rademacher Hutchinson beyond: XTrace's sketch of probes / 2 vectors captures
+# a useful part of a residual only when the two are comparable, and on a spread-out spectrum
+# it pays for a sketch Hutchinson does not need. On the seven networks of
+# ``benchmarks/curvature.py --part trace-error`` where a residual is left, this picked the
+# lower error of the two every time (docs/benchmarks.md).
+SKETCH_REACH = 4
 
 _ESTIMATORS = {"xtrace": xtrace, "xnystrace": xnystrace, "hutch++": hutchpp,
                "hutchinson": hutchinson}
@@ -420,13 +457,15 @@ def hessian_trace(
 ) -> TraceResult:
     """Estimate ``tr(H)`` with ``probes`` Hessian-vector products.
 
-    The default, ``"auto"``, takes the exact Gauss-Newton route when it applies and is exact
-    at no more than ``probes`` passes (a model with a per-example mean loss whose nonlinear
-    tensors are all Linear-layer blocks: ReLU and tanh MLPs, ReLU convolutional networks in
-    eval mode), and XTrace otherwise. Of the four stochastic estimators, XTrace had the
-    lowest error on small networks against their dense Hessians, indefinite ones included
-    (``benchmarks/curvature.py --part trace-error``; docs/benchmarks.md). ``method`` in the
-    result names the route taken.
+    The default, ``"auto"``, takes the Gauss-Newton route (:func:`gauss_newton_trace`) for a
+    model with a per-example mean loss when it fits in ``probes`` products, counting its
+    passes per batch as products: exact when nothing is left to estimate (ReLU or tanh MLPs,
+    ReLU convolutional networks in eval mode), otherwise the residual gets the products left,
+    two per probe. It falls back to XTrace (an operator, a loss or model the route does not
+    apply to, too many outputs per example). Of the four stochastic estimators, XTrace had
+    the lowest error on small networks against their dense Hessians, indefinite ones
+    included, and the route had lower error still (``benchmarks/curvature.py --part
+    trace-error``; docs/benchmarks.md). ``method`` in the result names the route taken.
 
     Args:
         op_or_model: an operator, a square tensor, or a model (then ``loss_fn`` and ``data``
@@ -466,8 +505,8 @@ def hessian_trace(
     probes = check_positive_int("probes", probes)
     route = None
     if method == "auto":
-        method, route = _auto(op_or_model, loss_fn, data, probes, max_matvecs, max_seconds,
-                              seed, params, eval_mode, distributed)
+        method, route, probes = _auto(op_or_model, loss_fn, data, probes, max_matvecs,
+                                      max_seconds, seed, params, eval_mode, distributed)
     if method == "gauss_newton":
         if not isinstance(op_or_model, nn.Module) or loss_fn is None or data is None:
             raise ValueError("method='gauss_newton' needs a model with loss_fn and data, got "
