@@ -271,8 +271,9 @@ def trace_error_table(products: int = 60, seeds: int = 48) -> None:
     (the same products; ``tests/curvature/test_xtrace.py`` checks the model operator against
     it), so that many seeds are affordable. The default, ``hessian_trace(model, loss_fn,
     data, probes=products)`` (``"auto"``), runs on the model as a user calls it; its products
-    (passes, for the Gauss-Newton route) are printed. The last rows are geometric means of
-    the ratios and the default's worst ratio.
+    (passes, for the Gauss-Newton route) are printed, and its CPU time over that of XTrace on
+    the model at the same products (median of 5 interleaved pairs). The last rows are
+    geometric means of the ratios and the default's worst ratio.
     """
     import math
 
@@ -283,7 +284,8 @@ def trace_error_table(products: int = 60, seeds: int = 48) -> None:
           "Hessian as the truth")
     head = (f"| {'network':22} | {'n':>4} | {'tr H':>8} | {'lambda_min/max':>15} | "
             f"{'PyHessian':>9} | {'Hutch++':>8} | {'XTrace':>8} | {'XTrace/PyH':>10} | "
-            f"{'default (route, products)':>34} | {'default/PyH':>11} |")
+            f"{'default (route, products)':>34} | {'default/PyH':>11} | "
+            f"{'time / XTrace':>13} |")
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     logs = {"hutch++": [], "xtrace": [], "hutchinson": []}
@@ -308,6 +310,17 @@ def trace_error_table(products: int = 60, seeds: int = 48) -> None:
                 for s in range(seeds)]
         dflt = med(r.value for r in runs)
         routes = sorted({(r.method, r.n_matvecs) for r in runs})
+        # time: the default against XTrace on the model, both as a user calls them, at the
+        # same products; CPU seconds, 5 interleaved rounds, medians of the ratio
+        ratios = []
+        for r in range(5):
+            pair = {}
+            for key in (("auto", "xtrace") if r % 2 else ("xtrace", "auto")):
+                _, pair[key] = _cpu(lambda key=key, r=r, m=model, d=(x, y): hessian_trace(
+                    m, CE, d, probes=products, method=key, seed=r, progress=False))
+            ratios.append(pair["auto"] / pair["xtrace"])
+        ratios.sort()
+        time_ratio = ratios[len(ratios) // 2]
         for key, v in (("hutch++", hpp), ("xtrace", xt), ("hutchinson", hut)):
             logs[key].append(math.log(v / ph))
         worst = max(worst, dflt / ph)
@@ -318,7 +331,8 @@ def trace_error_table(products: int = 60, seeds: int = 48) -> None:
         route = ", ".join(f"{m} {k}" for m, k in routes)
         print(f"| {name:22} | {H.shape[0]:4d} | {truth:8.3f} | "
               f"{float(ev[0]):7.3f}/{float(ev[-1]):.3f} | {ph:9.4f} | {hpp:8.4f} | {xt:8.4f} | "
-              f"{xt / ph:10.2f} | {dflt:9.2e} ({route:>22}) | {dflt / ph:11.2e} |  "
+              f"{xt / ph:10.2f} | {dflt:9.2e} ({route:>22}) | {dflt / ph:11.2e} | "
+              f"{time_ratio:13.2f} |  "
               f"(flatlab Hutchinson {hut:.4f})")
     gm = {k: math.exp(sum(v) / len(v)) for k, v in logs.items()}
     print(f"geometric mean of error / PyHessian's: Hutch++ {gm['hutch++']:.2f}, XTrace "
