@@ -346,10 +346,13 @@ class GGNOperator(_ModelOperator):
             return grad(lambda z: self.floss.loss_of_outputs(z, targets))(o)
 
         out, pullback = vjp(net, *primals)
+        # H_ell (J v) by reverse-over-reverse: H_ell is symmetric, and torch's forward-mode
+        # derivative of some losses' backward fails (mse_loss: "ZeroTensors are immutable")
+        _, loss_pullback = vjp(loss_grad, out)
 
         def ggn(*t):
             jv = jvp(net, primals, t)[1]
-            hjv = jvp(loss_grad, (out,), (jv,))[1]
+            (hjv,) = loss_pullback(jv)
             return pullback(hjv)
 
         with warnings.catch_warnings():
