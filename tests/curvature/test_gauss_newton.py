@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from flatlab.curvature import ggn_operator, hessian_operator, hessian_trace
+from flatlab.curvature._progress import Meter
 from flatlab.curvature.gauss_newton import (
     NotApplicable,
     ggn_trace,
@@ -14,7 +15,8 @@ from flatlab.curvature.gauss_newton import (
     nonlinear_tensors,
     plan,
 )
-from flatlab.curvature.trace import SKETCH_REACH
+from flatlab.curvature.hvp import as_operator
+from flatlab.curvature.trace import PILOT_PROBES, _residual_block
 
 CE = nn.functional.cross_entropy
 
@@ -165,16 +167,20 @@ def test_a_tanh_network_estimates_the_residual_on_the_other_nonlinear_tensors():
     truth = dense_trace(model, CE, data)
     route = plan(model, CE, data)
     assert route.residual == ["0.w", "0.b"] and route.exact == ["2.weight", "2.bias"]
-    # 80 + 16 = 96 residual coordinates: 200 probes make the residual exact
+    # 80 + 16 = 96 residual coordinates: at 200 probes (400 products) its Hessian block is
+    # taken exactly, from 96 unit columns, beside the Gauss-Newton trace of the rest
     exact = hessian_trace(model, CE, data, method="gauss_newton", probes=200, progress=False)
     assert exact.value == pytest.approx(truth, rel=1e-10) and exact.stderr == 0.0
-    # per batch 3 + 8 passes, then one H and one G product per residual coordinate
-    assert exact.n_matvecs == 2 * (3 + 8) + 2 * 96
+    # per batch 3 + 8 passes, then one Hessian product per residual coordinate
+    assert exact.n_matvecs == 2 * (3 + 8) + 96
     covered = 0
     for seed in range(10):
         r = hessian_trace(model, CE, data, method="gauss_newton", probes=40, seed=seed,
                           progress=False)
-        assert r.converged and 0 < r.stderr < float("inf") and len(r.samples) == 20
+        # 80 products < 96: the pilot's 4 probes (8 products), then the other 72 as 72
+        # Hessian probes or 36 residual ones, the pilot's samples kept
+        assert r.converged and 0 < r.stderr < float("inf")
+        assert len(r.samples) in (4 + 72, 4 + 36) and r.n_matvecs == 2 * 11 + 80
         covered += abs(r.value - truth) <= 2 * r.stderr
     assert covered >= 8
     # "auto" at 40 products: 3 + 8 passes a batch leave (40 - 11) // 2 = 14 residual probes
@@ -184,16 +190,51 @@ def test_a_tanh_network_estimates_the_residual_on_the_other_nonlinear_tensors():
     assert auto.value == fixed.value and auto.stderr == fixed.stderr > 0
     # the plan counts D = 4 outputs (CE's constant direction is skipped only when run):
     # at 19 products the blocks leave no room for 4 probes (4 + 8 + 2 x 4 > 19), so the
-    # residual is all four nonlinear tensors, with (19 - 4) // 2 = 7 probes; its 168
-    # coordinates exceed SKETCH_REACH x 7, so they are Hutchinson's (7 samples)
+    # residual is all four nonlinear tensors (168 coordinates), with (19 - 4) // 2 = 7
+    # probes: 14 products after the 3 passes of the two batches' 3 live directions
     small = hessian_trace(model, CE, data, probes=19, progress=False)
     assert small.method == "gauss_newton" and small.n_matvecs == 2 * 3 + 2 * 7
-    assert len(small.samples) == 7
-    # so are the 96 coordinates at 14 probes (14 samples); at 40 probes (the loop above)
-    # they are XTrace's, with 20 leave-one-out estimates
-    assert len(auto.samples) == 14 and SKETCH_REACH * 14 < 96 <= SKETCH_REACH * 40
+    assert len(small.samples) in (4 + 6, 4 + 3)
     # at 10 products not even that (4 + 2 x 4 > 10): XTrace
     assert hessian_trace(model, CE, data, probes=10, progress=False).method == "xtrace"
+
+
+def test_the_residual_goes_to_the_block_less_variable_per_product():
+    torch.manual_seed(0)
+    n = 40
+    a = torch.randn(n, n, dtype=torch.float64)
+    H = (a + a.T) / 2
+    small = torch.randn(n, n, dtype=torch.float64) * 1e-3
+    near = H - (small + small.T) / 2  # G close to H: R = H - G is tiny
+    for g, want in ((near, "R"), (1e-3 * torch.eye(n, dtype=torch.float64), "H")):
+        which, est = _residual_block(as_operator(H), as_operator(g), 30, 0, 16,
+                                     Meter("t", None, progress=False))
+        assert which == want and est.converged and est.method == "hutchinson"
+        # the pilot's probes and then the rest of the 30 products, as probes of that block
+        assert est.n_matvecs == 30 and len(est.samples) == (
+            PILOT_PROBES + (30 - 2 * PILOT_PROBES) // (2 if want == "R" else 1))
+        target = float(H.trace() - g.trace()) if want == "R" else float(H.trace())
+        assert abs(est.value - target) <= 4 * est.stderr
+    # a block no larger than the products: exact, from n unit columns
+    which, est = _residual_block(as_operator(H), as_operator(near), n, 0, 16,
+                                 Meter("t", None, progress=False))
+    assert which == "H" and est.value == pytest.approx(float(H.trace()), rel=1e-12)
+    assert est.n_matvecs == n and est.stderr == 0.0
+    # a budget that ends in the pilot: its Hutchinson samples of R, not converged
+    meter = Meter("t", None, max_matvecs=6, progress=False)
+    which, est = _residual_block(as_operator(H), as_operator(near), 30, 0, 16, meter)
+    assert not est.converged and est.n_matvecs == 6 and len(est.samples) == 2
+
+
+def test_split_reports_the_gauss_newton_trace_of_some_tensors():
+    model, data = mlp(nn.Tanh), batches()
+    G = ggn_operator(model, CE, data).to_dense()
+    k = 5 * 8 + 8  # the first layer's coordinates come first
+    res = ggn_trace(model, CE, data, split=["0.weight", "0.bias"])
+    assert res.split_value == pytest.approx(float(G[:k, :k].trace()), rel=1e-10)
+    assert res.value == pytest.approx(float(G.trace()), rel=1e-10)
+    with pytest.raises(ValueError, match="split and exact overlap"):
+        ggn_trace(model, CE, data, split=["0.weight"], exact=["0.weight", "0.bias"])
 
 
 class Direct(nn.Module):

@@ -93,6 +93,8 @@ class GGNTrace:
         examples: examples done (over all ranks).
         per_example: ``sum_c lam_ic ||J_i^T q_ic||^2`` of this rank's examples done, ``(k,)``.
         converged: every example was done.
+        split_value: ``sum_k tr G_kk`` over the tensors ``split`` named (0 when none), on the
+            same examples as ``value``.
     """
 
     value: float
@@ -101,6 +103,7 @@ class GGNTrace:
     examples: int
     per_example: torch.Tensor
     converged: bool
+    split_value: float = 0.0
 
 
 def _outputs_of(floss: FunctionalLoss, tensors: Sequence[torch.Tensor]):
@@ -152,10 +155,11 @@ def _check_batch(floss: FunctionalLoss, tensors, inputs, targets) -> None:
 
 
 def _chunk_trace(floss: FunctionalLoss, tensors, x: torch.Tensor, t: torch.Tensor,
-                 ) -> tuple[torch.Tensor, int]:
-    """``sum_c lam_ic ||J_i^T q_ic||^2`` for the examples of one chunk, ``(b,)``, and the
-    passes spent (an eigen-direction whose ``|lam|`` is within round-off of 0 on every
-    example of the chunk, such as cross-entropy's constant direction, is not run)."""
+                 mask: Sequence[bool] = ()) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``sum_c lam_ic ||J_i^T q_ic||^2`` for the examples of one chunk, ``(b,)``, the same
+    sum over the tensors ``mask`` selects only, ``(b,)``, and the passes spent (an
+    eigen-direction whose ``|lam|`` is within round-off of 0 on every example of the chunk,
+    such as cross-entropy's constant direction, is not run)."""
     one = _outputs_of(floss, tensors)
     with torch.no_grad():
         out = vmap(one)(x)
@@ -180,15 +184,18 @@ def _chunk_trace(floss: FunctionalLoss, tensors, x: torch.Tensor, t: torch.Tenso
 
     per_example = vmap(grad(along), in_dims=(None, 0, 0))
     total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    part = torch.zeros_like(total)
     passes = 0
     for c in range(lam.shape[1]):
         if float(lam[:, c].abs().max()) <= skip:
             continue
         gs = per_example(list(tensors), x, q[:, :, c])
-        sq = sum(g.reshape(g.shape[0], -1).to(torch.float64).pow(2).sum(1) for g in gs)
-        total += lam[:, c] * sq
+        sq = [g.reshape(g.shape[0], -1).to(torch.float64).pow(2).sum(1) for g in gs]
+        total += lam[:, c] * sum(sq)
+        if any(mask):
+            part += lam[:, c] * sum(s for s, m in zip(sq, mask) if m)
         passes += 1
-    return total, passes
+    return total, part, passes
 
 
 def ggn_trace(
@@ -202,6 +209,7 @@ def ggn_trace(
     meter: Meter | None = None,
     total_examples: int | None = None,
     exact: Sequence[str] = (),
+    split: Sequence[str] = (),
 ) -> GGNTrace:
     """The trace of the generalized Gauss-Newton matrix, exactly (module docstring).
 
@@ -218,6 +226,8 @@ def ggn_trace(
             ``distributed`` (the ranks' example counts differ).
         total_examples: ``N``, when known, for the finite-population correction of a partial
             result's error.
+        split: tensors (not in ``exact``) whose share of ``tr G`` is also reported,
+            as ``split_value``, at no extra pass.
 
     Raises:
         ValueError: inputs that are not one tensor, a model that couples examples, a loss that
@@ -227,6 +237,8 @@ def ggn_trace(
     names, tensors = resolve_params(model, params)
     floss = FunctionalLoss(model, loss_fn, names)
     exact = [n for n in names if n in set(exact)]
+    if set(split) & set(exact):
+        raise ValueError(f"split and exact overlap: {sorted(set(split) & set(exact))}")
     gn_names = [n for n in names if n not in set(exact)]
     gn_floss = FunctionalLoss(model, loss_fn, gn_names)
     by_name = dict(zip(names, tensors))
@@ -245,9 +257,11 @@ def ggn_trace(
     meter = meter or Meter("trace (gauss_newton)", None, progress=False, unit="passes")
     w = [p.detach() for p in tensors]
     gn_w = [by_name[n].detach() for n in gn_names]
+    mask = [n in set(split) for n in gn_names]
     n_params = sum(p.numel() for p in gn_w) or sum(p.numel() for p in w)
     chunk = max(1, CHUNK_BYTES // (n_params * w[0].element_size()))
     parts: list[torch.Tensor] = []
+    split_parts: list[torch.Tensor] = []
     passes, last, converged, checked = 0, 0, True, False
     with measurement_mode(model, eval_mode):
         for inputs, targets, _ in batches(data, device=w[0].device):
@@ -261,22 +275,24 @@ def ggn_trace(
                     converged = False  # the next chunk would not fit a budget
                     break
                 vals = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-                last = 0
+                part, last = vals, 0
                 if gn_names:
-                    vals, last = _chunk_trace(gn_floss, gn_w, x, t)
+                    vals, part, last = _chunk_trace(gn_floss, gn_w, x, t, mask)
                 if layers:
                     more, p = _chunk_linear(lin_floss, layers, x, t)
                     vals, last = vals + more, last + p
                 parts.append(vals)
+                split_parts.append(part)
                 passes += last
                 meter.update(last)
             if not converged:
                 break
     per_example = torch.cat(parts)
     total, count = per_example.sum(), per_example.numel()
+    part = torch.cat(split_parts).sum()
     if ranks is not None:
-        buf = ranks.sum(torch.stack([total, total.new_tensor(float(count))]))
-        total, count = buf[0], int(buf[1])
+        buf = ranks.sum(torch.stack([total, total.new_tensor(float(count)), part]))
+        total, count, part = buf[0], int(buf[1]), buf[2]
     value = float(total / count)
     stderr = 0.0
     if not converged:
@@ -284,7 +300,8 @@ def ggn_trace(
         stderr = float(per_example.std() / k**0.5) if k > 1 else float("inf")
         if total_examples:
             stderr *= max(0.0, 1.0 - k / total_examples) ** 0.5
-    return GGNTrace(value, stderr, passes, count, per_example, converged)
+    return GGNTrace(value, stderr, passes, count, per_example, converged,
+                    float(part / count))
 
 
 def nonlinear_tensors(

@@ -46,8 +46,10 @@ vanishes on ``Omega_-i``). A tiny shift ``nu`` (``A + nu I``, subtracted afterwa
 ``G`` positive definite in floating point.
 
 Gauss-Newton (:func:`gauss_newton_trace`, a model only): ``tr H = tr G + tr R`` with
-``tr G`` computed exactly from per-example gradients and ``tr R`` by XTrace on the tensors the
-outputs are not affine in; for piecewise-linear networks ``tr R = 0`` and the trace is exact
+``tr G`` computed exactly from per-example gradients and the tensors the outputs are not
+affine in taken exactly when their block fits the products, or else by Hutchinson on their
+Hessian or residual block, whichever a pilot finds less variable per product; for
+piecewise-linear networks ``tr R = 0`` and the trace is exact
 (:mod:`flatlab.curvature.gauss_newton`).
 
 Probes are applied in blocks through ``op.matmat``. When ``max_seconds`` ends a sketch early,
@@ -70,10 +72,9 @@ from flatlab.curvature._krylov import _work_dtype
 from flatlab.curvature._progress import Meter
 from flatlab.curvature.gauss_newton import NotApplicable, Plan, ggn_trace, plan
 from flatlab.curvature.hvp import as_operator, ggn_operator, hessian_operator
-from flatlab.curvature.operator import LinearOperator
 
 METHODS = ("auto", "xtrace", "xnystrace", "hutch++", "hutchinson", "gauss_newton")
-# the fewest probes each estimator needs (gauss_newton: those of its residual, XTrace)
+# the fewest probes each estimator needs (gauss_newton: its residual's pilot, PILOT_PROBES)
 MINIMUM_PROBES = {"auto": 4, "xtrace": 4, "xnystrace": 2, "hutch++": 3, "hutchinson": 1,
                   "gauss_newton": 4}
 
@@ -86,7 +87,7 @@ class TraceResult:
         value: the estimate of ``tr(A)`` (NaN if a budget ended before any product).
         stderr: its estimated standard error (0 when exact, ``inf`` when unknown).
         n_matvecs: operator products used (``"gauss_newton"``: its per-example gradient
-            passes, plus two products, Hessian and Gauss-Newton, per residual probe).
+            passes, plus the Hessian and Gauss-Newton products on the residual).
         method: ``"xtrace"``, ``"xnystrace"``, ``"hutch++"``, ``"hutchinson"``,
             ``"gauss_newton"`` or ``"exact"`` (``probes >= n``: ``sum_i e_i^T A e_i``).
         samples: the per-probe values averaged into ``value`` (Hutchinson terms, or the
@@ -320,19 +321,51 @@ def xnystrace(op: Any, probes: int = 100, *, seed: int = 0, block: int = 16,
     return _result(xnystrace_estimates(Om, Y), probes, "xnystrace", True)
 
 
-class _Residual(LinearOperator):
-    """``R = H - G``, the Hessian less its Gauss-Newton part (one product of each)."""
+# Rademacher probes of the residual block on which both ``H`` and ``G`` are applied, to
+# choose the operator the rest of its products go to (:func:`_residual_block`)
+PILOT_PROBES = 4
 
-    def __init__(self, h: Any, g: Any):
-        super().__init__(h.shape[0], h.dtype, h.device)
-        self.h, self.g = h, g
-        self.ranks = h.ranks
 
-    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
-        return self.h.matvec(v) - self.g.matvec(v)
+def _residual_block(h: Any, g: Any, products: int, seed: int, block: int, meter: Meter,
+                    ) -> tuple[str, TraceResult]:
+    """``tr H_nn`` or ``tr R_nn`` of the residual block within ``products`` products.
 
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        return self.h.matmat(V) - self.g.matmat(V)
+    ``h`` and ``g`` are the Hessian and Gauss-Newton operators on the residual's tensors
+    (dimension ``n``). If ``n <= products``: ``tr H_nn`` exactly, from ``n`` unit columns
+    (``("H", exact)``). Otherwise a pilot of :data:`PILOT_PROBES` Rademacher probes takes
+    both products, giving Hutchinson samples ``a_k = z_k^T H z_k`` and ``b_k = z_k^T G z_k``.
+    Per product, Hutchinson on ``H_nn`` has variance ``var(a)`` (one product a probe) and on
+    ``R_nn = H_nn - G_nn`` ``2 var(a - b)`` (two): the rest of the products go to the lower
+    of the two, as more probes, and the pilot's samples of the chosen one are kept. At
+    initialisation ``G`` is a small part of ``H`` (``H_nn`` wins); after training ``R`` is
+    (``R_nn`` wins). The choice uses the samples it then averages, a selection effect of the
+    order of the variance estimate's error, not measurable in ``--part trace-error``.
+    Returns ``"H"`` or ``"R"`` and the estimate.
+    """
+    n = h.shape[0]
+    if n <= products:
+        return "H", _exact(h, block, meter)
+    gen = torch.Generator().manual_seed(int(seed))
+    Z = _rademacher(n, PILOT_PROBES, gen, h.dtype, h.device)
+    a = (Z * _apply(h, Z, block, meter)).sum(dim=0)
+    GZ = _apply(g, Z[:, : a.numel()], block, meter)
+    k = GZ.shape[1]
+    b = (Z[:, :k] * GZ).sum(dim=0)
+    used = a.numel() + k
+    if k < PILOT_PROBES:  # a budget ended the pilot
+        return "R", _result(a[:k] - b, used, "hutchinson", False)
+    direct = bool(a.var() <= 2 * (a - b).var())
+    left = products - used
+    more = left if direct else left // 2
+    Z = _rademacher(n, more, gen, h.dtype, h.device)
+    HZ = _apply(h, Z, block, meter)
+    if direct:
+        samples = torch.cat([a, (Z[:, : HZ.shape[1]] * HZ).sum(dim=0)])
+        return "H", _result(samples, used + HZ.shape[1], "hutchinson", HZ.shape[1] == more)
+    GZ = _apply(g, Z[:, : HZ.shape[1]], block, meter)
+    k = GZ.shape[1]
+    samples = torch.cat([a - b, (Z[:, :k] * (HZ[:, :k] - GZ)).sum(dim=0)])
+    return "R", _result(samples, used + HZ.shape[1] + k, "hutchinson", k == more)
 
 
 def gauss_newton_trace(model: Any, loss_fn: Any, data: Any, probes: int = 100, *,
@@ -345,24 +378,26 @@ def gauss_newton_trace(model: Any, loss_fn: Any, data: Any, probes: int = 100, *
     ``tr R = sum_k tr R_kk``, and ``R_kk = 0`` for every tensor ``w_k`` the outputs are affine
     in. Nonlinear tensors that are the weight or bias of a Linear layer applied to one vector
     per example get their ``tr H_kk`` exactly from the diagonal of the loss Hessian in the
-    layer's outputs (:func:`~flatlab.curvature.gauss_newton.linear_blocks`). The residual of
-    the remaining tensors is estimated with ``probes`` of its products on the principal
-    block of ``H - G`` over them: XTrace when that block's dimension is at most
-    ``SKETCH_REACH * probes``, Rademacher Hutchinson beyond. When none remain
-    (piecewise-linear networks: ReLU, convolutions, pooling, eval-mode BatchNorm; MLPs with
-    any activation), the trace is exact and ``stderr`` is 0. ``route``: a
+    layer's outputs (:func:`~flatlab.curvature.gauss_newton.linear_blocks`). The remaining
+    tensors (the residual, dimension ``n``) get ``2 * probes`` Hessian or Gauss-Newton
+    products on their principal block (:func:`_residual_block`): ``tr H_nn`` exactly when
+    ``n <= 2 * probes``; otherwise Hutchinson, on ``H_nn`` (then ``tr H = tr G - tr G_nn +
+    tr H_nn``) or on ``R_nn`` (``tr H = tr G + tr R_nn``), whichever a pilot of
+    :data:`PILOT_PROBES` probes measures to have the lower variance per product. When none
+    remain (piecewise-linear networks: ReLU, convolutions, pooling, eval-mode BatchNorm;
+    MLPs with any activation), the trace is exact and ``stderr`` is 0. ``route``: a
     :func:`~flatlab.curvature.gauss_newton.plan` already made.
     """
     if int(probes) < MINIMUM_PROBES["gauss_newton"]:
         raise ValueError(f"probes must be >= {MINIMUM_PROBES['gauss_newton']} for "
-                         f"gauss_newton (its residual may be XTrace), got {probes}")
+                         f"gauss_newton (its residual's pilot), got {probes}")
     meter = meter or Meter("trace (gauss_newton)", None, progress=False, unit="passes")
     if route is None:
         route = plan(model, loss_fn, data, params, probes=int(probes), seed=seed,
                      eval_mode=eval_mode, distributed=distributed)
     nonlinear = route.residual
     gn = ggn_trace(model, loss_fn, data, params, eval_mode=eval_mode, distributed=distributed,
-                   meter=meter, exact=route.exact)
+                   meter=meter, exact=route.exact, split=nonlinear)
     if not nonlinear:
         return TraceResult(gn.value, gn.stderr, gn.passes, "gauss_newton", gn.per_example,
                            gn.converged)
@@ -372,12 +407,10 @@ def gauss_newton_trace(model: Any, loss_fn: Any, data: Any, probes: int = 100, *
     kw = {"params": nonlinear, "eval_mode": eval_mode, "distributed": distributed}
     h = hessian_operator(model, loss_fn, data, **kw)
     g = ggn_operator(model, loss_fn, data, **kw)
-    residual = _Residual(h, g)
-    estimator = xtrace if residual.shape[0] <= SKETCH_REACH * int(probes) else hutchinson
-    est = estimator(residual, probes, seed=seed, block=block, meter=meter)
-    return TraceResult(gn.value + est.value, est.stderr,
-                       gn.passes + h.n_matvecs + g.n_matvecs, "gauss_newton",
-                       est.samples + gn.value, est.converged)
+    which, est = _residual_block(h, g, 2 * int(probes), seed, block, meter)
+    base = gn.value - gn.split_value if which == "H" else gn.value
+    return TraceResult(base + est.value, est.stderr, gn.passes + est.n_matvecs,
+                       "gauss_newton", est.samples + base, est.converged)
 
 
 def _batch_count(data: Any) -> int | None:
@@ -398,8 +431,8 @@ def _auto(op_or_model: Any, loss_fn: Any, data: Any, probes: int, max_matvecs: A
 
     The route's passes per batch count as products (a pass over a batch costs about what a
     product over it does). With nothing left to estimate it is exact. With a residual left,
-    it gets ``(probes - passes) // 2`` probes (a Hessian and a Gauss-Newton product each), at
-    least 4, so it spends the same products as XTrace would (on the networks of
+    it gets ``(probes - passes) // 2`` residual probes (``2 * probes`` products), at least
+    4, so it spends the same products as XTrace would (on the networks of
     ``benchmarks/curvature.py --part trace-error`` where a residual is left it had the lower
     error; docs/benchmarks.md). XTrace for an operator, a loss or model the route does not
     apply to, too many outputs per example, or a ``max_matvecs`` the passes of every batch
@@ -427,14 +460,6 @@ def _auto(op_or_model: Any, loss_fn: Any, data: Any, probes: int, max_matvecs: A
     return "gauss_newton", route, (budget - route.passes * count) // 2
 
 
-# The Gauss-Newton route's residual is XTrace when its dimension is at most this many times
-# the probes, Rademacher Hutchinson beyond: XTrace's sketch of probes / 2 vectors captures
-# a useful part of a residual only when the two are comparable, and on a spread-out spectrum
-# it pays for a sketch Hutchinson does not need. On the seven networks of
-# ``benchmarks/curvature.py --part trace-error`` where a residual is left, this picked the
-# lower error of the two every time (docs/benchmarks.md).
-SKETCH_REACH = 4
-
 _ESTIMATORS = {"xtrace": xtrace, "xnystrace": xnystrace, "hutch++": hutchpp,
                "hutchinson": hutchinson}
 
@@ -460,12 +485,14 @@ def hessian_trace(
     The default, ``"auto"``, takes the Gauss-Newton route (:func:`gauss_newton_trace`) for a
     model with a per-example mean loss when it fits in ``probes`` products, counting its
     passes per batch as products: exact when nothing is left to estimate (ReLU or tanh MLPs,
-    ReLU convolutional networks in eval mode), otherwise the residual gets the products left,
-    two per probe. It falls back to XTrace (an operator, a loss or model the route does not
-    apply to, too many outputs per example). Of the four stochastic estimators, XTrace had
-    the lowest error on small networks against their dense Hessians, indefinite ones
-    included, and the route had lower error still (``benchmarks/curvature.py --part
-    trace-error``; docs/benchmarks.md). ``method`` in the result names the route taken.
+    ReLU convolutional networks in eval mode), otherwise the residual gets the products left:
+    exact when its block is that small, else Hutchinson on its Hessian or its Hessian less
+    Gauss-Newton block, whichever is less variable. It falls back to XTrace (an operator, a
+    loss or model the route does not apply to, too many outputs per example). Of the four
+    stochastic estimators, XTrace had the lowest error on small networks against their
+    dense Hessians, indefinite ones included, and the route had lower error still
+    (``benchmarks/curvature.py --part trace-error``; docs/benchmarks.md). ``method`` in the
+    result names the route taken.
 
     Args:
         op_or_model: an operator, a square tensor, or a model (then ``loss_fn`` and ``data``
@@ -474,14 +501,14 @@ def hessian_trace(
         method: ``"auto"`` (default, above), ``"xtrace"``, ``"xnystrace"`` (PSD
             operators, e.g. a GGN), ``"hutch++"``, ``"hutchinson"``, or ``"gauss_newton"``
             (a model only: the Gauss-Newton trace exactly from per-example gradients, the
-            Linear blocks of nonlinear tensors exactly, plus XTrace with ``probes``
-            products on the residual of any other tensors the outputs are not affine in;
-            see :func:`gauss_newton_trace`).
+            Linear blocks of nonlinear tensors exactly, plus ``2 * probes`` products on the
+            block of any other tensors the outputs are not affine in; see
+            :func:`gauss_newton_trace`).
         seed: seed of the probes; block: probes per batched product.
         max_matvecs: product budget (``probes`` is cut to it; ``converged=False`` then).
-            For ``"gauss_newton"`` it counts per-example gradient passes and residual
-            probes; when it ends, the examples done give the estimate, with their standard
-            error (a single-process budget: refused with ``distributed``).
+            For ``"gauss_newton"`` it counts per-example gradient passes and the
+            residual's products; when it ends, the examples done give the estimate, with
+            their standard error (a single-process budget: refused with ``distributed``).
             A budget below the method's minimum runs Hutchinson on the budget instead
             (``method="hutchinson"`` in the result).
         max_seconds: wall-clock budget; when it ends, what was computed is returned with
@@ -493,7 +520,7 @@ def hessian_trace(
 
     Raises:
         ValueError: a bad ``method``, ``probes`` below the method's minimum (4 for
-            XTrace and the Gauss-Newton residual, 3 for Hutch++, 2 for XNysTrace), or
+            XTrace and the Gauss-Newton residual's pilot, 3 for Hutch++, 2 for XNysTrace), or
             ``"gauss_newton"`` without a model (see :func:`gauss_newton_trace`).
 
     Example:
