@@ -210,6 +210,7 @@ def ggn_trace(
     total_examples: int | None = None,
     exact: Sequence[str] = (),
     split: Sequence[str] = (),
+    checked: bool = False,
 ) -> GGNTrace:
     """The trace of the generalized Gauss-Newton matrix, exactly (module docstring).
 
@@ -228,6 +229,7 @@ def ggn_trace(
             result's error.
         split: tensors (not in ``exact``) whose share of ``tr G`` is also reported,
             as ``split_value``, at no extra pass.
+        checked: the first batch was already checked (by :func:`plan`): not again.
 
     Raises:
         ValueError: inputs that are not one tensor, a model that couples examples, a loss that
@@ -245,9 +247,9 @@ def ggn_trace(
     modules = dict(model.named_modules())
     layers: dict[nn.Module, tuple[bool, bool]] = {}
     for n in exact:
-        owner, _, attr = n.rpartition(".")
-        w_sel, b_sel = layers.get(modules[owner], (False, False))
-        layers[modules[owner]] = (w_sel or attr == "weight", b_sel or attr == "bias")
+        m, attr = _owner(modules, n)
+        w_sel, b_sel = layers.get(m, (False, False))
+        layers[m] = (w_sel or attr == "weight", b_sel or attr == "bias")
     lin_floss = FunctionalLoss(model, loss_fn, [])
     ranks = ranks_of(distributed)
     if ranks is not None and meter is not None and (
@@ -262,7 +264,7 @@ def ggn_trace(
     chunk = max(1, CHUNK_BYTES // (n_params * w[0].element_size()))
     parts: list[torch.Tensor] = []
     split_parts: list[torch.Tensor] = []
-    passes, last, converged, checked = 0, 0, True, False
+    passes, last, converged = 0, 0, True
     with measurement_mode(model, eval_mode):
         for inputs, targets, _ in batches(data, device=w[0].device):
             inputs = _check_inputs(inputs)
@@ -367,6 +369,12 @@ def nonlinear_tensors(
     return [n for n, f in zip(names, flags.tolist()) if f > 0]
 
 
+def _owner(modules: dict[str, nn.Module], name: str) -> tuple[Any, str]:
+    """The module holding the parameter ``name`` (``None`` if not a module's) and its slot."""
+    owner, _, attr = name.rpartition(".")
+    return modules.get(owner), attr
+
+
 def _linear_candidates(model: nn.Module, names: Sequence[str]) -> dict[nn.Module, list[str]]:
     """Those of ``names`` that are the ``weight`` or ``bias`` of an ``nn.Linear`` (its own
     ``forward``, no forward hooks), held by no other module slot; grouped by module."""
@@ -379,8 +387,7 @@ def _linear_candidates(model: nn.Module, names: Sequence[str]) -> dict[nn.Module
     modules = dict(model.named_modules())
     out: dict[nn.Module, list[str]] = {}
     for n in names:
-        owner, _, attr = n.rpartition(".")
-        m = modules.get(owner)
+        m, attr = _owner(modules, n)
         if (m is None or attr not in ("weight", "bias")
                 or type(m).forward is not nn.Linear.forward or m._forward_hooks
                 or m._parameters.get(attr) is not named[n] or slots[id(named[n])] != 1):
@@ -625,7 +632,7 @@ def plan(model: Any, loss_fn: Any, data: Any, params: Any = None, *, probes: int
 
     def passes_of(names_: list[str]) -> int:
         return out_size + sum(m.out_features
-                              for m in {modules[n.rpartition(".")[0]] for n in names_})
+                              for m in {_owner(modules, n)[0] for n in names_})
 
     if total and len(exact) < len(nonlinear) and passes_of(exact) + room > probes:
         if out_size + room > probes:

@@ -397,7 +397,7 @@ def gauss_newton_trace(model: Any, loss_fn: Any, data: Any, probes: int = 100, *
                      eval_mode=eval_mode, distributed=distributed)
     nonlinear = route.residual
     gn = ggn_trace(model, loss_fn, data, params, eval_mode=eval_mode, distributed=distributed,
-                   meter=meter, exact=route.exact, split=nonlinear)
+                   meter=meter, exact=route.exact, split=nonlinear, checked=True)
     if not nonlinear:
         return TraceResult(gn.value, gn.stderr, gn.passes, "gauss_newton", gn.per_example,
                            gn.converged)
