@@ -428,9 +428,11 @@ def resnet_table(rounds: int = 3, seed: int = 0,
         print(f"trace reference (float64 Gauss-Newton, {tr_s:.0f} CPU s): {tr64.value:.8g}, "
               f"tensors entering nonlinearly: {nonlin or 'none'}")
 
-    def fl_eigs(k, stop="residual"):
+    def fl_eigs(k, stop="residual", init=None):
+        # the default start is the loss gradient mixed with a random vector; init="random"
+        # is the random start alone (the default before 7 December)
         op = hessian_operator(model, CE, (x, y))
-        r = top_eigenvalues(op, k, tol=1e-3, progress=False, stop=stop)
+        r = top_eigenvalues(op, k, tol=1e-3, progress=False, stop=stop, init=init)
         return r.values.tolist(), r.n_matvecs
 
     def ph_eigs(k):
@@ -478,7 +480,9 @@ def resnet_table(rounds: int = 3, seed: int = 0,
     tasks = {
         ("top-1", "flatlab"): lambda r: fl_eigs(1), ("top-1", "PyHessian"): lambda r: ph_eigs(1),
         ("top-1", "flatlab, stop='value'"): lambda r: fl_eigs(1, "value"),
+        ("top-1", "flatlab, init='random'"): lambda r: fl_eigs(1, init="random"),
         ("top-3", "flatlab"): lambda r: fl_eigs(3), ("top-3", "PyHessian"): lambda r: ph_eigs(3),
+        ("top-3", "flatlab, init='random'"): lambda r: fl_eigs(3, init="random"),
         ("trace", "flatlab, operator"): lambda r: fl_trace(probes, r),
         ("trace", "flatlab, model (auto)"): lambda r: gn_trace(r),
         ("trace", "PyHessian"): lambda r: ph_trace(r),
@@ -493,9 +497,9 @@ def resnet_table(rounds: int = 3, seed: int = 0,
         for key in order:
             last[key], dt = _cpu(lambda key=key, r=r: tasks[key](r))
             times[key].append(dt)
-    print(f"| quantity | {'method':21} | {'CPU s (median)':>14} | {'ratio':>5} | "
+    print(f"| quantity | {'method':22} | {'CPU s (median)':>14} | {'ratio':>5} | "
           f"{'products':>8} | {'max rel. error vs reference / stderr':36} |")
-    print(f"|----------|{'-' * 23}|{'-' * 16}|{'-' * 7}|{'-' * 10}|{'-' * 38}|")
+    print(f"|----------|{'-' * 24}|{'-' * 16}|{'-' * 7}|{'-' * 10}|{'-' * 38}|")
     for q in [q for q in ("top-1", "top-3", "trace") if q in quantities]:
         base = statistics.median(times[(q, "PyHessian")])
         for who in [w for qq, w in tasks if qq == q]:
@@ -508,7 +512,7 @@ def resnet_table(rounds: int = 3, seed: int = 0,
                 vals, used = out
                 k = len(vals)
                 acc = f"{rel_err(vals, torch.tensor(truth[:k], dtype=torch.float64)):.2e}"
-            print(f"| {q:8} | {who:21} | {t:14.2f} | {t / base:5.2f} | {used:8d} | {acc:36} |")
+            print(f"| {q:8} | {who:22} | {t:14.2f} | {t / base:5.2f} | {used:8d} | {acc:36} |")
 
 
 def product_table(rounds: int = 12, seed: int = 0) -> None:
@@ -537,6 +541,66 @@ def product_table(rounds: int = 12, seed: int = 0) -> None:
     print(f"ResNet-20, one product, {rounds} interleaved rounds, threads "
           f"{torch.get_num_threads()}, path {op.path}: flatlab {fl:.3f} CPU s, PyHessian "
           f"{py:.3f} CPU s, ratio {fl / py:.2f}")
+
+
+def _trained_resnet20(steps: int = 40):
+    """:func:`resnet20` after ``steps`` of SGD (lr 0.05, momentum 0.9, training mode) on its
+    batch, which it then fits (loss about 1e-3), back in eval mode."""
+    model, x, y = resnet20(0)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval(), x, y
+
+
+def start_table(seeds: int = 8, tol: float = 1e-3) -> None:
+    """Lanczos products to ``tol`` (residual rule) from the gradient start (the loss gradient
+    mixed with a random vector) against the random start alone, paired on the same random
+    vectors: the small float64 networks of :func:`small_network` and the float32 MLP of
+    :func:`build` (``seeds`` random vectors each), then the ResNet-20 of :func:`resnet20` at
+    three initialisations and trained (2 random vectors each). The overlap is
+    ``|<g, u_1>| / ||g||``."""
+    import statistics
+
+    CE = nn.functional.cross_entropy
+    nets = [(f"{kind} {w}w", lambda kind=kind, w=w: small_network(kind, w, 10))
+            for kind, w in (("tanh-init", 16), ("relu-init", 16), ("relu-trained", 16),
+                            ("tanh-trained", 16), ("tanhconv-init", 4), ("tanhconv-trained", 4),
+                            ("tokens-trained", 4))]
+    nets.append(("mlp-3658 (float32)", build))
+    nets += [(f"resnet-20 init {s}", lambda s=s: resnet20(s)) for s in range(3)]
+    nets.append(("resnet-20 trained", _trained_resnet20))
+    cases = [(1, "largest"), (3, "largest"), (1, "smallest")]
+    print(f"Lanczos products to tol {tol:g} (residual rule), median [min-max] over random "
+          f"vectors; 'gradient' = init='gradient' (the default for 'largest'), 'random' = "
+          f"init='random' (the default for 'smallest')")
+    print(f"| {'network':20} | {'n':>6} | overlap | {'k, which':12} | {'random':>13} | "
+          f"{'gradient':>13} | paired diff |")
+    print(f"|{'-' * 22}|{'-' * 8}|---------|{'-' * 14}|{'-' * 15}|{'-' * 15}|-------------|")
+    for name, make in nets:
+        model, x, y = make()
+        resnet = name.startswith("resnet")
+        op = hessian_operator(model, CE, (x, y))
+        u = top_eigenvalues(op, 1, tol=1e-6, progress=False, max_matvecs=300).vectors[:, 0]
+        g = op.gradient()
+        overlap = float((g.to(u.dtype) @ u).abs() / g.norm())
+        n = g.numel()
+        for k, which in cases[:1] if resnet else cases:
+            counts = {"random": [], "gradient": []}
+            for s in range(2 if resnet else seeds):
+                for init in counts:
+                    r = top_eigenvalues(hessian_operator(model, CE, (x, y)), k, which=which,
+                                        tol=tol, init=init,
+                                        seed=s, progress=False)
+                    counts[init].append(r.n_matvecs)
+            cell = {i: f"{statistics.median(c):5.1f} [{min(c)}-{max(c)}]"
+                    for i, c in counts.items()}
+            diff = statistics.median(a - b for a, b in zip(counts["gradient"], counts["random"]))
+            print(f"| {name:20} | {n:6d} | {overlap:7.2f} | {k}, {which:9} | "
+                  f"{cell['random']:>13} | {cell['gradient']:>13} | {diff:+11.1f} |", flush=True)
 
 
 def stop_rules_table(n: int = 400, seeds: int = 8, tol: float = 1e-3) -> None:
@@ -590,7 +654,8 @@ def stop_rules_table(n: int = 400, seeds: int = 8, tol: float = 1e-3) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("mlp", "trace-error", "resnet", "products",
-                                           "stop-rules", "ggn-residual"), default="mlp")
+                                           "stop-rules", "ggn-residual", "start"),
+                        default="mlp")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quantities", default="top-1,top-3,trace",
                         help="resnet: the rows to measure, comma-separated")
@@ -618,6 +683,9 @@ def main() -> None:
         return
     if args.part == "stop-rules":
         stop_rules_table()
+        return
+    if args.part == "start":
+        start_table()
         return
     model, x, y = build()
     n_params = sum(p.numel() for p in model.parameters())

@@ -80,6 +80,7 @@ def measure(model: nn.Module, data, **dp) -> dict:
     q = dict(progress=False)
     out = {}
     eig = top_eigenvalues(model, loss_fn, data, k=3, tol=1e-10, **q, **dp)
+    assert eig.start == "gradient"  # from the gradient reduced over the ranks
     out["eig"] = eig.values
     out["eig_power"] = top_eigenvalues(model, loss_fn, data, k=1, method="power", tol=1e-10,
                                        max_matvecs=400, **q, **dp).values
@@ -89,6 +90,7 @@ def measure(model: nn.Module, data, **dp) -> dict:
         op = hessian_operator(model, loss_fn, data, path=path, **dp)
         out[f"dense_{path}"] = op.to_dense()
         out[f"path_{path}"] = op.path
+        out[f"gradient_{path}"] = op.gradient()
     out["trace"] = torch.tensor(hessian_trace(model, loss_fn, data, probes=12, method="xtrace",
                                               **q, **dp).value)
     torch.manual_seed(3)  # "auto" on a tanh MLP: its Linear blocks exactly, on every rank
@@ -208,7 +210,8 @@ def single():
     return measure(make_model(), list(zip(*[t.split([4, 3, 5, 5, 3]) for t in all_data()])))
 
 
-KEYS = ["eig", "eig_power", "eig_block", "dense_cached", "dense_streamed", "trace",
+KEYS = ["eig", "eig_power", "eig_block", "dense_cached", "dense_streamed", "gradient_cached",
+        "gradient_streamed", "trace",
         "trace_hutch", "trace_gn", "trace_gn_residual", "trace_auto", "ggn", "density", "worst",
         "landscape", "sparsity", "augmented_flatness"]
 

@@ -24,6 +24,8 @@ class EigenResult:
         n_matvecs: operator products used.
         converged: every residual met the tolerance.
         which, method: what was asked for and how it was computed.
+        start: the start: ``"gradient"`` (Lanczos only: the loss gradient mixed with a
+            random vector), ``"random"``, or ``"given"`` (``init`` was a vector or result).
     """
 
     values: torch.Tensor
@@ -33,6 +35,7 @@ class EigenResult:
     converged: bool
     which: str
     method: str
+    start: str = "random"
 
     @property
     def value(self) -> float:
@@ -50,6 +53,9 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _start(n, k, init, dtype, device, seed) -> torch.Tensor:
+    if isinstance(init, str):  # lanczos resolves its named starts before calling this
+        raise ValueError(f"init={init!r}: a start by name ('gradient', 'random') is Lanczos's "
+                         f"(method='lanczos', block_size=1); pass a vector (n,) here")
     if isinstance(init, EigenResult):
         init = init.vectors
     if init is not None:

@@ -174,4 +174,4 @@ def block_lanczos(
     values = theta[want].to(dtype=dtype, device=device)
     residuals = resid[want].to(dtype=dtype, device=device)
     return EigenResult(values, vectors, residuals, used, done or exhausted, which,
-                       "block_lanczos")
+                       "block_lanczos", "random" if init is None else "given")

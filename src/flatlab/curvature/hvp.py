@@ -23,6 +23,10 @@ built once per batch and kept, and every product is one backward pass through it
 ``H_b v = grad_w <g_b, v>`` (see :mod:`flatlab.curvature._graph`). Both paths compute the
 same matrix; ``op.path`` says which one was used.
 
+Every model operator also gives the full-data mean gradient ``g = sum_b (n_b / N) grad L_b``
+(``op.gradient()``): read from the kept graphs on the cached path, one forward and backward
+pass per batch otherwise. Lanczos starts from it (:mod:`flatlab.curvature.eigen`).
+
 The generalized Gauss-Newton matrix (Schraudolph 2002) replaces the Hessian of the network
 by its linearization:  ``G v = sum_b (n_b / N) J_b^T H_{ell,b} J_b v``, with ``J_b`` the
 Jacobian of the outputs w.r.t. ``w`` and ``H_{ell,b}`` the Hessian of ``loss_fn`` w.r.t.
@@ -130,6 +134,22 @@ class _ModelOperator(LinearOperator):
         """Per-batch products ``A_b t`` (tangents stacked on dim 0 when ``batched``)."""
         raise NotImplementedError  # pragma: no cover
 
+    def gradient(self) -> torch.Tensor:
+        """The gradient of the full-data mean loss, ``sum_b (n_b / N) grad L_b`` (shape
+        ``(n,)``, reduced over the ranks of a data-parallel operator): one forward and backward
+        pass per batch. It is not a product and ``n_matvecs`` does not count it."""
+        total, count = None, 0
+        with measurement_mode(self.model, self.eval_mode):
+            for inputs, targets, n in batches(self.data, device=self.device):
+                leaves = [p.detach().requires_grad_() for p in self.params]
+                with torch.enable_grad():
+                    loss = self.floss(leaves, inputs, targets)
+                    g = torch.autograd.grad(loss, leaves, allow_unused=True)
+                flat = _flat_gradient(g, self.params)
+                total = flat * n if total is None else total.add_(flat, alpha=n)
+                count += n
+        return self._mean(total, count)
+
     def _accumulate(self, V: torch.Tensor, batched: bool, point=None) -> torch.Tensor:
         primals = tuple(p.detach() for p in (self.params if point is None else point))
         if batched:
@@ -163,6 +183,11 @@ class _ModelOperator(LinearOperator):
             except (RuntimeError, NotImplementedError):  # no vmap rule: one column at a time
                 cols.append(torch.stack([self._matvec(c) for c in block.T], dim=1))
         return torch.cat(cols, dim=1)
+
+
+def _flat_gradient(g, like) -> torch.Tensor:
+    """A flat detached gradient, zeros for parameters the loss does not reach."""
+    return flatten([torch.zeros_like(p) if gi is None else gi.detach() for gi, p in zip(g, like)])
 
 
 def _check_deterministic(data: Any) -> None:
@@ -276,6 +301,18 @@ class HessianOperator(_ModelOperator):
         if graphs is None:
             return self._accumulate(v, batched=False)
         return self._mean(flatten(graphs.products(self.unflatten(v))), graphs.count)
+
+    def gradient(self) -> torch.Tensor:
+        """The full-data mean gradient (see :meth:`_ModelOperator.gradient`); on the cached
+        path it is read from the kept graphs, which hold it already, at no extra pass."""
+        graphs = self._cache()
+        if graphs is None:
+            return super().gradient()
+        total = None
+        for n, _, g, _ in graphs.graphs:
+            flat = _flat_gradient(g, graphs.like)
+            total = flat * n if total is None else total.add_(flat, alpha=n)
+        return self._mean(total, graphs.count)
 
     def _matmat(self, V: torch.Tensor, chunk: int = 16) -> torch.Tensor:
         graphs = self._cache()

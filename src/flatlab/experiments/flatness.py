@@ -274,9 +274,11 @@ def measure(model: nn.Module, splits: Any, cfg: Config,
            "test_acc": test.get("acc", float("nan")), "test_loss": test["loss"]}
     out["gen_gap"] = out["train_acc"] - out["test_acc"]
     kw = {"distributed": across}
-    out["lambda_max"] = float(top_eigenvalues(model, loss_fn, data, 1, **kw).values[0])
-    # XTrace, pinned: the committed study and its resumable runs were measured with it
-    # (the "auto" default would take the exact route on these MLPs)
+    # the random start and XTrace, pinned: the committed study and its resumable runs were
+    # measured with them (the default start mixes in the gradient; the "auto" trace would
+    # take the exact route on these MLPs)
+    out["lambda_max"] = float(top_eigenvalues(model, loss_fn, data, 1, init="random",
+                                              **kw).values[0])
     out["trace"] = float(hessian_trace(model, loss_fn, data, probes=cfg.trace_probes,
                                        method="xtrace", **kw).value)
     steps = cfg.sharpness_steps

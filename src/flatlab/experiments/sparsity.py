@@ -168,7 +168,9 @@ def _train(run: Run, tag: str, model: torch.nn.Module, data: Any, *, seed: int, 
         from flatlab.curvature import top_eigenvalues
 
         part, across = measured(train, run.parallel)
-        lam = top_eigenvalues(model, F.cross_entropy, part, 1, seed=0, distributed=across)
+        # the random start, pinned: the committed results were measured with it
+        lam = top_eigenvalues(model, F.cross_entropy, part, 1, seed=0, init="random",
+                              distributed=across)
         out["lambda_max"] = float(lam.values[0])
         af = augmented_flatness(model, F.cross_entropy, part, distributed=across)
         out["af"] = sum(af.value.values())
