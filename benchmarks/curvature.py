@@ -368,6 +368,66 @@ def ggn_residual_table() -> None:
               f"{off(R) / off(H):6.3f} |")
 
 
+def control_variate_table(probes: int = 25, seeds: int = 400) -> None:
+    """Why the residual's ``R_nn`` branch keeps the coefficient 1 on its Gauss-Newton samples.
+
+    On the residual block of each network of :data:`TRACE_NETWORKS` that has one (dense
+    ``H_nn``, ``G_nn``; ``probes`` Rademacher probes, each one ``H`` and one ``G`` product),
+    the RMS error over ``seeds`` of ``mean(d - beta e)`` (``d = a - b``, ``e = b - tr G_nn``,
+    ``a = z^T H z``, ``b = z^T G z``) with ``beta`` = 0 (Hutchinson on ``R_nn``, the rule's
+    choice), fitted leave-one-out (unbiased), fitted on all samples, and the best fixed value
+    ``c* - 1 = <R, G>_off / ||G||_off^2`` (an oracle: it needs the matrices), and Hutchinson
+    on ``H_nn`` with ``2 x probes`` probes (the same products). Errors relative to
+    ``tr H_nn``."""
+    import statistics
+
+    from flatlab.curvature import ggn_operator
+    from flatlab.curvature.gauss_newton import plan
+    from flatlab.curvature.trace import _rademacher
+
+    CE = nn.functional.cross_entropy
+    print(f"residual block, {probes} probes x 2 products, RMS error / tr H_nn over {seeds} "
+          f"seeds")
+    print(f"| {'network':22} | n_res | {'c*':>5} | {'beta=0':>8} | {'LOO fit':>8} | "
+          f"{'full fit':>8} | {'oracle':>8} | {'H_nn x2':>8} |")
+    print(f"|{'-' * 24}|-------|-------|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 10}|")
+    for kind, width, classes in TRACE_NETWORKS:
+        model, x, y = small_network(kind, width, classes)
+        residual = plan(model, CE, (x, y), probes=60).residual
+        if not residual:
+            continue
+        offsets, start = {}, 0
+        for name, p in model.named_parameters():
+            offsets[name] = range(start, start + p.numel())
+            start += p.numel()
+        idx = torch.tensor([i for name in residual for i in offsets[name]])
+        H = hessian_operator(model, CE, (x, y)).to_dense()[idx][:, idx]
+        G = ggn_operator(model, CE, (x, y)).to_dense()[idx][:, idx]
+        n, trg, trh = len(idx), float(G.trace()), float(H.trace())
+        off = ~torch.eye(n, dtype=torch.bool)
+        cstar = float((H * G)[off].sum() / (G * G)[off].sum())
+        errs = {k: [] for k in ("beta=0", "LOO fit", "full fit", "oracle", "H_nn x2")}
+        for s in range(seeds):
+            gen = torch.Generator().manual_seed(s)
+            Z = _rademacher(n, 2 * probes, gen, H.dtype, H.device)
+            a_all = (Z * (H @ Z)).sum(0)
+            a, b = a_all[:probes], (Z[:, :probes] * (G @ Z[:, :probes])).sum(0)
+            d, e = a - b, b - trg
+            de, ee = d * e, e * e
+            loo = (de.sum() - de) / (ee.sum() - ee)
+            est = {"beta=0": trg + float(d.mean()),
+                   "LOO fit": trg + float((d - loo * e).mean()),
+                   "full fit": trg + float((d - de.sum() / ee.sum() * e).mean()),
+                   "oracle": trg + float((d - (cstar - 1) * e).mean()),
+                   "H_nn x2": float(a_all.mean())}
+            for k, v in est.items():
+                errs[k].append((v - trh) ** 2)
+        rms = {k: statistics.fmean(v) ** 0.5 / abs(float(trh)) for k, v in errs.items()}
+        name = f"{kind} {width}w {classes}c"
+        print(f"| {name:22} | {n:5d} | {cstar:5.3f} | " + " | ".join(
+            f"{rms[k]:8.4f}" for k in errs) + " |", flush=True)
+
+
 # ---- CIFAR-shaped ResNet-20 against PyHessian, CPU time, interleaved rounds (--part resnet) -
 
 def resnet20(seed: int = 0, batch: int = 64):
@@ -654,7 +714,8 @@ def stop_rules_table(n: int = 400, seeds: int = 8, tol: float = 1e-3) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("mlp", "trace-error", "resnet", "products",
-                                           "stop-rules", "ggn-residual", "start"),
+                                           "stop-rules", "ggn-residual", "start",
+                                           "control-variate"),
                         default="mlp")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quantities", default="top-1,top-3,trace",
@@ -686,6 +747,9 @@ def main() -> None:
         return
     if args.part == "start":
         start_table()
+        return
+    if args.part == "control-variate":
+        control_variate_table()
         return
     model, x, y = build()
     n_params = sum(p.numel() for p in model.parameters())

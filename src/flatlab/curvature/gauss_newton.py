@@ -559,7 +559,8 @@ class Plan:
     Attributes:
         nonlinear: tensors the outputs are not affine in (:func:`nonlinear_tensors`).
         exact: those of them taken exactly as Linear blocks (:func:`linear_blocks`).
-        residual: the rest, whose ``tr R_kk`` XTrace estimates (empty: the trace is exact).
+        residual: the rest, whose principal block the trace takes exactly or estimates
+            (:func:`~flatlab.curvature.trace._residual_block`; empty: the trace is exact).
         passes: passes per chunk of examples, at most: ``D`` (outputs per example) for the
             Gauss-Newton part plus ``d_out`` per exact Linear layer.
     """
