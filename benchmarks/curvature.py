@@ -621,8 +621,9 @@ def start_table(seeds: int = 8, tol: float = 1e-3) -> None:
     mixed with a random vector) against the random start alone, paired on the same random
     vectors: the small float64 networks of :func:`small_network` and the float32 MLP of
     :func:`build` (``seeds`` random vectors each), then the ResNet-20 of :func:`resnet20` at
-    three initialisations and trained (2 random vectors each). The overlap is
-    ``|<g, u_1>| / ||g||``."""
+    three initialisations and trained (2 random vectors each). ``H``: the Hessian, ``G``: the
+    Gauss-Newton matrix (small networks only). The overlap is ``|<g, u_1>| / ||g||``, with
+    ``u_1`` the Hessian's top eigenvector."""
     import statistics
 
     CE = nn.functional.cross_entropy
@@ -633,13 +634,16 @@ def start_table(seeds: int = 8, tol: float = 1e-3) -> None:
     nets.append(("mlp-3658 (float32)", build))
     nets += [(f"resnet-20 init {s}", lambda s=s: resnet20(s)) for s in range(3)]
     nets.append(("resnet-20 trained", _trained_resnet20))
-    cases = [(1, "largest"), (3, "largest"), (1, "smallest")]
+    from flatlab.curvature import ggn_operator
+
+    operators = {"H": hessian_operator, "G": ggn_operator}
+    cases = [(1, "largest", "H"), (3, "largest", "H"), (1, "smallest", "H"), (1, "largest", "G")]
     print(f"Lanczos products to tol {tol:g} (residual rule), median [min-max] over random "
-          f"vectors; 'gradient' = init='gradient' (the default for 'largest'), 'random' = "
-          f"init='random' (the default for 'smallest')")
-    print(f"| {'network':20} | {'n':>6} | overlap | {'k, which':12} | {'random':>13} | "
+          f"vectors; 'gradient' = init='gradient' (the default for the Hessian's 'largest'), "
+          f"'random' = init='random' (the default otherwise)")
+    print(f"| {'network':20} | {'n':>6} | overlap | {'op, k, which':15} | {'random':>13} | "
           f"{'gradient':>13} | paired diff |")
-    print(f"|{'-' * 22}|{'-' * 8}|---------|{'-' * 14}|{'-' * 15}|{'-' * 15}|-------------|")
+    print(f"|{'-' * 22}|{'-' * 8}|---------|{'-' * 17}|{'-' * 15}|{'-' * 15}|-------------|")
     for name, make in nets:
         model, x, y = make()
         resnet = name.startswith("resnet")
@@ -648,18 +652,18 @@ def start_table(seeds: int = 8, tol: float = 1e-3) -> None:
         g = op.gradient()
         overlap = float((g.to(u.dtype) @ u).abs() / g.norm())
         n = g.numel()
-        for k, which in cases[:1] if resnet else cases:
+        for k, which, kind in cases[:1] if resnet else cases:
             counts = {"random": [], "gradient": []}
             for s in range(2 if resnet else seeds):
                 for init in counts:
-                    r = top_eigenvalues(hessian_operator(model, CE, (x, y)), k, which=which,
+                    r = top_eigenvalues(operators[kind](model, CE, (x, y)), k, which=which,
                                         tol=tol, init=init,
                                         seed=s, progress=False)
                     counts[init].append(r.n_matvecs)
             cell = {i: f"{statistics.median(c):5.1f} [{min(c)}-{max(c)}]"
                     for i, c in counts.items()}
             diff = statistics.median(a - b for a, b in zip(counts["gradient"], counts["random"]))
-            print(f"| {name:20} | {n:6d} | {overlap:7.2f} | {k}, {which:9} | "
+            print(f"| {name:20} | {n:6d} | {overlap:7.2f} | {kind}, {k}, {which:9} | "
                   f"{cell['random']:>13} | {cell['gradient']:>13} | {diff:+11.1f} |", flush=True)
 
 

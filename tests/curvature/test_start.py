@@ -77,9 +77,11 @@ def test_the_gradient_leaves_a_batchnorm_dropout_model_untouched():
 
 def test_the_default_start_is_the_mixed_gradient_and_finds_the_dense_eigenvalues(mlp_problem):
     model, data, H = mlp_problem
+    default = lanczos(hessian_operator(model, CE, data), 3, tol=1e-9, seed=5)
     rec = _Recorder(hessian_operator(model, CE, data))
-    res = lanczos(rec, 3, tol=1e-9, seed=5)
-    assert res.start == "gradient" and res.converged
+    res = lanczos(rec, 3, tol=1e-9, seed=5, init="gradient")
+    assert default.start == res.start == "gradient" and res.converged
+    assert default.n_matvecs == res.n_matvecs and torch.equal(default.values, res.values)
     g = _autograd_gradient(model, data)
     r = torch.randn(g.numel(), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     q = g / g.norm() + r / r.norm()
@@ -119,6 +121,18 @@ def test_which_selects_the_start_and_init_overrides_it(mlp_problem):
     torch.testing.assert_close(forced.values[0], evals[0], rtol=1e-7, atol=1e-9)
 
 
+def test_the_gauss_newton_operator_starts_at_random_unless_asked(mlp_problem):
+    model, data, _ = mlp_problem
+    G = ggn_operator(model, CE, data).to_dense()
+    top = torch.linalg.eigvalsh(G)[-1]
+    plain = top_eigenvalues(ggn_operator(model, CE, data), 1, tol=1e-9, progress=False)
+    asked = top_eigenvalues(ggn_operator(model, CE, data), 1, tol=1e-9, init="gradient",
+                            progress=False)
+    assert (plain.start, asked.start) == ("random", "gradient")
+    for res in (plain, asked):
+        torch.testing.assert_close(res.values[0], top, rtol=1e-8, atol=0)
+
+
 def test_a_tensor_starts_at_random_and_a_named_start_needs_lanczos():
     A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
     assert top_eigenvalues(A, 2, progress=False).start == "random"
@@ -144,7 +158,7 @@ def test_a_zero_gradient_falls_back_to_the_random_start():
         y = model(x)
     mse = nn.functional.mse_loss
     rec = _Recorder(hessian_operator(model, mse, (x, y)))
-    res = lanczos(rec, 1, tol=1e-10, seed=1)
+    res = lanczos(rec, 1, tol=1e-10, seed=1, init="gradient")
     assert res.start == "random" and res.converged
     r = torch.randn(rec.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     torch.testing.assert_close(rec.first, r / r.norm(), rtol=0, atol=0)
