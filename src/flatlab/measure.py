@@ -10,8 +10,11 @@ the ``nn.Module``. Data comes from ``data="package.module:function"``, which ret
 
 Quantities (``what``), all on the full data, in eval mode, the model untouched:
 
-* ``eig``: the ``k`` largest Hessian eigenvalues (Lanczos), ``lambda_1`` ... ``lambda_k``;
-* ``trace``: ``tr(H)`` by XTrace (``trace``, ``trace_stderr``);
+* ``eig``: the ``k`` largest Hessian eigenvalues (Lanczos), ``lambda_1`` ... ``lambda_k``,
+  and ``eig_start``, the start vector (``"gradient"``: the loss gradient mixed with a random
+  vector; see :func:`~flatlab.curvature.lanczos`);
+* ``trace``: ``tr(H)`` by the default ``method="auto"`` (``trace``, ``trace_stderr``, and
+  ``trace_method``, the route taken: ``"gauss_newton"`` or ``"xtrace"``);
 * ``density``: SLQ spectral density, summarized by its support (``density_min``,
   ``density_max``) and the first two moments (``density_m1``, ``density_m2``); from
   :func:`measure_checkpoint` it is also drawn into the run folder, ``plots/density.png``
@@ -176,6 +179,7 @@ def measure(
                                             stop=stop, **budget())
             out.update({f"lambda_{i + 1}": float(v) for i, v in enumerate(res.values)})
             out["eig_converged"] = float(res.converged)
+            out["eig_start"] = res.start
         elif quantity == "trace":
             # the model, so that "auto" can take the exact Gauss-Newton route where it applies
             tr = curvature.hessian_trace(model, loss_fn, data, probes=probes, seed=seed,

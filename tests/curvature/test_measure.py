@@ -45,7 +45,8 @@ def test_measure_run_folder(tmp_path):
 def test_measure_pickled_module_and_errors(tmp_path):
     path = save_checkpoint(tmp_path / "m.pt", {"model": make_model()})
     res = measure_checkpoint(path, data=f"{SPEC}:make_data", what="eig", k=1)
-    assert set(res) == {"lambda_1", "eig_converged", "n_hvps"}
+    assert set(res) == {"lambda_1", "eig_converged", "eig_start", "n_hvps"}
+    assert res["eig_start"] == "gradient"
     with pytest.raises(ConfigError, match="what must be a comma list"):
         measure_checkpoint(path, data=f"{SPEC}:make_data", what="eig,hessian")
     with pytest.raises(ConfigError, match="data must look like"):
