@@ -428,6 +428,53 @@ def control_variate_table(probes: int = 25, seeds: int = 400) -> None:
             f"{rms[k]:8.4f}" for k in errs) + " |", flush=True)
 
 
+def residual_split_table() -> None:
+    """Hutchinson's variance per product on the residual block, probed jointly or one
+    parameter tensor at a time (exact, from the dense blocks).
+
+    Jointly, ``K`` Rademacher probes of ``A_nn`` have variance ``2 ||A_nn||_off^2 / K``, which
+    includes the blocks coupling two tensors. A probe supported on tensor ``i`` alone costs
+    one product too and samples ``tr A_ii`` without them; with the products split optimally
+    (``K_i`` proportional to ``||A_ii||_off``) the variance is ``2 (sum_i ||A_ii||_off)^2 /
+    K``. ``A`` is ``H_nn`` (one product a probe) or ``R_nn = H_nn - G_nn`` (two). The table
+    prints the four variances per product and the standard deviation of the best split over
+    the best joint option (what the rule of :func:`_residual_block` chooses from)."""
+    from flatlab.curvature import ggn_operator
+    from flatlab.curvature.gauss_newton import plan
+
+    CE = nn.functional.cross_entropy
+
+    def off2(A):
+        return float(A.square().sum() - A.diagonal().square().sum())
+
+    print("residual block: Hutchinson variance per product, joint or per tensor (dense)")
+    print(f"| {'network':22} | m | {'H joint':>8} | {'R joint':>8} | {'H split':>8} | "
+          f"{'R split':>8} | best split / best joint (std) |")
+    print(f"|{'-' * 24}|---|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 31}|")
+    for kind, width, classes in TRACE_NETWORKS:
+        model, x, y = small_network(kind, width, classes)
+        residual = plan(model, CE, (x, y), probes=60).residual
+        if not residual:
+            continue
+        offsets, start = {}, 0
+        for name, p in model.named_parameters():
+            offsets[name] = torch.arange(start, start + p.numel())
+            start += p.numel()
+        idx = torch.cat([offsets[name] for name in residual])
+        H = hessian_operator(model, CE, (x, y)).to_dense()
+        G = ggn_operator(model, CE, (x, y)).to_dense()
+        var = {}
+        for label, A, cost in (("H", H, 1), ("R", H - G, 2)):
+            var[f"{label} joint"] = 2 * cost * off2(A[idx][:, idx])
+            var[f"{label} split"] = 2 * cost * sum(
+                off2(A[offsets[nm]][:, offsets[nm]]) ** 0.5 for nm in residual) ** 2
+        best = {w: min(var[f"H {w}"], var[f"R {w}"]) for w in ("joint", "split")}
+        name = f"{kind} {width}w {classes}c"
+        print(f"| {name:22} | {len(residual)} | " + " | ".join(
+            f"{var[k]:8.4g}" for k in ("H joint", "R joint", "H split", "R split"))
+            + f" | {(best['split'] / best['joint']) ** 0.5:29.3f} |", flush=True)
+
+
 # ---- CIFAR-shaped ResNet-20 against PyHessian, CPU time, interleaved rounds (--part resnet) -
 
 def resnet20(seed: int = 0, batch: int = 64):
@@ -719,7 +766,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("mlp", "trace-error", "resnet", "products",
                                            "stop-rules", "ggn-residual", "start",
-                                           "control-variate"),
+                                           "control-variate", "residual-split"),
                         default="mlp")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quantities", default="top-1,top-3,trace",
@@ -754,6 +801,9 @@ def main() -> None:
         return
     if args.part == "control-variate":
         control_variate_table()
+        return
+    if args.part == "residual-split":
+        residual_split_table()
         return
     model, x, y = build()
     n_params = sum(p.numel() for p in model.parameters())
