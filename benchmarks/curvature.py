@@ -368,6 +368,28 @@ def ggn_residual_table() -> None:
               f"{off(R) / off(H):6.3f} |")
 
 
+def _residual_networks():
+    """For each network of :data:`TRACE_NETWORKS` whose Gauss-Newton route leaves a residual
+    (at 60 products): its name, the residual's tensors, their coordinates in the flat
+    parameter vector (``name -> (n_k,)`` index tensors) and the dense ``H`` and ``G``."""
+    from flatlab.curvature import ggn_operator
+    from flatlab.curvature.gauss_newton import plan
+
+    CE = nn.functional.cross_entropy
+    for kind, width, classes in TRACE_NETWORKS:
+        model, x, y = small_network(kind, width, classes)
+        residual = plan(model, CE, (x, y), probes=60).residual
+        if not residual:
+            continue
+        offsets, start = {}, 0
+        for name, p in model.named_parameters():
+            offsets[name] = torch.arange(start, start + p.numel())
+            start += p.numel()
+        H = hessian_operator(model, CE, (x, y)).to_dense()
+        G = ggn_operator(model, CE, (x, y)).to_dense()
+        yield f"{kind} {width}w {classes}c", residual, offsets, H, G
+
+
 def control_variate_table(probes: int = 25, seeds: int = 400) -> None:
     """Why the residual's ``R_nn`` branch keeps the coefficient 1 on its Gauss-Newton samples.
 
@@ -381,28 +403,16 @@ def control_variate_table(probes: int = 25, seeds: int = 400) -> None:
     ``tr H_nn``."""
     import statistics
 
-    from flatlab.curvature import ggn_operator
-    from flatlab.curvature.gauss_newton import plan
     from flatlab.curvature.trace import _rademacher
 
-    CE = nn.functional.cross_entropy
     print(f"residual block, {probes} probes x 2 products, RMS error / tr H_nn over {seeds} "
           f"seeds")
     print(f"| {'network':22} | n_res | {'c*':>5} | {'beta=0':>8} | {'LOO fit':>8} | "
           f"{'full fit':>8} | {'oracle':>8} | {'H_nn x2':>8} |")
     print(f"|{'-' * 24}|-------|-------|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 10}|")
-    for kind, width, classes in TRACE_NETWORKS:
-        model, x, y = small_network(kind, width, classes)
-        residual = plan(model, CE, (x, y), probes=60).residual
-        if not residual:
-            continue
-        offsets, start = {}, 0
-        for name, p in model.named_parameters():
-            offsets[name] = range(start, start + p.numel())
-            start += p.numel()
-        idx = torch.tensor([i for name in residual for i in offsets[name]])
-        H = hessian_operator(model, CE, (x, y)).to_dense()[idx][:, idx]
-        G = ggn_operator(model, CE, (x, y)).to_dense()[idx][:, idx]
+    for name, residual, offsets, H, G in _residual_networks():
+        idx = torch.cat([offsets[t] for t in residual])
+        H, G = H[idx][:, idx], G[idx][:, idx]
         n, trg, trh = len(idx), float(G.trace()), float(H.trace())
         off = ~torch.eye(n, dtype=torch.bool)
         cstar = float((H * G)[off].sum() / (G * G)[off].sum())
@@ -423,7 +433,6 @@ def control_variate_table(probes: int = 25, seeds: int = 400) -> None:
             for k, v in est.items():
                 errs[k].append((v - trh) ** 2)
         rms = {k: statistics.fmean(v) ** 0.5 / abs(float(trh)) for k, v in errs.items()}
-        name = f"{kind} {width}w {classes}c"
         print(f"| {name:22} | {n:5d} | {cstar:5.3f} | " + " | ".join(
             f"{rms[k]:8.4f}" for k in errs) + " |", flush=True)
 
@@ -439,11 +448,6 @@ def residual_split_table() -> None:
     K``. ``A`` is ``H_nn`` (one product a probe) or ``R_nn = H_nn - G_nn`` (two). The table
     prints the four variances per product and the standard deviation of the best split over
     the best joint option (what the rule of :func:`_residual_block` chooses from)."""
-    from flatlab.curvature import ggn_operator
-    from flatlab.curvature.gauss_newton import plan
-
-    CE = nn.functional.cross_entropy
-
     def off2(A):
         return float(A.square().sum() - A.diagonal().square().sum())
 
@@ -451,25 +455,14 @@ def residual_split_table() -> None:
     print(f"| {'network':22} | m | {'H joint':>8} | {'R joint':>8} | {'H split':>8} | "
           f"{'R split':>8} | best split / best joint (std) |")
     print(f"|{'-' * 24}|---|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 31}|")
-    for kind, width, classes in TRACE_NETWORKS:
-        model, x, y = small_network(kind, width, classes)
-        residual = plan(model, CE, (x, y), probes=60).residual
-        if not residual:
-            continue
-        offsets, start = {}, 0
-        for name, p in model.named_parameters():
-            offsets[name] = torch.arange(start, start + p.numel())
-            start += p.numel()
-        idx = torch.cat([offsets[name] for name in residual])
-        H = hessian_operator(model, CE, (x, y)).to_dense()
-        G = ggn_operator(model, CE, (x, y)).to_dense()
+    for name, residual, offsets, H, G in _residual_networks():
+        idx = torch.cat([offsets[t] for t in residual])
         var = {}
         for label, A, cost in (("H", H, 1), ("R", H - G, 2)):
             var[f"{label} joint"] = 2 * cost * off2(A[idx][:, idx])
             var[f"{label} split"] = 2 * cost * sum(
                 off2(A[offsets[nm]][:, offsets[nm]]) ** 0.5 for nm in residual) ** 2
         best = {w: min(var[f"H {w}"], var[f"R {w}"]) for w in ("joint", "split")}
-        name = f"{kind} {width}w {classes}c"
         print(f"| {name:22} | {len(residual)} | " + " | ".join(
             f"{var[k]:8.4g}" for k in ("H joint", "R joint", "H split", "R split"))
             + f" | {(best['split'] / best['joint']) ** 0.5:29.3f} |", flush=True)
