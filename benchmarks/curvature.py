@@ -343,6 +343,11 @@ def trace_error_table(products: int = 60, seeds: int = 48) -> None:
           f"{len(estimated)} where it estimates a residual")
 
 
+def _off2(A: torch.Tensor) -> float:
+    """``||A||_off^2``: the squared Frobenius norm of the off-diagonal part of ``A``."""
+    return float(A.square().sum() - A.diagonal().square().sum())
+
+
 def ggn_residual_table() -> None:
     """Why no GGN control variate rescues the trace at initialisation. ``H = G + R`` with ``G``
     the Gauss-Newton part; an exact ``tr G`` plus a Hutchinson estimate of ``tr R`` has error
@@ -352,7 +357,7 @@ def ggn_residual_table() -> None:
     from flatlab.curvature import ggn_operator
 
     def off(A):
-        return float((A.square().sum() - A.diagonal().square().sum()).sqrt())
+        return _off2(A) ** 0.5
 
     print(f"| {'network':22} | {'tr H':>8} | {'tr G':>8} | {'tr R':>8} | {'||H||_off':>9} | "
           f"{'||R||_off':>9} | {'ratio':>6} |")
@@ -448,9 +453,6 @@ def residual_split_table() -> None:
     K``. ``A`` is ``H_nn`` (one product a probe) or ``R_nn = H_nn - G_nn`` (two). The table
     prints the four variances per product and the standard deviation of the best split over
     the best joint option (what the rule of :func:`_residual_block` chooses from)."""
-    def off2(A):
-        return float(A.square().sum() - A.diagonal().square().sum())
-
     print("residual block: Hutchinson variance per product, joint or per tensor (dense)")
     print(f"| {'network':22} | m | {'H joint':>8} | {'R joint':>8} | {'H split':>8} | "
           f"{'R split':>8} | best split / best joint (std) |")
@@ -459,9 +461,9 @@ def residual_split_table() -> None:
         idx = torch.cat([offsets[t] for t in residual])
         var = {}
         for label, A, cost in (("H", H, 1), ("R", H - G, 2)):
-            var[f"{label} joint"] = 2 * cost * off2(A[idx][:, idx])
+            var[f"{label} joint"] = 2 * cost * _off2(A[idx][:, idx])
             var[f"{label} split"] = 2 * cost * sum(
-                off2(A[offsets[nm]][:, offsets[nm]]) ** 0.5 for nm in residual) ** 2
+                _off2(A[offsets[nm]][:, offsets[nm]]) ** 0.5 for nm in residual) ** 2
         best = {w: min(var[f"H {w}"], var[f"R {w}"]) for w in ("joint", "split")}
         print(f"| {name:22} | {len(residual)} | " + " | ".join(
             f"{var[k]:8.4g}" for k in ("H joint", "R joint", "H split", "R split"))
@@ -666,6 +668,8 @@ def start_table(seeds: int = 8, tol: float = 1e-3) -> None:
     ``u_1`` the Hessian's top eigenvector."""
     import statistics
 
+    from flatlab.curvature import ggn_operator
+
     CE = nn.functional.cross_entropy
     nets = [(f"{kind} {w}w", lambda kind=kind, w=w: small_network(kind, w, 10))
             for kind, w in (("tanh-init", 16), ("relu-init", 16), ("relu-trained", 16),
@@ -674,8 +678,6 @@ def start_table(seeds: int = 8, tol: float = 1e-3) -> None:
     nets.append(("mlp-3658 (float32)", build))
     nets += [(f"resnet-20 init {s}", lambda s=s: resnet20(s)) for s in range(3)]
     nets.append(("resnet-20 trained", _trained_resnet20))
-    from flatlab.curvature import ggn_operator
-
     operators = {"H": hessian_operator, "G": ggn_operator}
     cases = [(1, "largest", "H"), (3, "largest", "H"), (1, "smallest", "H"), (1, "largest", "G")]
     print(f"Lanczos products to tol {tol:g} (residual rule), median [min-max] over random "
@@ -697,8 +699,7 @@ def start_table(seeds: int = 8, tol: float = 1e-3) -> None:
             for s in range(2 if resnet else seeds):
                 for init in counts:
                     r = top_eigenvalues(operators[kind](model, CE, (x, y)), k, which=which,
-                                        tol=tol, init=init,
-                                        seed=s, progress=False)
+                                        tol=tol, init=init, seed=s, progress=False)
                     counts[init].append(r.n_matvecs)
             cell = {i: f"{statistics.median(c):5.1f} [{min(c)}-{max(c)}]"
                     for i, c in counts.items()}
@@ -760,7 +761,7 @@ def main() -> None:
     parser.add_argument("--part", choices=("mlp", "trace-error", "resnet", "products",
                                            "stop-rules", "ggn-residual", "start",
                                            "control-variate", "residual-split"),
-                        default="mlp")
+                        default="mlp", help="mlp: the table of the module docstring")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quantities", default="top-1,top-3,trace",
                         help="resnet: the rows to measure, comma-separated")
@@ -773,30 +774,19 @@ def main() -> None:
     # PyHessian calls backward(create_graph=True), which makes torch warn about a reference cycle
     warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
     torch.set_num_threads(args.threads)
-    if args.part == "trace-error":
-        trace_error_table()
-        return
-    if args.part == "resnet":
-        resnet_table(args.rounds, quantities=tuple(args.quantities.split(",")),
-                     xtrace_search=not args.no_xtrace_search)
-        return
-    if args.part == "products":
-        product_table(4 * args.rounds)  # 12 products each by default
-        return
-    if args.part == "ggn-residual":
-        ggn_residual_table()
-        return
-    if args.part == "stop-rules":
-        stop_rules_table()
-        return
-    if args.part == "start":
-        start_table()
-        return
-    if args.part == "control-variate":
-        control_variate_table()
-        return
-    if args.part == "residual-split":
-        residual_split_table()
+    parts = {
+        "trace-error": trace_error_table,
+        "resnet": lambda: resnet_table(args.rounds, quantities=tuple(args.quantities.split(",")),
+                                       xtrace_search=not args.no_xtrace_search),
+        "products": lambda: product_table(4 * args.rounds),  # 12 products each by default
+        "ggn-residual": ggn_residual_table,
+        "stop-rules": stop_rules_table,
+        "start": start_table,
+        "control-variate": control_variate_table,
+        "residual-split": residual_split_table,
+    }
+    if args.part in parts:
+        parts[args.part]()
         return
     model, x, y = build()
     n_params = sum(p.numel() for p in model.parameters())
