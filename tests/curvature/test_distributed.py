@@ -26,6 +26,7 @@ from flatlab.curvature import (
     hessian_operator,
     hessian_trace,
     loss_landscape,
+    residual_operator,
     spectral_density,
     top_eigenvalues,
     worst_case_sharpness,
@@ -107,6 +108,7 @@ def measure(model: nn.Module, data, **dp) -> dict:
     out["trace_gn_residual"] = torch.tensor(hessian_trace(
         _TanhFirst(), loss_fn, data, probes=6, method="gauss_newton", **q, **dp).value)
     out["ggn"] = ggn_operator(model, loss_fn, data, **dp).to_dense()
+    out["residual"] = residual_operator(_TanhFirst(), loss_fn, data, **dp).to_dense()
     out["density"] = spectral_density(model, loss_fn, data, steps=8, runs=2, **q, **dp).density
     out["worst"] = torch.tensor([
         worst_case_sharpness(model, loss_fn, data, RHO, steps=4, **q, **dp).value,
@@ -212,7 +214,8 @@ def single():
 
 KEYS = ["eig", "eig_power", "eig_block", "dense_cached", "dense_streamed", "gradient_cached",
         "gradient_streamed", "trace",
-        "trace_hutch", "trace_gn", "trace_gn_residual", "trace_auto", "ggn", "density", "worst",
+        "trace_hutch", "trace_gn", "trace_gn_residual", "trace_auto", "ggn", "residual",
+        "density", "worst",
         "landscape", "sparsity", "augmented_flatness"]
 
 

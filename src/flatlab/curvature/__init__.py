@@ -11,9 +11,11 @@ from flatlab.curvature.eigen import EigenResult, lanczos, power_iteration, top_e
 from flatlab.curvature.hvp import (
     GGNOperator,
     HessianOperator,
+    ResidualOperator,
     as_operator,
     ggn_operator,
     hessian_operator,
+    residual_operator,
 )
 from flatlab.curvature.landscape import (
     LandscapeResult,
@@ -49,6 +51,7 @@ __all__ = [
     "HessianOperator",
     "LandscapeResult",
     "LinearOperator",
+    "ResidualOperator",
     "SharpnessResult",
     "TraceResult",
     "as_operator",
@@ -68,6 +71,7 @@ __all__ = [
     "plot_density",
     "plot_landscape",
     "power_iteration",
+    "residual_operator",
     "spectral_density",
     "top_eigenvalues",
     "worst_case_sharpness",

@@ -79,7 +79,7 @@ from flatlab.curvature._krylov import (  # noqa: F401 - EigenResult is this modu
 )
 from flatlab.curvature._progress import Meter
 from flatlab.curvature.block_lanczos import block_lanczos
-from flatlab.curvature.hvp import HessianOperator, as_operator
+from flatlab.curvature.hvp import as_operator
 
 
 def lanczos(
@@ -216,7 +216,8 @@ def _start_kind(op: Any, init: Any, which: str) -> str:
     if init is not None and not isinstance(init, str):
         return "given"
     if init is None:  # where it was measured to help: a model's Hessian, top of the spectrum
-        return "gradient" if isinstance(op, HessianOperator) and which != "smallest" else "random"
+        top = which != "smallest" and getattr(op, "gradient_start", False)
+        return "gradient" if top else "random"
     has_gradient = callable(getattr(op, "gradient", None))
     init = check_choice("init", init, _STARTS)
     if init == "gradient" and not has_gradient:

@@ -32,6 +32,13 @@ by its linearization:  ``G v = sum_b (n_b / N) J_b^T H_{ell,b} J_b v``, with ``J
 Jacobian of the outputs w.r.t. ``w`` and ``H_{ell,b}`` the Hessian of ``loss_fn`` w.r.t.
 the outputs; it is PSD for convex losses (cross-entropy, squared error).
 
+The residual ``R = H - G = sum_b (n_b / N) sum_c r_{b,c} grad^2 f_{b,c}`` (``r_b = dL_b / df_b``,
+the loss's gradient in the outputs ``f_b``) is the Hessian of the scalar ``<r_b, f_b(w)>``
+with ``r_b`` held constant, so one product ``R v`` costs one Hessian-vector product (not an
+``H`` and a ``G`` product): :func:`residual_operator`. It vanishes where the outputs are
+affine in the parameters, and it is what the trace's Gauss-Newton route estimates
+(:mod:`flatlab.curvature.trace`).
+
 Shapes: vectors are flat, of length ``n`` = number of selected parameter entries, in the
 dtype and on the device of the parameters (see :mod:`flatlab.curvature._model`).
 """
@@ -243,7 +250,10 @@ class HessianOperator(_ModelOperator):
             or a list, ``eval_mode`` is on, the kernel is double backward, and the saved
             tensors fit ``memory_budget`` bytes (default 2 GiB); streamed otherwise.
         cache_nbytes: bytes held by the kept graphs (measured while building them).
+        gradient_start: Lanczos starts from the gradient by default (:mod:`.eigen`).
     """
+
+    gradient_start = True
 
     def __init__(self, model, loss_fn, data, params=None, eval_mode=True, method="auto",
                  check_deterministic=True, path="auto", memory_budget=None, distributed=False):
@@ -372,6 +382,51 @@ class HessianOperator(_ModelOperator):
             return self._double_backward(primals, tangents, inputs, targets, batched)
 
 
+def _output_gradient(loss_of_outputs: Any, outputs: torch.Tensor,
+                     targets: torch.Tensor) -> torch.Tensor:
+    """``r = d loss / d outputs`` at ``outputs``, a constant (no graph back to the parameters).
+
+    Inside :mod:`torch.func` transforms (the ``"func"`` kernel, a vmapped ``matmat``) by
+    ``torch.func.grad``; elsewhere (double backward, the cached graphs, forward-mode duals)
+    by ``torch.autograd.grad`` on a detached leaf, since ``torch.func.grad`` refuses the saved
+    tensor hooks that measure the cached graphs and autograd refuses functorch's tensors.
+    """
+    const = outputs.detach()
+    if torch._C._functorch.is_functorch_wrapped_tensor(outputs):
+        return grad(lambda o: loss_of_outputs(o, targets))(const)
+    leaf = const.requires_grad_()
+    with torch.enable_grad():
+        (r,) = torch.autograd.grad(loss_of_outputs(leaf, targets), leaf)
+    return r
+
+
+class ResidualLoss(FunctionalLoss):
+    """``<r, f(w)>`` with ``r = d loss_fn / d f`` held constant: its Hessian in ``w`` is the
+    residual ``sum_c r_c grad^2 f_c = H - G`` of ``loss_fn(f(w), targets)``; its gradient is
+    the loss's, ``J^T r``. The model's output must be one tensor."""
+
+    def loss_of_outputs(self, outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+        if not isinstance(outputs, torch.Tensor):
+            raise ValueError("residual_operator needs a model whose output is one tensor, "
+                             f"got {type(outputs).__name__}")
+        r = _output_gradient(super().loss_of_outputs, outputs, targets)
+        return (r * outputs).sum()
+
+
+class ResidualOperator(HessianOperator):
+    """The residual ``R = H - G`` of the full-data mean loss as an operator (module docstring):
+    the Hessian of ``sum_b (n_b / N) <r_b, f_b(w)>``, so ``method``, ``path`` and the other
+    attributes are those of :class:`HessianOperator`, at the same cost per product."""
+
+    gradient_start = False  # its top eigenvectors are not the loss gradient's directions
+
+    def __init__(self, model, loss_fn, data, params=None, eval_mode=True, method="auto",
+                 check_deterministic=True, path="auto", memory_budget=None, distributed=False):
+        super().__init__(model, loss_fn, data, params, eval_mode, method, check_deterministic,
+                         path, memory_budget, distributed)
+        self.floss = ResidualLoss(self.model, loss_fn, self.names)
+
+
 class GGNOperator(_ModelOperator):
     """Generalized Gauss-Newton matrix ``G = sum_b (n_b/N) J_b^T H_ell J_b`` as an operator."""
 
@@ -476,6 +531,43 @@ def ggn_operator(
     """
     return GGNOperator(model, loss_fn, data, params, eval_mode, check_deterministic,
                        distributed)
+
+
+def residual_operator(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    params: nn.Module | Iterable[torch.Tensor | str] | None = None,
+    *,
+    eval_mode: bool = True,
+    method: str = "auto",
+    check_deterministic: bool = True,
+    path: str = "auto",
+    memory_budget: float | None = None,
+    distributed: Any = False,
+) -> ResidualOperator:
+    """Return the residual ``R = H - G`` of the full-data loss's Hessian as an operator.
+
+    ``R v = sum_b (n_b / N) sum_c r_{b,c} grad^2 f_{b,c} v``, with ``r_b`` the gradient of
+    ``loss_fn`` in the outputs ``f_b`` of batch ``b``: the part of the Hessian the
+    Gauss-Newton matrix (:func:`ggn_operator`) leaves out. One product costs one
+    Hessian-vector product. It is zero for a model affine in the selected parameters, and
+    indefinite in general. Same arguments as :func:`hessian_operator`; the model's output
+    must be one tensor.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+        ...                           torch.nn.Linear(4, 2)).double()
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+        >>> CE = torch.nn.functional.cross_entropy
+        >>> R = residual_operator(net, CE, (x, y)).to_dense()
+        >>> H = hessian_operator(net, CE, (x, y)).to_dense()
+        >>> G = ggn_operator(net, CE, (x, y)).to_dense()
+        >>> bool(torch.allclose(R, H - G, atol=1e-12))
+        True
+    """
+    return ResidualOperator(model, loss_fn, data, params, eval_mode, method,
+                            check_deterministic, path, memory_budget, distributed)
 
 
 def as_operator(
