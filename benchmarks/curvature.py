@@ -264,6 +264,25 @@ TRACE_NETWORKS = (("tanh-init", 8, 4), ("tanh-init", 16, 10), ("relu-init", 16, 
                   ("custom-init", 16, 10), ("custom-trained", 16, 10))
 
 
+def _median(values) -> float:
+    errs = sorted(values)
+    return (errs[(len(errs) - 1) // 2] + errs[len(errs) // 2]) / 2
+
+
+def median_ratio_interval(a, b, level: float = 0.95, n_boot: int = 4000,
+                          seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of ``median(a) / median(b)`` for two independent samples
+    (each resampled with replacement, seeded): how far a 48-seed median ratio can move."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    xa, xb = np.asarray(list(a), dtype=float), np.asarray(list(b), dtype=float)
+    ra = np.median(xa[rng.integers(0, xa.size, (n_boot, xa.size))], axis=1)
+    rb = np.median(xb[rng.integers(0, xb.size, (n_boot, xb.size))], axis=1)
+    lo, hi = np.quantile(ra / rb, [0.5 - level / 2, 0.5 + level / 2])
+    return float(lo), float(hi)
+
+
 def trace_error_table(products: int = 60, seeds: int = 48) -> None:
     """Median relative error |t - tr H| / |tr H| over seeds, every estimator at ``products``.
 
@@ -272,8 +291,9 @@ def trace_error_table(products: int = 60, seeds: int = 48) -> None:
     it), so that many seeds are affordable. The default, ``hessian_trace(model, loss_fn,
     data, probes=products)`` (``"auto"``), runs on the model as a user calls it; its products
     (passes, for the Gauss-Newton route) are printed, and its CPU time over that of XTrace on
-    the model at the same products (median of 5 interleaved pairs). The last rows are
-    geometric means of the ratios and the default's worst ratio.
+    the model at the same products (median of 5 interleaved pairs). "95% CI" is a
+    percentile bootstrap of the default's ratio over the seeds (:func:`median_ratio_interval`).
+    The last rows are geometric means of the ratios and the default's worst ratio.
     """
     import math
 
@@ -285,11 +305,11 @@ def trace_error_table(products: int = 60, seeds: int = 48) -> None:
     head = (f"| {'network':22} | {'n':>4} | {'tr H':>8} | {'lambda_min/max':>15} | "
             f"{'PyHessian':>9} | {'Hutch++':>8} | {'XTrace':>8} | {'XTrace/PyH':>10} | "
             f"{'default (route, products)':>34} | {'default/PyH':>11} | "
-            f"{'time / XTrace':>13} |")
+            f"{'95% CI':>15} | {'time / XTrace':>13} |")
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     logs = {"hutch++": [], "xtrace": [], "hutchinson": []}
-    worst, met, estimated = 0.0, 0, []
+    worst, met, bounded, estimated = 0.0, 0, 0, []
     for kind, width, classes in TRACE_NETWORKS:
         model, x, y = small_network(kind, width, classes)
         H = hessian_operator(model, CE, (x, y)).to_dense()
@@ -297,18 +317,23 @@ def trace_error_table(products: int = 60, seeds: int = 48) -> None:
         ev = torch.linalg.eigvalsh(H)
         truth = float(torch.trace(H))
 
-        def med(values, truth=truth):
-            errs = sorted(abs(v - truth) / abs(truth) for v in values)
-            return (errs[(len(errs) - 1) // 2] + errs[len(errs) // 2]) / 2
+        def rel(values, truth=truth):
+            return [abs(v - truth) / abs(truth) for v in values]
 
-        ph = med(pyhessian_hutchinson(model, x, y, products, s) for s in range(seeds))
+        def med(values):
+            return _median(rel(values))
+
+        ph_errs = rel(pyhessian_hutchinson(model, x, y, products, s) for s in range(seeds))
+        ph = _median(ph_errs)
         hpp = med(hutchpp(op, products, seed=s).value for s in range(seeds))
         xt = med(xtrace(op, products, seed=s).value for s in range(seeds))
         # the same estimator in flatlab, as a check of the PyHessian reference
         hut = med(hutchinson(op, products, seed=s).value for s in range(seeds))
         runs = [hessian_trace(model, CE, (x, y), probes=products, seed=s, progress=False)
                 for s in range(seeds)]
-        dflt = med(r.value for r in runs)
+        dflt_errs = rel(r.value for r in runs)
+        dflt = _median(dflt_errs)
+        lo, hi = median_ratio_interval(dflt_errs, ph_errs)
         routes = sorted({(r.method, r.n_matvecs) for r in runs})
         # time: the default against XTrace on the model, both as a user calls them, at the
         # same products; CPU seconds, 5 interleaved rounds, medians of the ratio
@@ -325,6 +350,7 @@ def trace_error_table(products: int = 60, seeds: int = 48) -> None:
             logs[key].append(math.log(v / ph))
         worst = max(worst, dflt / ph)
         met += dflt / ph <= 0.35
+        bounded += hi <= 0.35
         if any(r.stderr > 0 for r in runs):
             estimated.append(math.log(dflt / ph))
         name = f"{kind} {width}w {classes}c"
@@ -332,6 +358,7 @@ def trace_error_table(products: int = 60, seeds: int = 48) -> None:
         print(f"| {name:22} | {H.shape[0]:4d} | {truth:8.3f} | "
               f"{float(ev[0]):7.3f}/{float(ev[-1]):.3f} | {ph:9.4f} | {hpp:8.4f} | {xt:8.4f} | "
               f"{xt / ph:10.2f} | {dflt:9.2e} ({route:>22}) | {dflt / ph:11.2e} | "
+              f"{lo:7.2g}-{hi:<7.2g} | "
               f"{time_ratio:13.2f} |  "
               f"(flatlab Hutchinson {hut:.4f})")
     gm = {k: math.exp(sum(v) / len(v)) for k, v in logs.items()}
@@ -340,7 +367,8 @@ def trace_error_table(products: int = 60, seeds: int = 48) -> None:
     gm_est = math.exp(sum(estimated) / len(estimated)) if estimated else float("nan")
     print(f"the default: error / PyHessian's <= 0.35 on {met} of {len(TRACE_NETWORKS)} "
           f"networks, largest {worst:.2f}; geometric mean {gm_est:.2f} over the "
-          f"{len(estimated)} where it estimates a residual")
+          f"{len(estimated)} where it estimates a residual; the 95% CI's upper end <= 0.35 on "
+          f"{bounded}")
 
 
 def _off2(A: torch.Tensor) -> float:
@@ -376,7 +404,8 @@ def ggn_residual_table() -> None:
 def _residual_networks():
     """For each network of :data:`TRACE_NETWORKS` whose Gauss-Newton route leaves a residual
     (at 60 products): its name, the residual's tensors, their coordinates in the flat
-    parameter vector (``name -> (n_k,)`` index tensors) and the dense ``H`` and ``G``."""
+    parameter vector (``name -> (n_k,)`` index tensors), the dense ``H`` and ``G``, and the
+    network with its data, ``(model, x, y)``."""
     from flatlab.curvature import ggn_operator
     from flatlab.curvature.gauss_newton import plan
 
@@ -392,7 +421,7 @@ def _residual_networks():
             start += p.numel()
         H = hessian_operator(model, CE, (x, y)).to_dense()
         G = ggn_operator(model, CE, (x, y)).to_dense()
-        yield f"{kind} {width}w {classes}c", residual, offsets, H, G
+        yield f"{kind} {width}w {classes}c", residual, offsets, H, G, (model, x, y)
 
 
 def control_variate_table(probes: int = 25, seeds: int = 400) -> None:
@@ -415,7 +444,7 @@ def control_variate_table(probes: int = 25, seeds: int = 400) -> None:
     print(f"| {'network':22} | n_res | {'c*':>5} | {'beta=0':>8} | {'LOO fit':>8} | "
           f"{'full fit':>8} | {'oracle':>8} | {'H_nn x2':>8} |")
     print(f"|{'-' * 24}|-------|-------|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 10}|")
-    for name, residual, offsets, H, G in _residual_networks():
+    for name, residual, offsets, H, G, _ in _residual_networks():
         idx = torch.cat([offsets[t] for t in residual])
         H, G = H[idx][:, idx], G[idx][:, idx]
         n, trg, trh = len(idx), float(G.trace()), float(H.trace())
@@ -442,32 +471,68 @@ def control_variate_table(probes: int = 25, seeds: int = 400) -> None:
             f"{rms[k]:8.4f}" for k in errs) + " |", flush=True)
 
 
-def residual_split_table() -> None:
+def residual_split_table(seeds: int = 400, products: int = 60) -> None:
     """Hutchinson's variance per product on the residual block, probed jointly or one
-    parameter tensor at a time (exact, from the dense blocks).
+    parameter tensor at a time (exact, from the dense blocks), and the rule's error.
 
     Jointly, ``K`` Rademacher probes of ``A_nn`` have variance ``2 ||A_nn||_off^2 / K``, which
     includes the blocks coupling two tensors. A probe supported on tensor ``i`` alone costs
     one product too and samples ``tr A_ii`` without them; with the products split optimally
     (``K_i`` proportional to ``||A_ii||_off``) the variance is ``2 (sum_i ||A_ii||_off)^2 /
-    K``. ``A`` is ``H_nn`` (one product a probe) or ``R_nn = H_nn - G_nn`` (two). The table
-    prints the four variances per product and the standard deviation of the best split over
-    the best joint option (what the rule of :func:`_residual_block` chooses from)."""
-    print("residual block: Hutchinson variance per product, joint or per tensor (dense)")
-    print(f"| {'network':22} | m | {'H joint':>8} | {'R joint':>8} | {'H split':>8} | "
-          f"{'R split':>8} | best split / best joint (std) |")
-    print(f"|{'-' * 24}|---|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 31}|")
-    for name, residual, offsets, H, G in _residual_networks():
+    K``. ``A`` is ``H_nn`` or ``R_nn = H_nn - G_nn`` (one product a probe each, by
+    :func:`~flatlab.curvature.residual_operator`). The table prints the four variances per
+    product, the standard deviation of the best split over the best joint option, and then,
+    at the products the default gives the residual at ``products`` (``K``): the median error
+    over ``seeds`` of :func:`~flatlab.curvature.trace._residual_block` on the dense blocks
+    (the rule, with its pilot), of an oracle that knows the best option (``0.674 sqrt(var /
+    K)``), and PyHessian's Hutchinson at ``products`` probes of the whole Hessian (``0.674
+    sqrt(2 ||H||_off^2 / products)``, its median for Gaussian errors), all relative to
+    ``tr H``, with the rule's choices."""
+    import statistics
+    from collections import Counter
+
+    from flatlab.curvature import as_operator
+    from flatlab.curvature._progress import Meter
+    from flatlab.curvature.gauss_newton import plan
+    from flatlab.curvature.trace import _residual_block
+
+    print("residual block: Hutchinson variance per product, joint or per tensor (dense); "
+          f"median error / |tr H| over {seeds} seeds at the default's residual products")
+    head = (f"| {'network':22} | m | {'H joint':>8} | {'R joint':>8} | {'H split':>8} | "
+            f"{'R split':>8} | split/joint (std) |  K | {'rule':>7} | {'oracle':>7} | "
+            f"{'PyH':>7} | rule/PyH | choices |")
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    CE = nn.functional.cross_entropy
+    for name, residual, offsets, H, G, (model, x, y) in _residual_networks():
         idx = torch.cat([offsets[t] for t in residual])
         var = {}
-        for label, A, cost in (("H", H, 1), ("R", H - G, 2)):
-            var[f"{label} joint"] = 2 * cost * _off2(A[idx][:, idx])
-            var[f"{label} split"] = 2 * cost * sum(
+        for label, A in (("H", H), ("R", H - G)):
+            var[f"{label} joint"] = 2 * _off2(A[idx][:, idx])
+            var[f"{label} split"] = 2 * sum(
                 _off2(A[offsets[nm]][:, offsets[nm]]) ** 0.5 for nm in residual) ** 2
         best = {w: min(var[f"H {w}"], var[f"R {w}"]) for w in ("joint", "split")}
+        route = plan(model, CE, (x, y), probes=products, total=True)
+        K = 2 * ((products - route.passes) // 2)
+        tr = abs(float(H.trace()))
+        Hn, Rn = H[idx][:, idx], (H - G)[idx][:, idx]
+        truth = {"H": float(Hn.trace()), "R": float(Rn.trace())}
+        sizes = [len(offsets[nm]) for nm in residual]
+        errs, picks = [], Counter()
+        for s in range(seeds):
+            meter = Meter("t", None, progress=False)
+            which, est = _residual_block(as_operator(Hn), as_operator(Rn), K, s, 64, meter,
+                                         sizes)
+            errs.append(abs(est.value - truth[which]) / tr)
+            picks[which] += 1
+        rule = statistics.median(errs)
+        oracle = 0.674 * (min(best.values()) / K) ** 0.5 / tr if len(idx) > K else 0.0
+        pyh = 0.674 * (2 * _off2(H) / products) ** 0.5 / tr
         print(f"| {name:22} | {len(residual)} | " + " | ".join(
             f"{var[k]:8.4g}" for k in ("H joint", "R joint", "H split", "R split"))
-            + f" | {(best['split'] / best['joint']) ** 0.5:29.3f} |", flush=True)
+            + f" | {(best['split'] / best['joint']) ** 0.5:17.3f} | {K:2d} | {rule:7.4f} | "
+            f"{oracle:7.4f} | {pyh:7.4f} | {rule / pyh:8.3f} | "
+            + " ".join(f"{k}:{v}" for k, v in sorted(picks.items())) + " |", flush=True)
 
 
 # ---- CIFAR-shaped ResNet-20 against PyHessian, CPU time, interleaved rounds (--part resnet) -
@@ -768,6 +833,8 @@ def main() -> None:
     parser.add_argument("--no-xtrace-search", action="store_true",
                         help="resnet: XTrace at 80 products, without searching again")
     parser.add_argument("--reps", type=int, default=10, help="mlp: seeds of the trace rows")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds a network: trace-error (default 48), residual-split (400)")
     parser.add_argument("--rounds", type=int, default=3, help="resnet: interleaved rounds "
                         "(products: 4x as many products)")
     args = parser.parse_args()
@@ -775,7 +842,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
     torch.set_num_threads(args.threads)
     parts = {
-        "trace-error": trace_error_table,
+        "trace-error": lambda: trace_error_table(seeds=args.seeds or 48),
         "resnet": lambda: resnet_table(args.rounds, quantities=tuple(args.quantities.split(",")),
                                        xtrace_search=not args.no_xtrace_search),
         "products": lambda: product_table(4 * args.rounds),  # 12 products each by default
@@ -783,7 +850,7 @@ def main() -> None:
         "stop-rules": stop_rules_table,
         "start": start_table,
         "control-variate": control_variate_table,
-        "residual-split": residual_split_table,
+        "residual-split": lambda: residual_split_table(seeds=args.seeds or 400),
     }
     if args.part in parts:
         parts[args.part]()

@@ -177,10 +177,10 @@ def test_a_tanh_network_estimates_the_residual_on_the_other_nonlinear_tensors():
     for seed in range(10):
         r = hessian_trace(model, CE, data, method="gauss_newton", probes=40, seed=seed,
                           progress=False)
-        # 80 products < 96: the pilot's 4 probes (8 products), then the other 72 as 72
-        # Hessian probes or 36 residual ones, the pilot's samples kept
+        # 80 products < 96: the pilot's 2 probes on each of the 2 tensors (8 products), then
+        # the other 72 as probes of H_nn or R_nn, the pilot's samples kept
         assert r.converged and 0 < r.stderr < float("inf")
-        assert len(r.samples) in (4 + 72, 4 + 36) and r.n_matvecs == 2 * 11 + 80
+        assert len(r.samples) == 4 + 72 and r.n_matvecs == 2 * 11 + 80
         covered += abs(r.value - truth) <= 2 * r.stderr
     assert covered >= 8
     # "auto" at 40 products: 3 + 8 passes a batch leave (40 - 11) // 2 = 14 residual probes
@@ -191,10 +191,12 @@ def test_a_tanh_network_estimates_the_residual_on_the_other_nonlinear_tensors():
     # the plan counts D = 4 outputs (CE's constant direction is skipped only when run):
     # at 19 products the blocks leave no room for 4 probes (4 + 8 + 2 x 4 > 19), so the
     # residual is all four nonlinear tensors (168 coordinates), with (19 - 4) // 2 = 7
-    # probes: 14 products after the 3 passes of the two batches' 3 live directions
+    # probes: 14 products after the 3 passes of the two batches' 3 live directions; a pilot
+    # per tensor (16 products) would take more than half of them, so it probes the whole
+    # block: 2 probes (4 products), then 10
     small = hessian_trace(model, CE, data, probes=19, progress=False)
     assert small.method == "gauss_newton" and small.n_matvecs == 2 * 3 + 2 * 7
-    assert len(small.samples) in (4 + 6, 4 + 3)
+    assert len(small.samples) == 2 + 10
     # at 10 products not even that (4 + 2 x 4 > 10): XTrace
     assert hessian_trace(model, CE, data, probes=10, progress=False).method == "xtrace"
 
@@ -205,25 +207,59 @@ def test_the_residual_goes_to_the_block_less_variable_per_product():
     a = torch.randn(n, n, dtype=torch.float64)
     H = (a + a.T) / 2
     small = torch.randn(n, n, dtype=torch.float64) * 1e-3
-    near = H - (small + small.T) / 2  # G close to H: R = H - G is tiny
-    for g, want in ((near, "R"), (1e-3 * torch.eye(n, dtype=torch.float64), "H")):
-        which, est = _residual_block(as_operator(H), as_operator(g), 30, 0, 16,
+    b = torch.randn(n, 3, dtype=torch.float64) * 3
+    # R = H - G: tiny (G close to H), or H plus a large coupling (a G of -b b^T)
+    for R, want in (((small + small.T) / 2, "R"), (H + b @ b.T, "H")):
+        which, est = _residual_block(as_operator(H), as_operator(R), 30, 0, 16,
                                      Meter("t", None, progress=False))
         assert which == want and est.converged and est.method == "hutchinson"
-        # the pilot's probes and then the rest of the 30 products, as probes of that block
-        assert est.n_matvecs == 30 and len(est.samples) == (
-            PILOT_PROBES + (30 - 2 * PILOT_PROBES) // (2 if want == "R" else 1))
-        target = float(H.trace() - g.trace()) if want == "R" else float(H.trace())
+        # one group: the pilot's 2 probes (an H and an R product each), then 26 probes
+        assert est.n_matvecs == 30 and len(est.samples) == PILOT_PROBES + 26
+        target = float(R.trace()) if want == "R" else float(H.trace())
         assert abs(est.value - target) <= 4 * est.stderr
     # a block no larger than the products: exact, from n unit columns
-    which, est = _residual_block(as_operator(H), as_operator(near), n, 0, 16,
+    which, est = _residual_block(as_operator(H), as_operator(R), n, 0, 16,
                                  Meter("t", None, progress=False))
     assert which == "H" and est.value == pytest.approx(float(H.trace()), rel=1e-12)
     assert est.n_matvecs == n and est.stderr == 0.0
-    # a budget that ends in the pilot: its Hutchinson samples of R, not converged
-    meter = Meter("t", None, max_matvecs=6, progress=False)
-    which, est = _residual_block(as_operator(H), as_operator(near), 30, 0, 16, meter)
-    assert not est.converged and est.n_matvecs == 6 and len(est.samples) == 2
+    # budgets: one in the pilot leaves the H samples done; one after it, fewer probes
+    for budget, converged_stderr in ((3, float("inf")), (6, None)):
+        meter = Meter("t", None, max_matvecs=budget, progress=False)
+        which, est = _residual_block(as_operator(H), as_operator(R), 30, 0, 16, meter)
+        assert not est.converged and est.n_matvecs == budget and est.value == est.value
+        assert converged_stderr is None or est.stderr == converged_stderr
+
+
+def test_coupled_tensors_are_probed_one_at_a_time():
+    """Two tensors whose diagonal blocks are diagonal but which are coupled: probes of the
+    whole block pay for the coupling, probes of one tensor at a time see none of it."""
+    torch.manual_seed(0)
+    sizes = [30, 20]
+    d = torch.randn(50, dtype=torch.float64)
+    C = torch.randn(30, 20, dtype=torch.float64)
+    A = torch.diag(d)
+    A[:30, 30:], A[30:, :30] = C, C.T
+    R = A + torch.randn(50, 50, dtype=torch.float64).mT @ torch.randn(50, 50).double()
+    R = (R + R.T) / 2  # R's blocks are all full: H per tensor wins
+    for seed in range(3):
+        meter = Meter("t", None, progress=False)
+        which, est = _residual_block(as_operator(A), as_operator(R), 40, seed, 16, meter,
+                                     sizes)
+        # each tensor's probes give its trace exactly: the split is exact, stderr 0
+        assert which == "H" and est.n_matvecs == 40 and est.converged
+        assert est.value == pytest.approx(float(d.sum()), rel=1e-12)
+        assert est.stderr == pytest.approx(0.0, abs=1e-9)
+        assert len(est.samples) == 2 * PILOT_PROBES + 40 - 4 * PILOT_PROBES
+    # a budget that ends among the per-tensor probes: each tensor keeps the probes done
+    meter = Meter("t", None, max_matvecs=30, progress=False)
+    which, est = _residual_block(as_operator(A), as_operator(R), 40, 0, 16, meter, sizes)
+    assert not est.converged and est.n_matvecs == 30
+    assert est.value == pytest.approx(float(d.sum()), rel=1e-12)
+    # the same matrix as one group (no sizes): probes of the whole block, not exact
+    which, est = _residual_block(as_operator(A), as_operator(R), 40, 0, 16,
+                                 Meter("t", None, progress=False))
+    assert which == "H" and est.stderr > 0.1
+    assert abs(est.value - float(d.sum())) <= 4 * est.stderr
 
 
 def test_split_reports_the_gauss_newton_trace_of_some_tensors():

@@ -48,7 +48,8 @@ vanishes on ``Omega_-i``). A tiny shift ``nu`` (``A + nu I``, subtracted afterwa
 Gauss-Newton (:func:`gauss_newton_trace`, a model only): ``tr H = tr G + tr R`` with
 ``tr G`` computed exactly from per-example gradients and the tensors the outputs are not
 affine in taken exactly when their block fits the products, or else by Hutchinson on their
-Hessian or residual block, whichever a pilot finds less variable per product; for
+Hessian or residual block (``R = H - G``, one product each, :func:`residual_operator`),
+probed whole or one tensor at a time, whichever a pilot finds less variable per product; for
 piecewise-linear networks ``tr R = 0`` and the trace is exact
 (:mod:`flatlab.curvature.gauss_newton`).
 
@@ -71,10 +72,14 @@ from flatlab._ranks import ranks_of
 from flatlab.curvature._krylov import _work_dtype
 from flatlab.curvature._progress import Meter
 from flatlab.curvature.gauss_newton import NotApplicable, Plan, ggn_trace, plan
-from flatlab.curvature.hvp import as_operator, ggn_operator, hessian_operator
+from flatlab.curvature.hvp import (
+    as_operator,
+    hessian_operator,
+    residual_operator,
+)
 
 METHODS = ("auto", "xtrace", "xnystrace", "hutch++", "hutchinson", "gauss_newton")
-# the fewest probes each estimator needs (gauss_newton: its residual's pilot, PILOT_PROBES)
+# the fewest probes each estimator needs (gauss_newton: its residual's pilot and two more)
 MINIMUM_PROBES = {"auto": 4, "xtrace": 4, "xnystrace": 2, "hutch++": 3, "hutchinson": 1,
                   "gauss_newton": 4}
 
@@ -87,11 +92,13 @@ class TraceResult:
         value: the estimate of ``tr(A)`` (NaN if a budget ended before any product).
         stderr: its estimated standard error (0 when exact, ``inf`` when unknown).
         n_matvecs: operator products used (``"gauss_newton"``: its per-example gradient
-            passes, plus the Hessian and Gauss-Newton products on the residual).
+            passes, plus the Hessian and residual products on the residual block).
         method: ``"xtrace"``, ``"xnystrace"``, ``"hutch++"``, ``"hutchinson"``,
             ``"gauss_newton"`` or ``"exact"`` (``probes >= n``: ``sum_i e_i^T A e_i``).
         samples: the per-probe values averaged into ``value`` (Hutchinson terms, or the
-            exchangeable estimates ``t_i``), shape ``(K,)``.
+            exchangeable estimates ``t_i``), shape ``(K,)``; for ``"gauss_newton"`` the
+            residual block's probe values ``z^T A z``, averaged per tensor when its probes
+            were spread over the tensors (:func:`_residual_block`).
         converged: the planned budget was spent (``False``: a budget cut it short).
     """
 
@@ -321,51 +328,174 @@ def xnystrace(op: Any, probes: int = 100, *, seed: int = 0, block: int = 16,
     return _result(xnystrace_estimates(Om, Y), probes, "xnystrace", True)
 
 
-# Rademacher probes of the residual block on which both ``H`` and ``G`` are applied, to
-# choose the operator the rest of its products go to (:func:`_residual_block`)
-PILOT_PROBES = 4
+# Rademacher probes per parameter tensor in the residual's pilot (two: the least from which
+# the diagonal's share of a block's Frobenius norm has an unbiased estimate)
+PILOT_PROBES = 2
 
 
-def _residual_block(h: Any, g: Any, products: int, seed: int, block: int, meter: Meter,
-                    ) -> tuple[str, TraceResult]:
+@dataclass(frozen=True)
+class _Pilot:
+    """What the pilot measured of one operator ``A`` (``H_nn`` or ``R_nn``) on ``m`` groups.
+
+    ``q[g, p] = z_gp^T A z_gp`` (the probe values, ``(m, P)``); ``off2[g]``, an unbiased
+    estimate of ``||A_gg||_off^2``; ``cross``, of ``sum_{j != g} ||A_jg||_F^2``.
+    """
+
+    q: torch.Tensor
+    off2: torch.Tensor
+    cross: float
+
+    @property
+    def joint(self) -> float:
+        """Hutchinson's variance per probe on the whole block, ``2 ||A||_off^2``."""
+        return 2 * (float(self.off2.sum()) + self.cross)
+
+    @property
+    def split(self) -> float:
+        """The variance per probe with the probes spread over the groups in proportion to
+        ``||A_gg||_off`` (each probe on one group), ``2 (sum_g ||A_gg||_off)^2``."""
+        return 2 * float(self.off2.sqrt().sum()) ** 2
+
+
+def _pilot(Z: torch.Tensor, AZ: torch.Tensor, groups: list[slice]) -> _Pilot:
+    """Estimate :class:`_Pilot` from ``P`` probes per group (``Z``, ``(n, m P)``, column
+    ``g P + p`` supported on ``groups[g]``) and their products ``AZ``.
+
+    ``E ||(A z)_j||^2 = ||A_jg||_F^2`` for Rademacher ``z`` on group ``g``, and the diagonal
+    ``d = diag(A_gg)`` has ``E[z ⊙ A z] = d``, so for two independent probes
+    ``<z_1 ⊙ (A z_1)_g, z_2 ⊙ (A z_2)_g>`` estimates ``||d||^2`` without bias:
+    ``||A_gg||_off^2 = ||A_gg||_F^2 - ||d||^2``.
+    """
+    m = len(groups)
+    P = Z.shape[1] // m
+    q = (Z * AZ).sum(dim=0).reshape(m, P).to(torch.float64)
+    sq = torch.stack([AZ[grp].to(torch.float64).square().sum(dim=0) for grp in groups])
+    F2 = sq.reshape(m, m, P).mean(dim=2)  # F2[j, g]: ||A_jg||_F^2
+    off2 = torch.empty(m, dtype=torch.float64)
+    for g, grp in enumerate(groups):
+        cols = slice(g * P, (g + 1) * P)
+        dz = (Z[grp, cols] * AZ[grp, cols]).to(torch.float64)  # (n_g, P)
+        gram = dz.T @ dz
+        pairs = (gram.sum() - gram.diagonal().sum()) / (P * (P - 1))
+        off2[g] = (F2[g, g] - pairs).clamp(min=0.0)
+    cross = float(F2.sum() - F2.diagonal().sum())
+    return _Pilot(q.cpu(), off2.cpu(), cross)
+
+
+def _allocation(weights: torch.Tensor, have: int, more: int) -> list[int]:
+    """Spread ``more`` probes over the groups so that with the ``have`` each already has,
+    their counts are as near as integers allow to proportional to ``weights``."""
+    m = weights.numel()
+    total = float(weights.sum())
+    share = weights / total if total > 0 else torch.full((m,), 1.0 / m, dtype=torch.float64)
+    want = ((more + have * m) * share - have).clamp(min=0.0)
+    want = want * (more / float(want.sum())) if float(want.sum()) > 0 else share * more
+    counts = want.floor().long()
+    rest = (want - counts).argsort(descending=True)[: more - int(counts.sum())]
+    counts[rest] += 1
+    return counts.tolist()
+
+
+def _group_probes(groups: list[slice], counts: list[int], n: int, gen: torch.Generator,
+                  dtype, device) -> torch.Tensor:
+    """``(n, sum(counts))``: ``counts[g]`` Rademacher probes supported on ``groups[g]``."""
+    Z = torch.zeros(n, sum(counts), dtype=_work_dtype(dtype), device=device)
+    col = 0
+    for grp, k in zip(groups, counts):
+        Z[grp, col:col + k] = _rademacher(grp.stop - grp.start, k, gen, dtype, device)
+        col += k
+    return Z
+
+
+def _residual_block(h: Any, r: Any, products: int, seed: int, block: int, meter: Meter,
+                    sizes: Any = None) -> tuple[str, TraceResult]:
     """``tr H_nn`` or ``tr R_nn`` of the residual block within ``products`` products.
 
-    ``h`` and ``g`` are the Hessian and Gauss-Newton operators on the residual's tensors
-    (dimension ``n``). If ``n <= products``: ``tr H_nn`` exactly, from ``n`` unit columns
-    (``("H", exact)``). Otherwise a pilot of :data:`PILOT_PROBES` Rademacher probes takes
-    both products, giving Hutchinson samples ``a_k = z_k^T H z_k`` and ``b_k = z_k^T G z_k``.
-    Per product, Hutchinson on ``H_nn`` has variance ``var(a)`` (one product a probe) and on
-    ``R_nn = H_nn - G_nn`` ``2 var(a - b)`` (two): the rest of the products go to the lower
-    of the two, as more probes, and the pilot's samples of the chosen one are kept. At
-    initialisation ``G`` is a small part of ``H`` (``H_nn`` wins); after training ``R`` is
-    (``R_nn`` wins). The choice uses the samples it then averages, a selection effect of the
-    order of the variance estimate's error, not measurable in ``--part trace-error``.
-    Returns ``"H"`` or ``"R"`` and the estimate.
+    ``h`` and ``r`` are the Hessian and residual (``H - G``, :func:`residual_operator`)
+    operators on the residual's tensors (dimension ``n``; ``sizes``: the tensors' sizes, in
+    order; ``None``: one group). If ``n <= products``: ``tr H_nn`` exactly, from ``n`` unit
+    columns (``("H", exact)``). Otherwise:
+
+    - **The pilot.** The groups are the tensors when their pilot takes at most half the
+      products (``4 m <= products / 2``), else the whole block. :data:`PILOT_PROBES`
+      Rademacher probes per group, each supported on its group, take an ``H`` and an ``R``
+      product. From them (:func:`_pilot`) it estimates, for ``A = H_nn`` and ``A = R_nn``,
+      Hutchinson's variance per product on the whole block, ``2 ||A||_off^2`` (which pays
+      for the blocks coupling two tensors), and with the probes spread over the groups,
+      ``2 (sum_g ||A_gg||_off)^2`` (which does not). ``||.||_off``: the Frobenius norm off
+      the diagonal.
+    - **The rest** of the products go to the least of the four: as probes of the whole
+      block, combined with the pilot's per-group estimate by inverse-variance weights (from
+      the pilot's variances), or as probes of one group at a time, allocated in proportion
+      to ``||A_gg||_off`` (:func:`_allocation`), ``tr A = sum_g mean_g``, with the pilot's
+      samples kept. At initialisation ``G`` is a small part of ``H``; after training ``R``
+      is. In a convolutional network the coupling of two layers can be most of
+      ``||A||_off`` (docs/benchmarks.md).
+
+    ``stderr`` comes from the samples (per group, and for the combination its weights). The
+    choice uses samples it then averages, a selection effect of the order of the variance
+    estimates' error. A budget that ends in the pilot leaves the ``H`` samples done
+    (``NaN`` if a group has none, ``stderr`` infinite). Returns ``"H"`` or ``"R"`` and the
+    estimate; its ``samples`` are the probe values ``z^T A z``.
     """
     n = h.shape[0]
     if n <= products:
         return "H", _exact(h, block, meter)
     gen = torch.Generator().manual_seed(int(seed))
-    Z = _rademacher(n, PILOT_PROBES, gen, h.dtype, h.device)
-    a = (Z * _apply(h, Z, block, meter)).sum(dim=0)
-    GZ = _apply(g, Z[:, : a.numel()], block, meter)
-    k = GZ.shape[1]
-    b = (Z[:, :k] * GZ).sum(dim=0)
-    used = a.numel() + k
-    if k < PILOT_PROBES:  # a budget ended the pilot
-        return "R", _result(a[:k] - b, used, "hutchinson", False)
-    direct = bool(a.var() <= 2 * (a - b).var())
-    left = products - used
-    more = left if direct else left // 2
-    Z = _rademacher(n, more, gen, h.dtype, h.device)
+    bounds = [0]
+    for size in (sizes if sizes else [n]):
+        bounds.append(bounds[-1] + int(size))
+    groups = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    if len(groups) > 1 and 4 * PILOT_PROBES * len(groups) > 2 * products:
+        groups = [slice(0, n)]
+    m, P = len(groups), PILOT_PROBES
+    Z = _group_probes(groups, [P] * m, n, gen, h.dtype, h.device)
     HZ = _apply(h, Z, block, meter)
-    if direct:
-        samples = torch.cat([a, (Z[:, : HZ.shape[1]] * HZ).sum(dim=0)])
-        return "H", _result(samples, used + HZ.shape[1], "hutchinson", HZ.shape[1] == more)
-    GZ = _apply(g, Z[:, : HZ.shape[1]], block, meter)
-    k = GZ.shape[1]
-    samples = torch.cat([a - b, (Z[:, :k] * (HZ[:, :k] - GZ)).sum(dim=0)])
-    return "R", _result(samples, used + HZ.shape[1] + k, "hutchinson", k == more)
+    RZ = _apply(r, Z[:, : HZ.shape[1]], block, meter)
+    used = HZ.shape[1] + RZ.shape[1]
+    if RZ.shape[1] < m * P:  # a budget ended the pilot
+        q = (Z[:, : HZ.shape[1]] * HZ).sum(dim=0).to(torch.float64).cpu()
+        done = [q[g * P:(g + 1) * P] for g in range(m)]
+        value = (sum(float(d.mean()) for d in done) if all(d.numel() for d in done)
+                 else float("nan"))
+        return "H", TraceResult(value, float("inf"), used, "hutchinson", q, False)
+    pilots = {"H": _pilot(Z, HZ, groups), "R": _pilot(Z, RZ, groups)}
+    options = {(a, how): getattr(pilots[a], how) for a in ("H", "R")
+               for how in ("joint", "split")}
+    which, how = min(options, key=options.get)  # ties: H before R, joint before split
+    op, pilot = (h, pilots["H"]) if which == "H" else (r, pilots["R"])
+    more = products - used
+    if how == "split":
+        counts = _allocation(pilot.off2.sqrt(), P, more)
+        Z = _group_probes(groups, counts, n, gen, h.dtype, h.device)
+        AZ = _apply(op, Z, block, meter)
+        done = AZ.shape[1]  # a budget may end it: each group keeps the probes done
+        new = (Z[:, :done] * AZ).sum(dim=0).to(torch.float64).cpu()
+        value, var, col, samples = 0.0, 0.0, 0, [pilot.q.flatten()]
+        for g, k in enumerate(counts):
+            mine = torch.cat([pilot.q[g], new[min(col, done):min(col + k, done)]])
+            col += k
+            value += float(mine.mean())
+            var += float(mine.var()) / mine.numel()
+            samples.append(mine[P:])
+        return which, TraceResult(value, var**0.5, used + AZ.shape[1], "hutchinson",
+                                  torch.cat(samples), AZ.shape[1] == more)
+    Z = _rademacher(n, more, gen, h.dtype, h.device)
+    AZ = _apply(op, Z, block, meter)
+    joint = (Z[:, : AZ.shape[1]] * AZ).sum(dim=0).to(torch.float64).cpu()
+    k = joint.numel()
+    split = float(pilot.q.mean(dim=1).sum())
+    split_var = float(pilot.q.var(dim=1).sum()) / P
+    samples = torch.cat([pilot.q.flatten(), joint])
+    if k == 0:
+        return which, TraceResult(split, split_var**0.5, used, "hutchinson", samples, False)
+    # weights from the pilot's variances (smooth, not from the samples they weigh)
+    v_joint, v_split = pilot.joint / k, 2 * float(pilot.off2.sum()) / P
+    w = v_split / (v_split + v_joint) if v_split + v_joint > 0 else k / (k + P)
+    value = w * float(joint.mean()) + (1 - w) * split
+    j_var = float(joint.var()) / k if k > 1 else float("inf")
+    stderr = (w * w * j_var + (1 - w) ** 2 * split_var) ** 0.5
+    return which, TraceResult(value, stderr, used + k, "hutchinson", samples, k == more)
 
 
 def gauss_newton_trace(model: Any, loss_fn: Any, data: Any, probes: int = 100, *,
@@ -379,11 +509,12 @@ def gauss_newton_trace(model: Any, loss_fn: Any, data: Any, probes: int = 100, *
     in. Nonlinear tensors that are the weight or bias of a Linear layer applied to one vector
     per example get their ``tr H_kk`` exactly from the diagonal of the loss Hessian in the
     layer's outputs (:func:`~flatlab.curvature.gauss_newton.linear_blocks`). The remaining
-    tensors (the residual, dimension ``n``) get ``2 * probes`` Hessian or Gauss-Newton
-    products on their principal block (:func:`_residual_block`): ``tr H_nn`` exactly when
+    tensors (the residual, dimension ``n``) get ``2 * probes`` Hessian or residual products
+    on their principal block (:func:`_residual_block`): ``tr H_nn`` exactly when
     ``n <= 2 * probes``; otherwise Hutchinson, on ``H_nn`` (then ``tr H = tr G - tr G_nn +
-    tr H_nn``) or on ``R_nn`` (``tr H = tr G + tr R_nn``), whichever a pilot of
-    :data:`PILOT_PROBES` probes measures to have the lower variance per product. When none
+    tr H_nn``) or on ``R_nn`` (``tr H = tr G + tr R_nn``), on the whole block or one tensor
+    at a time, whichever a pilot of :data:`PILOT_PROBES` probes per tensor measures to have
+    the lower variance per product. When none
     remain (piecewise-linear networks: ReLU, convolutions, pooling, eval-mode BatchNorm;
     MLPs with any activation), the trace is exact and ``stderr`` is 0. ``route``: a
     :func:`~flatlab.curvature.gauss_newton.plan` already made.
@@ -406,11 +537,12 @@ def gauss_newton_trace(model: Any, loss_fn: Any, data: Any, probes: int = 100, *
                            gn.per_example, False)
     kw = {"params": nonlinear, "eval_mode": eval_mode, "distributed": distributed}
     h = hessian_operator(model, loss_fn, data, **kw)
-    g = ggn_operator(model, loss_fn, data, **kw)
-    which, est = _residual_block(h, g, 2 * int(probes), seed, block, meter)
+    r = residual_operator(model, loss_fn, data, **kw)
+    sizes = [p.numel() for p in h.params]  # the residual's tensors, in the operator's order
+    which, est = _residual_block(h, r, 2 * int(probes), seed, block, meter, sizes)
     base = gn.value - gn.split_value if which == "H" else gn.value
     return TraceResult(base + est.value, est.stderr, gn.passes + est.n_matvecs,
-                       "gauss_newton", est.samples + base, est.converged)
+                       "gauss_newton", est.samples, est.converged)
 
 
 def _batch_count(data: Any) -> int | None:
