@@ -51,6 +51,33 @@ def dense_hessian(model: nn.Module, loss_fn, data, names=None) -> torch.Tensor:
     return torch.autograd.functional.hessian(f, flatten(like), vectorize=True)
 
 
+def bn_dropout_problem(act: type[nn.Module] = nn.ReLU):
+    """A float64 Linear-BatchNorm-``act``-Dropout-Linear model in training mode, with
+    non-trivial running statistics, and 30 examples as unequal batches of 17 and 13."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), act(), nn.Dropout(0.5),
+                          nn.Linear(6, 3)).double().train()
+    x, y = torch.randn(30, 4, dtype=torch.float64), torch.randint(0, 3, (30,))
+    model(x)
+    return model, [(x[:17], y[:17]), (x[17:], y[17:])]
+
+
+class Untouched:
+    """Snapshot of a model's state, module flags and ``.grad``; :meth:`check` asserts that a
+    measurement left all of them as they were."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.state = {k: v.clone() for k, v in model.state_dict().items()}
+        self.flags = [m.training for m in model.modules()]
+
+    def check(self) -> None:
+        assert [m.training for m in self.model.modules()] == self.flags
+        assert all(p.grad is None for p in self.model.parameters())
+        for k, v in self.model.state_dict().items():
+            assert torch.equal(v, self.state[k]), k
+
+
 @functools.cache
 def problem(activation: str):
     """(model float64, batches, dense H) for a tanh or ReLU MLP, built once per session."""

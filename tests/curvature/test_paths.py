@@ -10,7 +10,7 @@ from torch import nn
 
 from flatlab.curvature import hessian_operator
 
-from .conftest import concat, dense_hessian, problem
+from .conftest import Untouched, bn_dropout_problem, concat, dense_hessian, problem
 
 CE = nn.functional.cross_entropy
 
@@ -46,33 +46,14 @@ def test_cached_and_streamed_agree_on_parameter_subset():
     _check(*_pair(model, data, params=model[2]), H)
 
 
-class _BNDrop(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(),
-                                  nn.Dropout(0.5), nn.Linear(6, 3))
-
-    def forward(self, x):
-        return self.body(x)
-
-
 def test_batchnorm_dropout_model_mode_and_parameters_untouched():
-    torch.manual_seed(0)
-    model = _BNDrop().double().train()
-    x = torch.randn(30, 4, dtype=torch.float64)
-    y = torch.randint(0, 3, (30,))
-    model(x)  # non-trivial running statistics
-    data = [(x[:17], y[:17]), (x[17:], y[17:])]
-    before = copy.deepcopy(model.state_dict())
-    flags = [m.training for m in model.modules()]
+    model, data = bn_dropout_problem()
+    kept = Untouched(model)
     # eval mode: BN uses running statistics, so the Hessian is that of the concatenation
     frozen = copy.deepcopy(model).eval()
-    H = dense_hessian(frozen, CE, (x, y))
+    H = dense_hessian(frozen, CE, concat(data))
     _check(*_pair(model, data), H)
-    assert [m.training for m in model.modules()] == flags
-    assert all(p.grad is None for p in model.parameters())
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
+    kept.check()
 
 
 def test_auto_path_choice_is_reported():

@@ -3,8 +3,6 @@ output gradient ``r`` held constant (:func:`flatlab.curvature.residual_operator`
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -17,7 +15,7 @@ from flatlab.curvature import (
     top_eigenvalues,
 )
 
-from .conftest import make_batches, problem
+from .conftest import Untouched, bn_dropout_problem, make_batches, problem
 
 CE = nn.functional.cross_entropy
 
@@ -71,20 +69,13 @@ def test_it_vanishes_where_the_outputs_are_affine_in_the_parameters():
 
 
 def test_a_batchnorm_dropout_model_is_measured_in_eval_mode_and_untouched():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Dropout(0.5),
-                          nn.Linear(6, 3)).double().train()
-    x, y = torch.randn(30, 4, dtype=torch.float64), torch.randint(0, 3, (30,))
-    model(x)
-    before = copy.deepcopy(model.state_dict())
-    data = [(x[:17], y[:17]), (x[17:], y[17:])]
+    model, data = bn_dropout_problem(nn.Tanh)
+    kept = Untouched(model)
     want = _h_minus_g(model, CE, data)
     for path in ("cached", "streamed"):
         torch.testing.assert_close(residual_operator(model, CE, data, path=path).to_dense(),
                                    want, rtol=0, atol=1e-10)
-    assert model.training and all(p.grad is None for p in model.parameters())
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
+    kept.check()
 
 
 def test_lanczos_on_the_residual_starts_at_random_and_finds_its_eigenvalues():

@@ -12,7 +12,7 @@ from torch import nn
 from flatlab.curvature import ggn_operator, hessian_operator, lanczos, top_eigenvalues
 from flatlab.curvature._model import flatten
 
-from .conftest import concat, dense_hessian, problem
+from .conftest import Untouched, bn_dropout_problem, concat, dense_hessian, problem
 
 CE = nn.functional.cross_entropy
 
@@ -58,21 +58,14 @@ def test_the_gradient_of_a_parameter_subset_and_of_the_ggn_operator():
 
 
 def test_the_gradient_leaves_a_batchnorm_dropout_model_untouched():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.5),
-                          nn.Linear(6, 3)).double().train()
-    x, y = torch.randn(30, 4, dtype=torch.float64), torch.randint(0, 3, (30,))
-    model(x)
-    before = copy.deepcopy(model.state_dict())
-    data = [(x[:17], y[:17]), (x[17:], y[17:])]
+    model, data = bn_dropout_problem()
+    kept = Untouched(model)
     frozen = copy.deepcopy(model).eval()
     want = _autograd_gradient(frozen, data)
     for path in ("cached", "streamed"):
         got = hessian_operator(model, CE, data, path=path).gradient()
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-    assert model.training and all(p.grad is None for p in model.parameters())
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
+    kept.check()
 
 
 def test_the_default_start_is_the_mixed_gradient_and_finds_the_dense_eigenvalues(mlp_problem):

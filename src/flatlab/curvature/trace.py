@@ -79,7 +79,8 @@ from flatlab.curvature.hvp import (
 )
 
 METHODS = ("auto", "xtrace", "xnystrace", "hutch++", "hutchinson", "gauss_newton")
-# the fewest probes each estimator needs (gauss_newton: its residual's pilot and two more)
+# the fewest probes each estimator needs (gauss_newton: 8 residual products, its pilot's 4
+# and 4 more)
 MINIMUM_PROBES = {"auto": 4, "xtrace": 4, "xnystrace": 2, "hutch++": 3, "hutchinson": 1,
                   "gauss_newton": 4}
 
@@ -652,7 +653,7 @@ def hessian_trace(
 
     Raises:
         ValueError: a bad ``method``, ``probes`` below the method's minimum (4 for
-            XTrace and the Gauss-Newton residual's pilot, 3 for Hutch++, 2 for XNysTrace), or
+            XTrace and for the Gauss-Newton residual, 3 for Hutch++, 2 for XNysTrace), or
             ``"gauss_newton"`` without a model (see :func:`gauss_newton_trace`).
 
     Example:

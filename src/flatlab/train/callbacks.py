@@ -274,7 +274,7 @@ class Sharpness(Callback):
         measure: ``"worst_case"`` (max over the rho-ball of the loss increase, SAM's),
             ``"average"`` (mean increase under Gaussian noise of scale rho),
             ``"first_order"`` (GAM's rho * max ||grad|| on the ball) or ``"trace"``
-            (Hutchinson trace of the Hessian).
+            (the Hessian trace by :func:`~flatlab.curvature.hessian_trace`'s default route).
         rho: radius of the neighbourhood (not used by ``"trace"``).
         **kwargs: passed to the :mod:`flatlab.curvature` function.
     """
