@@ -420,11 +420,9 @@ class ResidualOperator(HessianOperator):
 
     gradient_start = False  # its top eigenvectors are not the loss gradient's directions
 
-    def __init__(self, model, loss_fn, data, params=None, eval_mode=True, method="auto",
-                 check_deterministic=True, path="auto", memory_budget=None, distributed=False):
-        super().__init__(model, loss_fn, data, params, eval_mode, method, check_deterministic,
-                         path, memory_budget, distributed)
-        self.floss = ResidualLoss(self.model, loss_fn, self.names)
+    def __init__(self, *args: Any, **kwargs: Any):  # those of HessianOperator
+        super().__init__(*args, **kwargs)
+        self.floss = ResidualLoss(self.model, self.floss.loss_fn, self.names)
 
 
 class GGNOperator(_ModelOperator):

@@ -466,22 +466,38 @@ def _residual_block(h: Any, r: Any, products: int, seed: int, block: int, meter:
     which, how = min(options, key=options.get)  # ties: H before R, joint before split
     op, pilot = (h, pilots["H"]) if which == "H" else (r, pilots["R"])
     more = products - used
-    if how == "split":
-        counts = _allocation(pilot.off2.sqrt(), P, more)
-        Z = _group_probes(groups, counts, n, gen, h.dtype, h.device)
-        AZ = _apply(op, Z, block, meter)
-        done = AZ.shape[1]  # a budget may end it: each group keeps the probes done
-        new = (Z[:, :done] * AZ).sum(dim=0).to(torch.float64).cpu()
-        value, var, col, samples = 0.0, 0.0, 0, [pilot.q.flatten()]
-        for g, k in enumerate(counts):
-            mine = torch.cat([pilot.q[g], new[min(col, done):min(col + k, done)]])
-            col += k
-            value += float(mine.mean())
-            var += float(mine.var()) / mine.numel()
-            samples.append(mine[P:])
-        return which, TraceResult(value, var**0.5, used + AZ.shape[1], "hutchinson",
-                                  torch.cat(samples), AZ.shape[1] == more)
-    Z = _rademacher(n, more, gen, h.dtype, h.device)
+    probe = _split_probes if how == "split" else _joint_probes
+    return which, probe(op, pilot, groups, more, used, gen, block, meter)
+
+
+def _split_probes(op: Any, pilot: _Pilot, groups: list[slice], more: int, used: int,
+                  gen: torch.Generator, block: int, meter: Meter) -> TraceResult:
+    """``more`` probes of one group at a time, allocated in proportion to ``||A_gg||_off``
+    beside the pilot's: ``tr A = sum_g mean_g``, ``stderr^2 = sum_g var_g / k_g``."""
+    P = pilot.q.shape[1]
+    counts = _allocation(pilot.off2.sqrt(), P, more)
+    Z = _group_probes(groups, counts, op.shape[0], gen, op.dtype, op.device)
+    AZ = _apply(op, Z, block, meter)
+    done = AZ.shape[1]  # a budget may end it: each group keeps the probes done
+    new = (Z[:, :done] * AZ).sum(dim=0).to(torch.float64).cpu()
+    value, var, col, samples = 0.0, 0.0, 0, [pilot.q.flatten()]
+    for g, k in enumerate(counts):
+        mine = torch.cat([pilot.q[g], new[min(col, done):min(col + k, done)]])
+        col += k
+        value += float(mine.mean())
+        var += float(mine.var()) / mine.numel()
+        samples.append(mine[P:])
+    return TraceResult(value, var**0.5, used + done, "hutchinson", torch.cat(samples),
+                       done == more)
+
+
+def _joint_probes(op: Any, pilot: _Pilot, groups: list[slice], more: int, used: int,
+                  gen: torch.Generator, block: int, meter: Meter) -> TraceResult:
+    """``more`` probes of the whole block, combined with the pilot's per-group estimate by
+    inverse-variance weights taken from the pilot's variances (smooth, not from the samples
+    they weigh)."""
+    P = pilot.q.shape[1]
+    Z = _rademacher(op.shape[0], more, gen, op.dtype, op.device)
     AZ = _apply(op, Z, block, meter)
     joint = (Z[:, : AZ.shape[1]] * AZ).sum(dim=0).to(torch.float64).cpu()
     k = joint.numel()
@@ -489,14 +505,13 @@ def _residual_block(h: Any, r: Any, products: int, seed: int, block: int, meter:
     split_var = float(pilot.q.var(dim=1).sum()) / P
     samples = torch.cat([pilot.q.flatten(), joint])
     if k == 0:
-        return which, TraceResult(split, split_var**0.5, used, "hutchinson", samples, False)
-    # weights from the pilot's variances (smooth, not from the samples they weigh)
+        return TraceResult(split, split_var**0.5, used, "hutchinson", samples, False)
     v_joint, v_split = pilot.joint / k, 2 * float(pilot.off2.sum()) / P
     w = v_split / (v_split + v_joint) if v_split + v_joint > 0 else k / (k + P)
     value = w * float(joint.mean()) + (1 - w) * split
     j_var = float(joint.var()) / k if k > 1 else float("inf")
     stderr = (w * w * j_var + (1 - w) ** 2 * split_var) ** 0.5
-    return which, TraceResult(value, stderr, used + k, "hutchinson", samples, k == more)
+    return TraceResult(value, stderr, used + k, "hutchinson", samples, k == more)
 
 
 def gauss_newton_trace(model: Any, loss_fn: Any, data: Any, probes: int = 100, *,
