@@ -28,6 +28,11 @@ from tests.optim._registry import REGISTRY, step
 from tests.optim.test_distributed import finish_rank, run_ranks
 
 WORLD, STEPS, LR = 2, 5, 0.05
+#: methods whose Hessian-vector products need a double backward: under FSDP2 the optimizer
+#: gathers the parameters for their graph passes (model= the module; flatlab.optim._fsdp);
+#: under DDP their graph passes bypass the reducer, so the optimizer reduces g and H g itself
+EXACT_HVP = {"gam_exact", "samgam"}
+CARRIED = ["gam_exact", "samgam", "sam"]
 NAN_STEP = 2
 
 
@@ -67,6 +72,51 @@ def _shard(model: nn.Module) -> nn.Module:
     return model
 
 
+class Scaled(nn.Module):
+    """Three Linears, the middle one left to the root's FSDP group, and a parameter of the
+    root's own: the graph passes must gather both kinds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.a, self.b, self.c = nn.Linear(6, 7), nn.Linear(7, 5), nn.Linear(5, 3)
+        self.scale = nn.Parameter(torch.tensor([1.5, 0.5, 1.0]))
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def _shard_scaled(model: Scaled) -> Scaled:
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model.a)
+    fully_shard(model.c, reshard_after_forward=False)
+    fully_shard(model)
+    return model
+
+
+def _carried_run(name: str, rank: int | None, kind: str = "fsdp") -> list[torch.Tensor]:
+    """3 steps on :class:`Scaled`, each after one micro-batch whose gradient is carried into
+    the step (gradient accumulation); ``rank`` None: one process on whole batches."""
+    entry = next(e for e in REGISTRY if e.name == name)
+    model = Scaled()
+    if rank is not None:
+        _shard_scaled(model)
+    opt = entry.build(model.parameters(), torch.optim.SGD, lr=LR, momentum=0.9,
+                      model=model)
+    data = batches()
+    for t in range(3):
+        (xa, ya), (xb, yb) = data[t], data[t + 1]
+        if rank is not None:
+            xa, ya = xa.chunk(WORLD)[rank], ya.chunk(WORLD)[rank]
+            xb, yb = xb.chunk(WORLD)[rank], yb.chunk(WORLD)[rank]
+        opt.zero_grad()
+        nn.functional.mse_loss(model(xa), ya).backward()  # the micro-batch before the step
+        step(opt, _closure(model, xb, yb))
+    return _full(model) if rank is not None else [p.detach() for p in model.parameters()]
+
+
 def _full(model: nn.Module) -> list[torch.Tensor]:
     return [p.full_tensor().detach().clone() for p in model.parameters()]
 
@@ -83,8 +133,11 @@ def _train(entry, rank: int | None, data, model=None, opt=None, start: int = 0,
             net = nn.parallel.DistributedDataParallel(model)
         elif rank is not None and not plain:
             _shard(model)
+        # exact HVPs under FSDP2 need the module (to gather its parameters); the other
+        # methods run from the parameters alone
+        given = ddp or (rank is not None and not plain and entry.name in EXACT_HVP)
         opt = entry.build(model.parameters(), torch.optim.SGD, lr=LR, momentum=0.9,
-                          **({"model": net} if ddp else {}))
+                          **({"model": net} if given else {}))
     for x, y in data[start:stop]:
         if rank is not None:
             x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
@@ -115,6 +168,44 @@ def _worker(rank: int, port: int, out: str) -> None:
                                                    for p in model.parameters()]
             except Exception:  # noqa: BLE001
                 results[f"{kind}/{entry.name}"] = traceback.format_exc()
+    # exact HVPs without model= are refused before the closure runs; the step leaves the
+    # modules resharded, with the user's reshard_after_backward put back
+    x, y = batches()[0]
+    x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+    entry = next(e for e in REGISTRY if e.name == "gam_exact")
+    model = _shard(make_model())
+    before = [p.detach().to_local().clone() for p in model.parameters()]
+    opt = entry.build(model.parameters(), torch.optim.SGD, lr=LR)
+    try:
+        step(opt, _closure(model, x, y))
+        results["no_model"] = "accepted"
+    except ValueError as err:
+        results["no_model"] = str(err)
+    results["no_model_untouched"] = all(
+        torch.equal(a, p.detach().to_local()) for a, p in zip(before, model.parameters()))
+    model = _shard(make_model())
+    model[0].set_reshard_after_backward(False, recurse=False)
+    opt = entry.build(model.parameters(), torch.optim.SGD, lr=LR, model=model)
+    step(opt, _closure(model, x, y))
+    results["after_step"] = {
+        "dtensors": all(type(p).__name__ == "DTensor" for p in model.parameters()),
+        "settings": [m._get_fsdp_state()._fsdp_param_groups[0].reshard_after_backward
+                     for m in (model[0], model[2])],
+    }
+    for name in CARRIED:
+        try:
+            results[f"carried/{name}"] = _carried_run(name, rank)
+        except Exception:  # noqa: BLE001
+            results[f"carried/{name}"] = traceback.format_exc()
+    try:
+        model = _shard(make_model())
+        opt = entry.build(model.parameters(), torch.optim.SGD, lr=LR,
+                          model=_shard(make_model()))
+        step(opt, _closure(model, x, y))
+        results["other_model"] = "accepted"
+    except ValueError as err:
+        results["other_model"] = str(err)
+    results["mixed"] = _mixed_precision(rank)
     # sync="local" is refused with a clear error
     model = _shard(make_model())
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, sync="local", lr=LR)
@@ -126,6 +217,37 @@ def _worker(rank: int, port: int, out: str) -> None:
         results["local"] = str(err)
     results["resume"] = _resume(rank, out)
     finish_rank(results, out, rank)
+
+
+def _mixed_precision(rank: int | None) -> list[torch.Tensor] | str:
+    """SAM+GAM for 3 steps with float64 shards computed in float32
+    (``MixedPrecisionPolicy(param_dtype=float32)``); ``rank`` None: one process, float32."""
+    entry = next(e for e in REGISTRY if e.name == "samgam")
+    try:
+        model = make_model()
+        net = model
+        if rank is None:
+            net = make_model().float()
+        else:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            policy = MixedPrecisionPolicy(param_dtype=torch.float32,
+                                          reduce_dtype=torch.float32)
+            for layer in model:
+                if isinstance(layer, nn.Linear):
+                    fully_shard(layer, mp_policy=policy)
+            fully_shard(model, mp_policy=policy)
+        opt = entry.build(net.parameters(), torch.optim.SGD, lr=LR, model=net)
+        for x, y in batches()[:3]:
+            if rank is not None:
+                x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+            step(opt, _closure(net, x.float(), y.float()))
+        if rank is None:
+            return [p.detach().double() for p in net.parameters()]
+        assert all(p.grad.dtype == torch.float64 for p in model.parameters())
+        return _full(model)
+    except Exception:  # noqa: BLE001
+        return traceback.format_exc()
 
 
 def _resume(rank: int, out: str) -> list[torch.Tensor] | str:
@@ -166,13 +288,7 @@ def rank_results(tmp_path_factory):
     return run_ranks(_worker, tmp_path_factory.mktemp("fsdp"), WORLD)
 
 
-#: methods that need a double backward, which FSDP2 cannot give (refused with a clear error);
-#: under DDP their graph passes bypass the reducer, so the optimizer reduces g and H g itself
-EXACT_HVP = {"gam_exact", "samgam"}
-SHARDABLE = [e for e in REGISTRY if e.name not in EXACT_HVP]
-
-
-@pytest.mark.parametrize("entry", SHARDABLE, ids=lambda e: e.name)
+@pytest.mark.parametrize("entry", REGISTRY, ids=lambda e: e.name)
 def test_fsdp2_equals_one_process_on_the_whole_batch(rank_results, entry):
     r0, r1 = (res[entry.name] for res in rank_results)
     assert "error" not in r0, r0.get("error")
@@ -188,14 +304,38 @@ def test_fsdp2_equals_one_process_on_the_whole_batch(rank_results, entry):
                                                                   start.parameters()))
 
 
-@pytest.mark.parametrize("name", sorted(EXACT_HVP))
-def test_exact_hvp_methods_are_refused_under_fsdp2(rank_results, name):
+def test_exact_hvps_under_fsdp2_need_the_module_and_leave_it_sharded(rank_results):
     for res in rank_results:
-        assert "does not run on FSDP2-sharded parameters" in res[name]["error"]
-        assert "hvp='finite_difference'" in res[name]["error"]
+        assert "needs model=" in res["no_model"] and "FSDP2" in res["no_model"]
+        assert res["no_model_untouched"]
+        # every module resharded; the first Linear's own setting (False) and the default
+        # (True) of the second put back
+        assert res["after_step"] == {"dtensors": True, "settings": [False, True]}
+        assert "not parameters of model=" in res["other_model"]
 
 
-@pytest.mark.parametrize("entry", SHARDABLE, ids=lambda e: e.name)
+@pytest.mark.parametrize("name", CARRIED)
+def test_fsdp2_carried_gradient_and_root_parameters(rank_results, name):
+    """A root-owned parameter, a Linear in the root's group, one that keeps its parameters
+    after forward, and a carried micro-batch gradient: still the one-process step."""
+    a, b = (res[f"carried/{name}"] for res in rank_results)
+    assert not isinstance(a, str), a
+    want = _carried_run(name, None)
+    for x, y, w in zip(a, b, want):
+        assert torch.equal(x, y)
+        torch.testing.assert_close(x, w, rtol=1e-10, atol=1e-12)
+
+
+def test_fsdp2_exact_hvps_under_a_mixed_precision_policy(rank_results):
+    """float64 shards, float32 compute: the float32 one-process run to float32 round-off."""
+    a, b = (res["mixed"] for res in rank_results)
+    assert not isinstance(a, str), a
+    for x, y, w in zip(a, b, _mixed_precision(None)):
+        assert torch.equal(x, y)
+        torch.testing.assert_close(x, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=lambda e: e.name)
 def test_a_nan_on_one_rank_is_skipped_by_both(rank_results, entry):
     r0, r1 = (res[entry.name] for res in rank_results)
     assert "error" not in r0, r0.get("error")

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from flatlab.optim import _tree
+from flatlab.optim._fsdp import GatheredParameters, to_shards
 from flatlab.optim._norms import discover_norm_modules
 
 __all__ = ["ClosureError", "NonFiniteStep", "StepContext", "allreduce_mean"]
@@ -52,13 +53,14 @@ class ClosureError(ValueError):
     """The closure broke the protocol (no backward, no_grad, unreduced loss, None)."""
 
 
-def allreduce_mean(tensors: list[torch.Tensor]) -> None:
-    """Average ``tensors`` over all ranks with one all-reduce of a flat buffer."""
+def allreduce_mean(tensors: list[torch.Tensor], group: Any = None) -> None:
+    """Average ``tensors`` over the ranks of ``group`` (None: all) with one all-reduce of a
+    flat buffer."""
     if not tensors:
         return
     flat = torch._utils._flatten_dense_tensors(tensors)
-    dist.all_reduce(flat)
-    flat.div_(dist.get_world_size())
+    dist.all_reduce(flat, group=group)
+    flat.div_(dist.get_world_size(group))
     for t, f in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
         t.copy_(f)
 
@@ -93,7 +95,8 @@ class StepContext:
         self.all_params: list[torch.Tensor] = opt._all_params()
         # FSDP2: parameters and gradients are DTensor shards; FSDP has already averaged each
         # pass's gradient over the ranks, and every norm is reduced over the mesh (_tree)
-        self.sharded = self.distributed and _tree.sharded_group(self.all_params) is not None
+        self._mesh_group = _tree.sharded_group(self.all_params) if self.distributed else None
+        self.sharded = self._mesh_group is not None
         if self.sharded and opt.sync == "local":
             raise ValueError(
                 "sync='local' (m-sharpness) is not supported with FSDP2-sharded parameters: "
@@ -102,6 +105,12 @@ class StepContext:
             )
         self.group_of: list[int] = opt._group_index()
         self.params: list[torch.Tensor] = []
+        self._index: list[int] = []  # position of each of params in all_params
+        # FSDP2 graph pass (_fsdp): the unsharded parameters, and dL/dp with respect to them
+        # (full size, this rank's batch), aligned with all_params; None outside one
+        self._gathered: GatheredParameters | None = None
+        self._unsharded: list[torch.Tensor] | None = None
+        self._graph: list[torch.Tensor | None] | None = None
         self._group: list[int] = []
         self._carried: dict[int, torch.Tensor] = {} if adopt else self._take_carried()
         self.carried = bool(self._carried)
@@ -173,6 +182,9 @@ class StepContext:
         if self.passes:
             for p in self.all_params:
                 p.grad = None
+        self.drop_graph()
+        if graph and self.sharded:
+            self._gather()
         self.passes += 1
         norms = opt._norm_stats
         freeze = not first and norms is not None and bool(norms)
@@ -236,11 +248,65 @@ class StepContext:
 
     def _graph_backward(self, loss: torch.Tensor) -> None:
         """``backward`` that keeps the graph: ``p.grad += dL/dp`` with ``create_graph=True``,
-        assigned out of place (so no parameter-gradient reference cycle)."""
+        assigned out of place (so no parameter-gradient reference cycle). Under FSDP2 the
+        gradient is with respect to the unsharded parameters, kept apart from ``p.grad``."""
+        if self._gathered is not None:
+            self._unsharded = self._gathered.unshard()
+            found = torch.autograd.grad(loss, self._unsharded, create_graph=True,
+                                        allow_unused=True)
+            graph = self._graph
+            for i, g in enumerate(found):
+                if g is not None:
+                    graph[i] = g if graph[i] is None else graph[i] + g
+            return
         found = torch.autograd.grad(loss, self.all_params, create_graph=True, allow_unused=True)
         for p, g in zip(self.all_params, found):
             if g is not None:
                 p.grad = g if p.grad is None else p.grad + g
+
+    def _gather(self) -> None:
+        """Start an FSDP2 graph pass: the unsharded parameters are held until
+        :meth:`drop_graph` (module ``_fsdp``)."""
+        if self.opt.model is None:
+            raise ValueError(
+                f"{type(self.opt).__name__} with exact Hessian-vector products on FSDP2-sharded "
+                "parameters needs model=, the fully_shard-ed module the closure runs: the "
+                "products are taken with respect to its unsharded parameters"
+            )
+        self._gathered = GatheredParameters(self.opt.model, self.all_params)
+        self._graph = [None] * len(self.all_params)
+
+    # ------------------------------------------------------------------ graph passes
+    def graph_grads(self) -> list[torch.Tensor]:
+        """After a ``graph=True`` pass: the gradients that carry their graph, aligned with
+        :attr:`params` (``p.grad``; under FSDP2 the full-size gradients with respect to the
+        unsharded parameters, this rank's own, not yet averaged: :meth:`reduce_` them)."""
+        if self._graph is not None:
+            return [self._graph[i] for i in self._index]
+        return self.grads()
+
+    def graph_params(self) -> list[torch.Tensor]:
+        """The tensors :meth:`graph_grads` differentiate: :attr:`params`, or under FSDP2 the
+        unsharded parameters (all-gathered again if a reshard freed them)."""
+        if self._gathered is not None:
+            self._unsharded = self._gathered.unshard()
+            return [self._unsharded[i] for i in self._index]
+        return self.params
+
+    def drop_graph(self) -> None:
+        """End an FSDP2 graph pass: the unsharded parameters resharded and the graph's
+        gradients dropped (elsewhere the graph lives in ``p.grad`` until :meth:`set_grads`
+        replaces it). A no-op outside one; also run by every pass and by :meth:`restore`."""
+        if self._gathered is not None:
+            self._gathered.release()
+            self._gathered, self._unsharded, self._graph = None, None, None
+
+    def to_params(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Tensors derived from a graph pass (and reduced), laid out as :attr:`params`: under
+        FSDP2 each full tensor is cut to this rank's shard (no communication)."""
+        if self.sharded:
+            return to_shards(tensors, self.params)
+        return list(tensors)
 
     def _check_loss(self, loss: Any) -> torch.Tensor:
         if loss is None:
@@ -266,18 +332,18 @@ class StepContext:
     def reduce_(self, tensors: list[torch.Tensor]) -> None:
         """Average ``tensors`` over ranks in place when ``sync="global"`` needs it (with or
         without DDP): for what a method computes from a graph pass (module docstring)."""
-        if self.distributed and self.opt.sync == "global" and not self.sharded:
-            allreduce_mean(tensors)
+        if self.distributed and self.opt.sync == "global":
+            allreduce_mean(tensors, self._mesh_group)
 
     def _collect(self, first: bool, reduce: bool = True) -> None:
         """Align ``p.grad`` with :attr:`params`, add the carried gradient, unscale, reduce."""
+        graph = self._graph  # an FSDP2 graph pass: gradients of the unsharded parameters
+        found = graph if graph is not None else [p.grad for p in self.all_params]
         if first:
-            self.params, self._group = [], []
-            for i, p in enumerate(self.all_params):
-                if p.grad is not None or i in self._carried:
-                    self.params.append(p)
-                    self._group.append(self.group_of[i])
-            own = [p.grad for p in self.params if p.grad is not None]
+            self._index = [i for i, g in enumerate(found) if g is not None or i in self._carried]
+            self.params = [self.all_params[i] for i in self._index]
+            self._group = [self.group_of[i] for i in self._index]
+            own = [found[i] for i in self._index if found[i] is not None]
             if not own:
                 raise ClosureError(
                     "the closure ran no backward: no parameter received a gradient (call "
@@ -288,21 +354,26 @@ class StepContext:
                     f"{type(self.opt).__name__} does not support sparse gradients, got a sparse "
                     "gradient"
                 )
-        elif all(p.grad is None for p in self.params):
+        elif all(found[i] is None for i in self._index):
             raise ClosureError(
                 f"the closure ran no backward in pass {self.passes}: no parameter received a "
                 "gradient (call loss.backward() inside the closure)"
             )
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads = self.grads()
+        like = self._unsharded if graph is not None else self.all_params
+        for i in self._index:
+            if found[i] is None:
+                found[i] = torch.zeros_like(like[i])
+                if graph is None:
+                    self.all_params[i].grad = found[i]
+        grads = [found[i] for i in self._index]
         if self.scale is not None:
             torch._foreach_mul_(grads, 1.0 / self.scale)
         if self._carried:
-            index = {id(p): i for i, p in enumerate(self.all_params)}
-            pairs = [(p.grad, self._carried[index[id(p)]]) for p in self.params
-                     if index[id(p)] in self._carried]
+            # under FSDP2 a graph pass's gradient is full size: the carried (already reduced)
+            # shard is gathered to match; averaging c + g_r over ranks gives c + g
+            pairs = [(found[i], self._carried[i]) for i in self._index if i in self._carried]
+            if graph is not None:
+                pairs = [(a, _tree.full(b)) for a, b in pairs]
             torch._foreach_add_([a for a, _ in pairs], [b for _, b in pairs])
         if (reduce and self.opt.sync == "global" and self.distributed
                 and not self.opt._engine_reduces() and not self.sharded):
@@ -429,6 +500,8 @@ class StepContext:
     def restore(self, *, keep: bool = False) -> None:
         """Copy the saved theta back exactly; ``keep=True`` stays ready for another perturbation
         from theta (the snapshot stays valid)."""
+        if not keep:
+            self.drop_graph()
         if self.perturbed:
             _tree.restore_(self.params, self.opt._snapshot)
             self.perturbed = keep

@@ -55,6 +55,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor shard (one all-gather); any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def _is_shard(t: torch.Tensor) -> bool:
     return hasattr(t, "to_local")
 

@@ -180,27 +180,25 @@ class GAM(SharpnessAware):
         return self._finite_difference(ctx, closure)
 
     def _exact(self, ctx: StepContext, closure: Any) -> torch.Tensor:
-        if ctx.sharded:
-            raise ValueError(
-                f"{type(self).__name__} with exact Hessian-vector products does not run on "
-                "FSDP2-sharded parameters: FSDP2 ties the shards to the forward pass through "
-                "its own all-gather and reduce-scatter hooks, not through the autograd graph, "
-                "so the double backward an HVP needs cannot reach them; use "
-                "GAM(hvp='finite_difference'), or DDP"
-            )
         _check_takes_backward(closure)
         xi = self.xi
+        # the graph passes' gradients are this rank's own (autograd.grad bypasses DDP's
+        # reducer; under FSDP2 they are full size, of the unsharded parameters): what is
+        # derived from them is averaged with reduce_ and laid out as the parameters by
+        # to_params (FSDP2: this rank's shard)
         loss = ctx.gradient(closure, first=True, graph=True)
-        graph_grads = ctx.grads()
+        graph_grads = ctx.graph_grads()
         g0 = [g.detach().clone() for g in graph_grads]
         ctx.reduce_(g0)  # distributed, sync="global": g of the mean loss over ranks
         (n0,) = ctx.finite(loss, _tree.global_norm(g0))
         unit = torch._foreach_div(g0, n0 + xi)
-        f = hessian_vector_product(graph_grads, ctx.params, unit)  # H g^ = grad ||grad L||
+        f = hessian_vector_product(graph_grads, ctx.graph_params(), unit)  # H g^ = grad ||g||
         ctx.reduce_(f)  # the mean over ranks of H_r v is H v
-        ctx.set_grads(g0)  # drop the graph
         del graph_grads, unit
         (nf,) = ctx.finite(None, _tree.global_norm(f))
+        g0, f = ctx.to_params(g0), ctx.to_params(f)
+        ctx.set_grads(g0)  # drop the graph
+        ctx.drop_graph()
         if "sam_rho" in self._schedules:
             ctx.perturb_(g0, "sam_rho", 1.0 / (n0 + xi))
             ctx.gradient(closure)
@@ -212,19 +210,19 @@ class GAM(SharpnessAware):
         del f
         # autograd saved the norm statistics for the HVP: they are put back after it
         ctx.gradient(closure, graph=True, keep_norms_frozen=True)
-        graph_grads = ctx.grads()
+        graph_grads = ctx.graph_grads()
         g_adv = [g.detach().clone() for g in graph_grads]
         ctx.reduce_(g_adv)
         (n_adv,) = ctx.finite(None, _tree.global_norm(g_adv))
         unit = torch._foreach_div(g_adv, n_adv + xi)
-        h = hessian_vector_product(graph_grads, ctx.params, unit)
+        h = hessian_vector_product(graph_grads, ctx.graph_params(), unit)
         ctx.reduce_(h)
-        ctx.set_grads(g_adv)
         del graph_grads, unit, g_adv
+        ctx.set_grads(base_grad)  # drop the graph; d = g_0 + alpha rho_g h
+        ctx.drop_graph()
         ctx.release_norms()
         ctx.restore()
-        ctx.set_grads(base_grad)
-        ctx.add_to_grads_(h, "rho", self.alpha)  # d = g_0 + alpha rho_g h
+        ctx.add_to_grads_(ctx.to_params(h), "rho", self.alpha)
         return loss
 
     def _direction(
