@@ -120,8 +120,9 @@ class SharpnessAware(Optimizer):
             of every group that does not set its own).
         sync: ``"global"`` or ``"local"`` (only matters in a distributed run).
         model: optional, the model the closure runs: its norm modules are used instead of
-            discovering them, and a ``DistributedDataParallel`` module enables ``no_sync`` for
-            ``sync="local"``.
+            discovering them, a ``DistributedDataParallel`` module enables ``no_sync`` for
+            ``sync="local"``, and an FSDP2 (``fully_shard``) module lets exact
+            Hessian-vector products gather its parameters (required for them there).
         on_nonfinite: ``"skip"`` (default) or ``"raise"``.
         warn_after_skips: warn (once) after this many non-finite skips in a row (default 3).
         grad_scaler: an optional ``torch.amp.GradScaler`` (fp16 recipe in the module docstring).

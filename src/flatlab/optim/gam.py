@@ -51,8 +51,15 @@ The optimizer passes a function that computes the gradient with ``create_graph=T
 passes that need Hessian-vector products; the HVP is ``torch.autograd.grad(grads, params, v)``
 and the graph is dropped right after. The default argument keeps the closure usable with any
 other optimizer. A closure without the argument is refused with that recipe. Not for
-DistributedDataParallel or ``torch.compile``-d models (no double backward there; refused with a
-clear error): use ``hvp="finite_difference"``.
+``torch.compile``-d models (no double backward there; refused with a clear error): use
+``hvp="finite_difference"``.
+
+Distributed (``sync="global"``): the graph passes' gradients are each rank's own (under DDP,
+``autograd.grad`` bypasses the reducer), so ``g`` and ``H g^`` are averaged over ranks by
+``ctx.reduce_``. Under FSDP2 the optimizer needs ``model=`` the ``fully_shard``-ed module: the
+graph passes take the gradient and the products with respect to its unsharded parameters,
+held for the pass (``flatlab.optim._fsdp``; every rank holds the full parameters meanwhile),
+and the results are cut back to this rank's shards.
 """
 
 from __future__ import annotations
