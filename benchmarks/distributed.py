@@ -16,6 +16,13 @@ Usage::
     .venv/bin/python benchmarks/distributed.py --rounds 5   # quick look
     .venv/bin/python benchmarks/distributed.py --shell      # one process, no engine: what
                                                             # each part of a SAM step costs
+    .venv/bin/python benchmarks/distributed.py --exact      # also SAM+GAM (exact HVPs)
+
+``--exact`` adds SAM+GAM (``SAMGAM``, base SGD) under each engine: 3 passes, 2 of them graph
+passes with a Hessian-vector product each. Under FSDP2 the graph passes gather the unsharded
+parameters (``flatlab.optim._fsdp``), so the table reports SAM+GAM / plain step per engine and
+the ratio of the two: what FSDP2's gathered graph passes cost relative to DDP's, per plain
+step of each engine.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from flatlab.optim import SAM
+from flatlab.optim import SAM, SAMGAM
 
 
 def deep_mlp() -> nn.Sequential:
@@ -54,13 +61,17 @@ def _build(engine: str, method: str):
         net = nn.parallel.DistributedDataParallel(model)
     if method == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    elif method == "samgam":  # model= under both engines (FSDP2 needs it for the HVPs)
+        opt = SAMGAM(model.parameters(), torch.optim.SGD, rho=0.05, sam_rho=0.05, lr=0.01,
+                     momentum=0.9, model=net)
     else:
         opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.01, momentum=0.9,
                   model=net if engine == "ddp" else None)
     return net, opt
 
 
-def _worker(rank: int, port: int, rounds: int, steps: int, threads: int, world: int) -> None:
+def _worker(rank: int, port: int, rounds: int, steps: int, threads: int, world: int,
+            exact: bool = False) -> None:
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
@@ -68,13 +79,13 @@ def _worker(rank: int, port: int, rounds: int, steps: int, threads: int, world: 
     x, y = torch.randn(32, 128, generator=gen), torch.randint(0, 10, (32,), generator=gen)
     runs = {}
     for engine in ("fsdp2", "ddp"):
-        for method in ("sgd", "sam"):
+        for method in ("sgd", "sam", "samgam") if exact else ("sgd", "sam"):
             net, opt = _build(engine, method)
 
-            def closure(net=net, opt=opt):
+            def closure(backward=torch.autograd.backward, net=net, opt=opt):
                 opt.zero_grad()
                 loss = nn.functional.cross_entropy(net(x), y)
-                loss.backward()
+                backward(loss)
                 return loss
 
             runs[(engine, method)] = (opt, closure)
@@ -102,6 +113,14 @@ def _worker(rank: int, port: int, rounds: int, steps: int, threads: int, world: 
             plain, sam = med[(engine, "sgd")], med[(engine, "sam")]
             print(f"{engine:<7} {plain * 1e3:>9.2f} {sam * 1e3:>8.2f} "
                   f"{sam / (2 * plain):>18.3f}")
+        if exact:
+            per = {e: med[(e, "samgam")] / med[(e, "sgd")] for e in ("fsdp2", "ddp")}
+            print(f"{'engine':<7} {'SAM+GAM ms':>11} {'SAM+GAM / plain':>16}")
+            for engine in ("fsdp2", "ddp"):
+                print(f"{engine:<7} {med[(engine, 'samgam')] * 1e3:>11.2f} "
+                      f"{per[engine]:>16.3f}")
+            print(f"(SAM+GAM / plain) under FSDP2 / the same under DDP: "
+                  f"{per['fsdp2'] / per['ddp']:.3f}")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -179,6 +198,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--world", type=int, default=2, help="processes (1: the engines' "
                         "own cost without a second rank competing for the cores)")
+    parser.add_argument("--exact", action="store_true", help="also SAM+GAM (exact "
+                        "Hessian-vector products) under each engine")
     parser.add_argument("--shell", action="store_true", help="one process, no engine: the "
                         "cost of each part of a SAM step (shell_table)")
     args = parser.parse_args()
@@ -188,7 +209,8 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_worker, args=(port, args.rounds, args.steps, args.threads, args.world),
+    mp.start_processes(_worker, args=(port, args.rounds, args.steps, args.threads, args.world,
+                                         args.exact),
                        nprocs=args.world, join=True, start_method="fork")
 
 
