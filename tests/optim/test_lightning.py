@@ -80,14 +80,16 @@ def test_trainer_fit_matches_plain_loop():
     assert int(model[1].num_batches_tracked) == 6
 
 
-def test_trainer_ddp_at_two_processes_keeps_each_sync_semantics(tmp_path):
+def test_trainer_ddp_and_fsdp2_at_two_processes_keep_each_sync_semantics(tmp_path):
     """Lightning's DDP strategy under torchrun (2 gloo processes on CPU), each rank its own
     shard: ``sync="global"`` equals SAM on the concatenated batches; ``sync="local"`` with the
     DDP module as ``model=`` equals m-sharpness by hand; without it, it is refused (Lightning's
-    DDP had averaged the gradient, which used to turn "local" into "global" silently)."""
+    DDP had averaged the gradient, which used to turn "local" into "global" silently).
+    Lightning's FSDP2 (``ModelParallelStrategy``): ``"global"`` equals the same SAM,
+    ``"local"`` is refused."""
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
-    script = Path(__file__).with_name("_lightning_ddp.py")
+    script = Path(__file__).with_name("_lightning_torchrun.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -96,7 +98,7 @@ def test_trainer_ddp_at_two_processes_keeps_each_sync_semantics(tmp_path):
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     cases = dict(re.findall(r"^case (\w+ model=\w+): (.*)$", out.stdout, re.M))
-    for case in ("global model=False", "local model=True"):
+    for case in ("global model=False", "local model=True", "fsdp2_global model=False"):
         found = re.fullmatch(r"ranks agree (\w+), max error (\S+), distance to \w+ (\S+)",
                              cases[case])
         assert found, cases
@@ -105,4 +107,7 @@ def test_trainer_ddp_at_two_processes_keeps_each_sync_semantics(tmp_path):
         assert float(found[3]) > 1e-4  # the two semantics are told apart
     assert cases["local model=False"].startswith(
         "refused: sync='local' needs the DistributedDataParallel module as model="
+    ), cases
+    assert cases["fsdp2_local model=False"].startswith(
+        "refused: sync='local' (m-sharpness) is not supported with FSDP2-sharded parameters"
     ), cases

@@ -1,11 +1,20 @@
 """Run by tests/optim/test_lightning.py under torchrun at 2 processes (gloo on CPU): a Lightning
-``Trainer(strategy="ddp")`` drives flatlab's SAM, each rank on its own shard of the data.
+``Trainer`` drives flatlab's SAM, each rank on its own shard of the data.
+
+``strategy="ddp"``:
 
 - ``sync="global"``: equals SAM in one process on the two ranks' batches concatenated;
 - ``sync="local"`` with ``model=self.trainer.strategy.model`` (the DDP module): equals
   m-sharpness computed by hand (each rank perturbs with its own gradient, the descent
   gradients are averaged);
 - ``sync="local"`` without it: refused, since Lightning's DDP averaged the gradient.
+
+``strategy=ModelParallelStrategy(data_parallel_size=2)``, Lightning's FSDP2 (``fully_shard`` in
+``configure_model`` over the strategy's data-parallel mesh; ``strategy="fsdp"``, FSDP1, needs
+CUDA):
+
+- ``sync="global"``: equals SAM on the concatenated batches, as with DDP;
+- ``sync="local"``: refused (FSDP2 reduces every pass).
 
 Rank 0 prints one line per case; the test reads them.
 """
@@ -52,17 +61,37 @@ class Module(L.LightningModule):
                    lr=LR)
 
 
-def fit(sync: str, give_model: bool) -> torch.Tensor:
-    module = Module(sync, give_model)
+class Sharded(Module):
+    """The same module, sharded by FSDP2 when Lightning builds it."""
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+
+def fit(sync: str, give_model: bool, fsdp2: bool = False) -> torch.Tensor:
+    module = (Sharded if fsdp2 else Module)(sync, give_model)
+    if fsdp2:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    else:
+        strategy = "ddp"
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=STEPS, logger=False,
+        accelerator="cpu", devices=2, strategy=strategy, max_steps=STEPS, logger=False,
         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
         use_distributed_sampler=False,
     )
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*SHARDS[RANK]),
                                          batch_size=BATCH)
     trainer.fit(module, loader)
-    return torch.cat([p.detach().flatten() for p in module.net.parameters()])
+    full = [p.full_tensor() if fsdp2 else p for p in module.net.parameters()]
+    return torch.cat([p.detach().flatten() for p in full])
 
 
 def reference(sync: str) -> torch.Tensor:
@@ -101,20 +130,23 @@ def agree(w: torch.Tensor) -> bool:
     return torch.equal(both[0], both[1])
 
 
-for sync, give_model in [("global", False), ("local", True)]:
-    w = fit(sync, give_model)
+for sync, give_model, fsdp2 in [("global", False, False), ("local", True, False),
+                                ("global", False, True)]:
+    w = fit(sync, give_model, fsdp2)
     same = agree(w)
     if RANK == 0:
         other = "local" if sync == "global" else "global"
         err = float((w - reference(sync)).abs().max())
         off = float((w - reference(other)).abs().max())
-        print(f"case {sync} model={give_model}: ranks agree {same}, max error {err:.3g}, "
+        name = f"fsdp2_{sync}" if fsdp2 else sync
+        print(f"case {name} model={give_model}: ranks agree {same}, max error {err:.3g}, "
               f"distance to {other} {off:.3g}", flush=True)
-try:
-    fit("local", False)
-    outcome = "ran"
-except ValueError as e:
-    outcome = f"refused: {e}"
-if RANK == 0:
-    print(f"case local model=False: {outcome}", flush=True)
+for name, fsdp2 in [("local", False), ("fsdp2_local", True)]:
+    try:
+        fit("local", False, fsdp2)
+        outcome = "ran"
+    except ValueError as e:
+        outcome = f"refused: {e}"
+    if RANK == 0:
+        print(f"case {name} model=False: {outcome}", flush=True)
 dist.barrier()
