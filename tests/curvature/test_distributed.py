@@ -161,6 +161,30 @@ def _errors(rank: int, model: nn.Module, data) -> dict:
     return out
 
 
+def _scaled(model: nn.Module) -> nn.Module:
+    """The weights a training run has moved (here: scaled by 1.1, in place)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.1)
+    return model
+
+
+def _fsdp_replica(data) -> torch.Tensor:
+    """docs/distributed.md's recipe for an FSDP2 model: its full state dict loaded into a plain
+    replica (built from other weights, so the load must carry them), measured distributed."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = fully_shard(make_model())
+    _scaled(sharded)  # on the DTensor shards
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    torch.manual_seed(99)
+    replica = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).double()
+    replica.load_state_dict(full)
+    return top_eigenvalues(replica, loss_fn, data, k=3, tol=1e-10, progress=False,
+                           distributed=True).values
+
+
 def _tokens(rank: int) -> tuple[nn.Module, list, list]:
     """A token model (h of shape (B, T, d)) and each rank's batches of 4 positions."""
     torch.manual_seed(2)
@@ -194,6 +218,7 @@ def _worker(rank: int, port: int, out: str) -> None:
                                          distributed=True).values
         res["ddp_sparsity"] = torch.tensor(activation_sparsity(ddp, data, distributed=True).mean,
                                            dtype=torch.float64)
+        res["fsdp_replica_eig"] = _fsdp_replica(data)
         res["errors"] = _errors(rank, model, data)
         res["positions"] = _positions(rank)
         finish_rank(res, out, rank)
@@ -256,6 +281,15 @@ def test_a_ddp_wrapped_model_is_measured_through_its_module(ranks, single):
     for res in ranks:
         torch.testing.assert_close(res["ddp_eig"], single["eig"], rtol=1e-9, atol=1e-10)
         torch.testing.assert_close(res["ddp_sparsity"], single["sparsity"][0])
+
+
+def test_an_fsdp2_models_full_state_dict_is_measured_on_a_replica(ranks):
+    want = top_eigenvalues(_scaled(make_model()), loss_fn, all_data(), k=3, tol=1e-10,
+                           progress=False).values
+    assert not torch.allclose(want, top_eigenvalues(make_model(), loss_fn, all_data(), k=3,
+                                                    tol=1e-10, progress=False).values)
+    for res in ranks:
+        torch.testing.assert_close(res["fsdp_replica_eig"], want, rtol=1e-9, atol=1e-10)
 
 
 def test_ranks_whose_start_vectors_differ_are_refused(ranks):
