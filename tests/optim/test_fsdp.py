@@ -206,6 +206,22 @@ def _worker(rank: int, port: int, out: str) -> None:
     except ValueError as err:
         results["other_model"] = str(err)
     results["mixed"] = _mixed_precision(rank)
+    # a closure that takes backward but calls loss.backward(): refused, the model resharded
+    model = _shard(make_model())
+    opt = entry.build(model.parameters(), torch.optim.SGD, lr=LR, model=model)
+
+    def ignores(backward=torch.autograd.backward):
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    try:
+        step(opt, ignores)
+        results["ignores"] = "accepted"
+    except ValueError as err:
+        results["ignores"] = str(err)
+    results["ignores_resharded"] = all(type(p).__name__ == "DTensor"
+                                       for p in model.parameters())
     # sync="local" is refused with a clear error
     model = _shard(make_model())
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, sync="local", lr=LR)
@@ -312,6 +328,8 @@ def test_exact_hvps_under_fsdp2_need_the_module_and_leave_it_sharded(rank_result
         # (True) of the second put back
         assert res["after_step"] == {"dtensors": True, "settings": [False, True]}
         assert "not parameters of model=" in res["other_model"]
+        assert "did not call the backward function it was given" in res["ignores"]
+        assert res["ignores_resharded"]
 
 
 @pytest.mark.parametrize("name", CARRIED)

@@ -467,6 +467,27 @@ def test_exact_gam_refuses_a_closure_without_the_backward_argument():
     assert opt.steps == 0
 
 
+@pytest.mark.parametrize("cls", [GAM, SAMGAM])
+def test_exact_gam_refuses_a_closure_that_ignores_its_backward(cls):
+    """A closure that takes ``backward`` but calls ``loss.backward()`` keeps no graph: every
+    Hessian-vector product would be zero and the step its base optimizer's, silently."""
+    model, x, y = linear_problem()
+    opt = cls(model.parameters(), torch.optim.SGD, hvp="exact", lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure(backward=torch.autograd.backward):
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(ClosureError, match=r"did not call the backward function it was given"):
+        opt.step(closure)
+    assert opt.steps == 0
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), b)
+
+
 # ------------------------------------------------------------------ two-step API
 @pytest.mark.parametrize("kwargs", [{"rho": 0.1}, {"rho": 0.5, "adaptive": True},
                                     {"rho": 0.1, "normalize": False}])

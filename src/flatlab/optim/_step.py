@@ -111,6 +111,7 @@ class StepContext:
         self._gathered: GatheredParameters | None = None
         self._unsharded: list[torch.Tensor] | None = None
         self._graph: list[torch.Tensor | None] | None = None
+        self._graph_calls = 0  # calls of the graph-keeping backward in this pass
         self._group: list[int] = []
         self._carried: dict[int, torch.Tensor] = {} if adopt else self._take_carried()
         self.carried = bool(self._carried)
@@ -208,6 +209,14 @@ class StepContext:
                 norms.restore()
         self._norms_frozen = freeze and keep_norms_frozen
         loss = self._check_loss(loss)
+        if graph and not self._graph_calls and any(p.grad is not None for p in self.all_params):
+            # its own loss.backward() kept no graph: every product would be zero, and exact
+            # GAM would silently be its base optimizer
+            raise ClosureError(
+                f"{type(self.opt).__name__}'s closure did not call the backward function it "
+                "was given: call backward(loss), not loss.backward(), so that the gradient "
+                "keeps the graph its Hessian-vector products need"
+            )
         if first and not graph:
             self.detect_engine(loss)
         # a graph pass is never reduced here: autograd.grad bypasses DDP's reducer, and an
@@ -230,6 +239,7 @@ class StepContext:
     def _call(self, closure: Callable[..., Any], graph: bool) -> Any:
         try:
             if graph:
+                self._graph_calls = 0
                 return closure(self._graph_backward)
             return closure()
         except RuntimeError as err:
@@ -250,6 +260,7 @@ class StepContext:
         """``backward`` that keeps the graph: ``p.grad += dL/dp`` with ``create_graph=True``,
         assigned out of place (so no parameter-gradient reference cycle). Under FSDP2 the
         gradient is with respect to the unsharded parameters, kept apart from ``p.grad``."""
+        self._graph_calls += 1
         if self._gathered is not None:
             self._unsharded = self._gathered.unshard()
             found = torch.autograd.grad(loss, self._unsharded, create_graph=True,
@@ -499,7 +510,8 @@ class StepContext:
 
     def restore(self, *, keep: bool = False) -> None:
         """Copy the saved theta back exactly; ``keep=True`` stays ready for another perturbation
-        from theta (the snapshot stays valid)."""
+        from theta (the snapshot stays valid). Without ``keep`` it also ends an FSDP2 graph
+        pass (:meth:`drop_graph`), so a step that fails midway leaves the model resharded."""
         if not keep:
             self.drop_graph()
         if self.perturbed:
