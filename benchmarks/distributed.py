@@ -17,6 +17,8 @@ Usage::
     .venv/bin/python benchmarks/distributed.py --shell      # one process, no engine: what
                                                             # each part of a SAM step costs
     .venv/bin/python benchmarks/distributed.py --exact      # also SAM+GAM (exact HVPs)
+    python benchmarks/distributed.py --device cuda --world 1 --threads 4 --exact
+                                                            # NCCL, one process per GPU
 
 ``--exact`` adds SAM+GAM (``SAMGAM``, base SGD) under each engine: 3 passes, 2 of them graph
 passes with a Hessian-vector product each. Under FSDP2 the graph passes gather the unsharded
@@ -48,10 +50,10 @@ def deep_mlp() -> nn.Sequential:
     return nn.Sequential(*blocks, nn.Linear(128, 10))
 
 
-def _build(engine: str, method: str):
+def _build(engine: str, method: str, device: str = "cpu"):
     from torch.distributed.fsdp import fully_shard
 
-    model = deep_mlp()
+    model = deep_mlp().to(device)
     if engine == "fsdp2":
         for block in model:
             fully_shard(block)
@@ -71,16 +73,22 @@ def _build(engine: str, method: str):
 
 
 def _worker(rank: int, port: int, rounds: int, steps: int, threads: int, world: int,
-            exact: bool = False) -> None:
+            exact: bool = False, device: str = "cpu") -> None:
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    backend = "gloo"
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        device, backend = f"cuda:{rank}", "nccl"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     gen = torch.Generator().manual_seed(rank)
     x, y = torch.randn(32, 128, generator=gen), torch.randint(0, 10, (32,), generator=gen)
+    x, y = x.to(device), y.to(device)
+    sync = torch.cuda.synchronize if backend == "nccl" else (lambda: None)
     runs = {}
     for engine in ("fsdp2", "ddp"):
         for method in ("sgd", "sam", "samgam") if exact else ("sgd", "sam"):
-            net, opt = _build(engine, method)
+            net, opt = _build(engine, method, device)
 
             def closure(backward=torch.autograd.backward, net=net, opt=opt):
                 opt.zero_grad()
@@ -99,14 +107,16 @@ def _worker(rank: int, port: int, rounds: int, steps: int, threads: int, world: 
         rng.shuffle(order)
         for key in order:
             opt, closure = runs[key]
+            sync()
             dist.barrier()
             t0 = time.perf_counter()
             for _ in range(steps):
                 opt.step(closure)
+            sync()
             times[key].append((time.perf_counter() - t0) / steps)
     if rank == 0:
         med = {k: statistics.median(v) for k, v in times.items()}
-        print(f"torch {torch.__version__}, {world} gloo process(es) x {threads} thread(s), "
+        print(f"torch {torch.__version__}, {world} {backend} process(es) x {threads} thread(s), "
               f"{rounds} rounds x {steps} steps, medians of rank 0's wall time per step")
         print(f"{'engine':<7} {'plain ms':>9} {'SAM ms':>8} {'SAM / (2 x plain)':>18}")
         for engine in ("fsdp2", "ddp"):
@@ -198,6 +208,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--world", type=int, default=2, help="processes (1: the engines' "
                         "own cost without a second rank competing for the cores)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: "
+                        "NCCL, rank r on GPU r, spawned processes")
     parser.add_argument("--exact", action="store_true", help="also SAM+GAM (exact "
                         "Hessian-vector products) under each engine")
     parser.add_argument("--shell", action="store_true", help="one process, no engine: the "
@@ -210,8 +222,9 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.start_processes(_worker, args=(port, args.rounds, args.steps, args.threads, args.world,
-                                         args.exact),
-                       nprocs=args.world, join=True, start_method="fork")
+                                         args.exact, args.device),
+                       nprocs=args.world, join=True,
+                       start_method="spawn" if args.device == "cuda" else "fork")
 
 
 if __name__ == "__main__":

@@ -131,15 +131,16 @@ def finish_rank(results, out, rank: int) -> None:
     dist.destroy_process_group()
 
 
-def run_ranks(worker, out, world: int = 2) -> list:
+def run_ranks(worker, out, world: int = 2, start_method: str = "fork") -> list:
     """Run ``worker(rank, port, str(out))`` at ``world`` forked ranks; load each rank's
     ``out/rank{r}.pt`` (written by :func:`finish_rank`). Skips the test where
     torch.distributed is not available. Fork: the children reuse the imported torch (spawn
-    re-imports it, ~15 s more here)."""
+    re-imports it, ~15 s more here); CUDA workers need ``"spawn"`` (a forked child cannot
+    use a CUDA context its parent may hold)."""
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     mp.start_processes(worker, args=(free_port(), str(out)), nprocs=world, join=True,
-                       start_method="fork")
+                       start_method=start_method)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 

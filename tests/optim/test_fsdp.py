@@ -296,6 +296,51 @@ def _resume(rank: int, out: str) -> list[torch.Tensor] | str:
         return traceback.format_exc()
 
 
+def _one_rank(rank: int, port: int, out: str, backend: str) -> None:
+    """Every registry method on an FSDP2 model at world size 1 (one GPU's setting: the shards
+    are whole DTensors), ``model=`` given, on the whole batches."""
+    device = "cuda" if backend == "nccl" else "cpu"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=1)
+    results: dict = {}
+    for entry in REGISTRY:
+        try:
+            model = _shard(make_model().to(device))
+            opt = entry.build(model.parameters(), torch.optim.SGD, lr=LR, momentum=0.9,
+                              model=model)
+            for x, y in batches():
+                step(opt, _closure(model, x.to(device), y.to(device)))
+            results[entry.name] = [t.cpu() for t in _full(model)]
+        except Exception:  # noqa: BLE001 - reported by the test that reads it
+            results[entry.name] = traceback.format_exc()
+    finish_rank(results, out, rank)
+
+
+def _one_rank_gloo(rank: int, port: int, out: str) -> None:
+    _one_rank(rank, port, out, "gloo")
+
+
+def _one_rank_nccl(rank: int, port: int, out: str) -> None:
+    _one_rank(rank, port, out, "nccl")
+
+
+@pytest.mark.parametrize("backend", [
+    "gloo",
+    pytest.param("nccl", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                  reason="NCCL needs a CUDA device")),
+])
+def test_fsdp2_at_one_rank_equals_one_process(tmp_path, backend):
+    """World size 1, as on one GPU: exact HVPs too (they used to see no sharding there)."""
+    pytest.importorskip("torch.distributed.fsdp")
+    worker = _one_rank_nccl if backend == "nccl" else _one_rank_gloo
+    (res,) = run_ranks(worker, tmp_path, 1, "spawn" if backend == "nccl" else "fork")
+    for entry in REGISTRY:
+        assert not isinstance(res[entry.name], str), res[entry.name]
+        model, _ = _train(entry, None, batches())
+        for a, want in zip(res[entry.name], model.parameters()):
+            torch.testing.assert_close(a, want.detach(), rtol=1e-10, atol=1e-12)
+
+
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     fsdp = pytest.importorskip("torch.distributed.fsdp")

@@ -94,10 +94,12 @@ class StepContext:
         )
         self.all_params: list[torch.Tensor] = opt._all_params()
         # FSDP2: parameters and gradients are DTensor shards; FSDP has already averaged each
-        # pass's gradient over the ranks, and every norm is reduced over the mesh (_tree)
-        self._mesh_group = _tree.sharded_group(self.all_params) if self.distributed else None
+        # pass's gradient over the ranks, and every norm is reduced over the mesh (_tree).
+        # Also at one rank (one GPU): the shards are then whole DTensors, and a graph pass
+        # still needs the unsharded parameters
+        self._mesh_group = _tree.sharded_group(self.all_params)
         self.sharded = self._mesh_group is not None
-        if self.sharded and opt.sync == "local":
+        if self.sharded and self.distributed and opt.sync == "local":
             raise ValueError(
                 "sync='local' (m-sharpness) is not supported with FSDP2-sharded parameters: "
                 "FSDP reduces every pass's gradient over the ranks, so no rank has its own "
