@@ -16,6 +16,7 @@ state_dict round trip through ``torch.distributed.checkpoint`` resumes bit for b
 
 from __future__ import annotations
 
+import functools
 import traceback
 
 import pytest
@@ -316,14 +317,6 @@ def _one_rank(rank: int, port: int, out: str, backend: str) -> None:
     finish_rank(results, out, rank)
 
 
-def _one_rank_gloo(rank: int, port: int, out: str) -> None:
-    _one_rank(rank, port, out, "gloo")
-
-
-def _one_rank_nccl(rank: int, port: int, out: str) -> None:
-    _one_rank(rank, port, out, "nccl")
-
-
 @pytest.mark.parametrize("backend", [
     "gloo",
     pytest.param("nccl", marks=pytest.mark.skipif(not torch.cuda.is_available(),
@@ -332,7 +325,7 @@ def _one_rank_nccl(rank: int, port: int, out: str) -> None:
 def test_fsdp2_at_one_rank_equals_one_process(tmp_path, backend):
     """World size 1, as on one GPU: exact HVPs too (they used to see no sharding there)."""
     pytest.importorskip("torch.distributed.fsdp")
-    worker = _one_rank_nccl if backend == "nccl" else _one_rank_gloo
+    worker = functools.partial(_one_rank, backend=backend)
     (res,) = run_ranks(worker, tmp_path, 1, "spawn" if backend == "nccl" else "fork")
     for entry in REGISTRY:
         assert not isinstance(res[entry.name], str), res[entry.name]

@@ -12,8 +12,9 @@ finds the storage it saved freed (``setStorage: ... out of bounds for storage of
 
 * every FSDP module of the model is made to keep its parameters unsharded after backward
   (``set_reshard_after_backward(False)``, the user's setting put back afterwards), and
-  :meth:`unshard` all-gathers them again before each backward (which restores a storage freed
-  by the reshard after forward, in place, so the graph's saved tensors are valid);
+  :meth:`unshard` all-gathers them again before the backward (which restores a storage freed
+  by the reshard after forward, in place, so the graph's saved tensors are valid; the
+  products then find them still unsharded);
 * :meth:`unshard` returns the unsharded parameters, aligned with the optimizer's shards and
   found by name in ``model.named_parameters()`` (FSDP2 swaps the module attributes while
   unsharded), so the gradient and the products are taken with respect to them: full-size

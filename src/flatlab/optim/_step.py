@@ -265,16 +265,15 @@ class StepContext:
         self._graph_calls += 1
         if self._gathered is not None:
             self._unsharded = self._gathered.unshard()
-            found = torch.autograd.grad(loss, self._unsharded, create_graph=True,
-                                        allow_unused=True)
-            graph = self._graph
-            for i, g in enumerate(found):
-                if g is not None:
-                    graph[i] = g if graph[i] is None else graph[i] + g
-            return
-        found = torch.autograd.grad(loss, self.all_params, create_graph=True, allow_unused=True)
-        for p, g in zip(self.all_params, found):
-            if g is not None:
+        inputs = self._unsharded if self._gathered is not None else self.all_params
+        found = torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True)
+        for i, g in enumerate(found):
+            if g is None:
+                continue
+            if self._graph is not None:
+                self._graph[i] = g if self._graph[i] is None else self._graph[i] + g
+            else:
+                p = self.all_params[i]
                 p.grad = g if p.grad is None else p.grad + g
 
     def _gather(self) -> None:
@@ -300,9 +299,8 @@ class StepContext:
 
     def graph_params(self) -> list[torch.Tensor]:
         """The tensors :meth:`graph_grads` differentiate: :attr:`params`, or under FSDP2 the
-        unsharded parameters (all-gathered again if a reshard freed them)."""
+        unsharded parameters of the pass (held unsharded through its backward)."""
         if self._gathered is not None:
-            self._unsharded = self._gathered.unshard()
             return [self._unsharded[i] for i in self._index]
         return self.params
 
@@ -344,7 +342,8 @@ class StepContext:
 
     def reduce_(self, tensors: list[torch.Tensor]) -> None:
         """Average ``tensors`` over ranks in place when ``sync="global"`` needs it (with or
-        without DDP): for what a method computes from a graph pass (module docstring)."""
+        without DDP, and under FSDP2 over the mesh's ranks): for what a method computes from
+        a graph pass (module docstring)."""
         if self.distributed and self.opt.sync == "global":
             allreduce_mean(tensors, self._mesh_group)
 
